@@ -1,0 +1,6 @@
+/*
+ * The function app's one entry point (package.json "main"). Importing a module registers its
+ * triggers with @azure/functions / durable-functions; the Azure host and the local host both load
+ * exactly this file.
+ */
+import './http/health';
