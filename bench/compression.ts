@@ -91,7 +91,7 @@ export async function run(options: { quick?: boolean } = {}): Promise<BenchResul
   const results: BenchResult[] = [];
   for (const codec of ['zstd', 'lz4', 'gzip', 'brotli'] as Codec[]) {
     if (!codecAvailable(codec)) continue;
-    let compressed = Buffer.alloc(0);
+    let compressed: Buffer = Buffer.alloc(0);
     const ms = timeIt(minMs, () => {
       compressed = compressWith(codec, data);
     });
