@@ -47,6 +47,8 @@ export interface ExportStats {
   appended: number;
   /** Mutations admitted and not yet both applied and accepted by the journal. */
   inFlight: number;
+  /** The most mutations ever in flight at once (shows that requests ran concurrently). */
+  peakInFlight: number;
   /** Mutations waiting because the export is paused. */
   held: number;
   paused: boolean;
@@ -83,6 +85,7 @@ export class NbdExport extends EventEmitter {
   readonly journal: WriteJournal;
 
   private lastSeq = 0;
+  private peakInFlight = 0;
   private readonly inflight = new Set<InFlight>();
   private pauseDepth = 0;
   private held: { admit: () => void; refuse: () => void }[] = [];
@@ -134,7 +137,13 @@ export class NbdExport extends EventEmitter {
   }
 
   get stats(): ExportStats {
-    return { appended: this.lastSeq, inFlight: this.inflight.size, held: this.held.length, paused: this.pauseDepth > 0 };
+    return {
+      appended: this.lastSeq,
+      inFlight: this.inflight.size,
+      peakInFlight: this.peakInFlight,
+      held: this.held.length,
+      paused: this.pauseDepth > 0,
+    };
   }
 
   get paused(): boolean {
@@ -247,6 +256,7 @@ export class NbdExport extends EventEmitter {
 
     const entry: InFlight = { start: offset, end, applied: appliedResult.then(noop, noop), settled: undefined as never };
     this.inflight.add(entry);
+    if (this.inflight.size > this.peakInFlight) this.peakInFlight = this.inflight.size;
 
     const backingDone = appliedResult.then(
       () => 0,
