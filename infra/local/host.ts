@@ -77,6 +77,8 @@ export async function startLocalHost(options: LocalHostOptions, extensions: Host
   const entryPoint =
     options.entryPoint ??
     path.join(options.appRoot, (JSON.parse(readFileSync(path.join(options.appRoot, 'package.json'), 'utf8')) as { main: string }).main);
+  // The app must load through Node's CommonJS loader, where our @azure/functions-core answers.
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
   require(entryPoint);
   await registry.runHooks('appStart', { functionAppDirectory: options.appRoot });
 
