@@ -4,3 +4,8 @@
  * exactly this file.
  */
 import './http/health';
+import './http/machines';
+import './http/events';
+import './replication/apply';
+import './replication/retention';
+import './replication/rpo';

@@ -1,0 +1,569 @@
+import type { TableClient } from '@azure/data-tables';
+import type { PageBlobClient } from '@azure/storage-blob';
+import { z } from 'zod';
+import { changelogBlobName, EnvelopeError, openEnvelope } from '../envelope';
+import type { Logger } from '../logger';
+import { isDnsLabel } from '../names';
+import { coalesceRecords, decodeSegment, SegmentFormatError, type MarkerRecord, type Segment } from '../segment';
+import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
+import { raiseEvent } from './events';
+import { readPolicy } from './policy';
+import { completeRecoveryPoint, readArrival, recordArrival } from './recovery-points';
+import { alignedChunks, OrderedPageWriter, PAGE_WRITE_BYTES, SeedLease, seedBlob } from './seed-disk';
+import {
+  isConflict,
+  isNotFound,
+  isPreconditionFailed,
+  MACHINES_PARTITION,
+  readEntity,
+  TABLES,
+  type DiskEntity,
+  type MachineEntity,
+  type NudgeEntity,
+} from './tables';
+
+/** How an apply run ended. */
+export type ApplyOutcome =
+  /** The next segment is not in the cache (yet): a gap or simply the end of the stream. */
+  | 'caught-up'
+  /** The time budget ran out; a nudge was sent to continue. */
+  | 'budget'
+  /** Another applier holds the disk's lease. */
+  | 'busy'
+  /** A change log failed authentication or its checksum: quarantined, disk marked for resync. */
+  | 'quarantined'
+  /** The disk needs a resync (before or during this run); nothing more is applied until a new epoch. */
+  | 'resync-required'
+  /** Another applier took the disk over (its cursor claim won); this run stopped. */
+  | 'lost-race'
+  /** The message names a disk that is not registered. */
+  | 'unknown-disk';
+
+export interface ApplyReport {
+  machine: string;
+  disk: string;
+  outcome: ApplyOutcome;
+  epoch: number;
+  /** The cursor when the run ended: the last applied seq of `epoch`. */
+  appliedSeq: number;
+  segments: number;
+  /** Change bytes applied: write data plus zeroed/trimmed lengths (after coalescing). */
+  bytes: number;
+  /** Markers this run recorded the disk's arrival at. */
+  markers: string[];
+  /** Machine recovery points this run completed. */
+  recoveryPoints: string[];
+}
+
+const messageSchema = z.looseObject({
+  machine: z.string().refine(isDnsLabel),
+  disk: z.string().refine(isDnsLabel),
+});
+
+/**
+ * The `changelog-ready` trigger's work: apply what the disk has pending, then make sure nothing
+ * is left stranded (a nudge when the budget ran out, or when a change log arrived just as this
+ * run let go of the lease). A malformed message is logged and dropped: retrying cannot fix it.
+ */
+export async function handleChangelogReady(deps: ReplicationDeps, body: unknown): Promise<ApplyReport | undefined> {
+  const parsed = messageSchema.safeParse(typeof body === 'string' ? safeJson(body) : body);
+  if (!parsed.success) {
+    deps.log.error({ body }, 'changelog-ready message dropped: it must be {"machine": "...", "disk": "..."} with DNS-label names');
+    return undefined;
+  }
+  return applyChangelogs(deps, { machine: parsed.data.machine, disk: parsed.data.disk });
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
+class LostRaceError extends Error {}
+
+/**
+ * The disk row as this applier sees it. Every change goes through `update`, an ETag-checked
+ * merge: another applier that claimed the disk (new lease id in the row) makes it throw
+ * LostRaceError; other writers (registration marking a resize) are merged and retried.
+ */
+class DiskCursor {
+  constructor(
+    private readonly table: TableClient,
+    public row: DiskEntity & { etag: string; applierLeaseId?: string },
+    private readonly leaseId: string,
+  ) {}
+
+  async claim(): Promise<void> {
+    for (;;) {
+      try {
+        const r = await this.table.updateEntity(
+          { partitionKey: this.row.partitionKey, rowKey: this.row.rowKey, applierLeaseId: this.leaseId },
+          'Merge',
+          { etag: this.row.etag },
+        );
+        this.row.etag = r.etag!;
+        this.row.applierLeaseId = this.leaseId;
+        return;
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        this.row = (await this.table.getEntity(this.row.partitionKey, this.row.rowKey)) as typeof this.row;
+      }
+    }
+  }
+
+  async update(patch: Partial<DiskEntity>): Promise<void> {
+    for (;;) {
+      try {
+        const r = await this.table.updateEntity({ partitionKey: this.row.partitionKey, rowKey: this.row.rowKey, ...patch }, 'Merge', {
+          etag: this.row.etag,
+        });
+        this.row = { ...this.row, ...patch, etag: r.etag! };
+        return;
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        const fresh = (await this.table.getEntity(this.row.partitionKey, this.row.rowKey)) as typeof this.row;
+        if (fresh.applierLeaseId !== this.leaseId || fresh.epoch !== this.row.epoch || fresh.appliedSeq !== this.row.appliedSeq) {
+          throw new LostRaceError(`disk ${this.row.partitionKey}/${this.row.rowKey} was claimed by another applier`);
+        }
+        // Someone else changed other fields (a resize marking resync): keep theirs, retry ours.
+        if (fresh.state === 'resync-required' && patch.state !== undefined && patch.state !== 'resync-required') {
+          const { state: _s, stateReason: _r, stateChangedAt: _c, ...rest } = patch;
+          patch = rest;
+        }
+        this.row = fresh;
+      }
+    }
+  }
+}
+
+/** Downloads change logs ahead of the applier, in order, a few at a time. */
+class ChangelogFetcher {
+  private readonly ahead = new Map<number, Promise<Buffer | undefined>>();
+
+  constructor(
+    private readonly deps: ReplicationDeps,
+    private readonly machine: string,
+    private readonly disk: string,
+    private readonly epoch: number,
+    private readonly depth: number,
+  ) {}
+
+  name(seq: number): string {
+    return changelogBlobName({ machine: this.machine, disk: this.disk, epoch: this.epoch, seq });
+  }
+
+  async exists(seq: number): Promise<boolean> {
+    return this.deps.changelogs.getBlockBlobClient(this.name(seq)).exists();
+  }
+
+  private async download(seq: number): Promise<Buffer | undefined> {
+    try {
+      const response = await this.deps.changelogs.getBlockBlobClient(this.name(seq)).download();
+      const chunks: Buffer[] = [];
+      for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) chunks.push(chunk);
+      return Buffer.concat(chunks);
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+  }
+
+  /** The change log `seq`, or undefined when it is not in the cache. */
+  async get(seq: number): Promise<Buffer | undefined> {
+    for (let s = seq; s < seq + this.depth; s++) {
+      if (!this.ahead.has(s)) {
+        const p = this.download(s);
+        p.catch(() => undefined);
+        this.ahead.set(s, p);
+      }
+    }
+    const fetched = await this.ahead.get(seq)!;
+    this.ahead.delete(seq);
+    // Fetched ahead and missing then: it may have arrived since.
+    return fetched ?? (await this.download(seq));
+  }
+
+  clear(): void {
+    this.ahead.clear();
+  }
+}
+
+class QuarantineReason extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** Opens, verifies and checks one change log; throws QuarantineReason when it must not be applied. */
+function openChangelog(deps: ReplicationDeps, name: string, bytes: Buffer, expect: { machine: string; disk: string; epoch: number; seq: number }): Segment {
+  let segment: Segment;
+  try {
+    segment = decodeSegment(openEnvelope(bytes, { name, keyRing: deps.keyRing() }));
+  } catch (err) {
+    if (err instanceof EnvelopeError) throw new QuarantineReason(err.code, err.message);
+    if (err instanceof SegmentFormatError) throw new QuarantineReason(`InvalidSegment:${err.reason}`, err.message);
+    throw err;
+  }
+  const h = segment.header;
+  if (h.machine !== expect.machine || h.disk !== expect.disk || h.epoch !== expect.epoch || h.seq !== expect.seq) {
+    throw new QuarantineReason(
+      'SegmentMislabelled',
+      `The segment inside ${name} says ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; it does not belong under this name.`,
+    );
+  }
+  return segment;
+}
+
+/** The first byte past every change of the segment (0 when it has none). */
+function segmentExtent(segment: Segment): number {
+  let end = 0;
+  for (const r of segment.records) {
+    if (r.type === 'marker') continue;
+    end = Math.max(end, r.offset + (r.type === 'write' ? r.data.length : r.length));
+  }
+  return end;
+}
+
+/**
+ * Applies the disk's pending change logs to its seed page blob: under the blob's lease, from the
+ * cursor on, in order, stopping at a gap, the time budget, or a change log it must not apply.
+ * Writes are absolute and the cursor moves only after a segment's pages are all written, so a run
+ * killed at any point leaves work the next run redoes to the same bytes.
+ */
+export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogReady): Promise<ApplyReport> {
+  const { machine, disk } = target;
+  const log = deps.log.child({ machine, disk });
+  const report: ApplyReport = { machine, disk, outcome: 'caught-up', epoch: 0, appliedSeq: 0, segments: 0, bytes: 0, markers: [], recoveryPoints: [] };
+  const disks = await deps.tables.get(TABLES.disks);
+  const initial = await readEntity<DiskEntity & { applierLeaseId?: string }>(disks, machine, disk);
+  if (!initial) {
+    log.warn('changelog-ready for a disk that is not registered; dropped');
+    return { ...report, outcome: 'unknown-disk' };
+  }
+  const blob = seedBlob(await ensureContainer(deps.seed), machine, disk);
+  let lease: SeedLease | undefined;
+  try {
+    lease = await SeedLease.acquire(blob, deps.tuning.leaseSeconds);
+  } catch (err) {
+    if (isNotFound(err)) {
+      log.error('the seed blob of a registered disk is missing; register the machine again to recreate it');
+      return { ...report, outcome: 'unknown-disk' };
+    }
+    throw err;
+  }
+  if (!lease) {
+    await nudgeWhenBusy(deps, machine, disk);
+    return { ...report, outcome: 'busy', epoch: initial.epoch, appliedSeq: initial.appliedSeq };
+  }
+  let cursor: DiskCursor | undefined;
+  try {
+    cursor = new DiskCursor(disks, initial as DiskCursor['row'], lease.leaseId);
+    await cursor.claim();
+    await runApply(deps, log, blob, lease, cursor, report);
+  } catch (err) {
+    if (!(err instanceof LostRaceError)) throw err;
+    log.warn('another applier took the disk over; stopping');
+    report.outcome = 'lost-race';
+  } finally {
+    await lease.release();
+  }
+  if (cursor) {
+    report.epoch = cursor.row.epoch;
+    report.appliedSeq = cursor.row.appliedSeq;
+  }
+  if (report.outcome === 'budget') {
+    await deps.nudge({ machine, disk });
+  } else if (report.outcome === 'caught-up') {
+    // A change log that arrived while we held the lease had its message dropped as 'busy'.
+    const name = changelogBlobName({ machine, disk, epoch: report.epoch, seq: report.appliedSeq + 1 });
+    if (await deps.changelogs.getBlockBlobClient(name).exists()) await deps.nudge({ machine, disk });
+  }
+  log.info({ outcome: report.outcome, epoch: report.epoch, seq: report.appliedSeq, segments: report.segments, bytes: report.bytes }, 'apply run ended');
+  return report;
+}
+
+async function runApply(
+  deps: ReplicationDeps,
+  log: Logger,
+  blob: PageBlobClient,
+  lease: SeedLease,
+  cursor: DiskCursor,
+  report: ApplyReport,
+): Promise<void> {
+  const machine = cursor.row.partitionKey;
+  const disk = cursor.row.rowKey;
+  const deadline = Date.now() + deps.tuning.budgetMs;
+  const machineRow = await readEntity<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION, machine);
+  const keepChangeLogs = machineRow ? readPolicy(machineRow.policy).keepChangeLogsHours > 0 : true;
+  const leaseId = lease.leaseId;
+  const writer = new OrderedPageWriter(deps.tuning.writeConcurrency);
+  let chain: Promise<void> = Promise.resolve();
+  let chainError: unknown;
+  const deletions: Promise<unknown>[] = [];
+  const settle = async () => {
+    await writer.drain();
+    await chain;
+    if (chainError !== undefined) throw chainError;
+  };
+
+  if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
+    report.outcome = 'resync-required';
+    return;
+  }
+  let fetcher = new ChangelogFetcher(deps, machine, disk, cursor.row.epoch, deps.tuning.prefetch);
+  let epoch = cursor.row.epoch;
+  let seq = cursor.row.appliedSeq + 1;
+  for (;;) {
+    if (lease.lost) throw lease.lost;
+    if (chainError !== undefined) throw chainError;
+    if (Date.now() >= deadline) {
+      await settle();
+      report.outcome = 'budget';
+      return;
+    }
+    const name = fetcher.name(seq);
+    const bytes = await fetcher.get(seq);
+    if (!bytes) {
+      await settle();
+      if (await switchEpoch(deps, log, cursor)) {
+        epoch = cursor.row.epoch;
+        seq = 1;
+        fetcher = new ChangelogFetcher(deps, machine, disk, epoch, deps.tuning.prefetch);
+        continue;
+      }
+      report.outcome = 'caught-up';
+      return;
+    }
+    let segment: Segment;
+    try {
+      segment = openChangelog(deps, name, bytes, { machine, disk, epoch, seq });
+    } catch (err) {
+      if (!(err instanceof QuarantineReason)) throw err;
+      await settle();
+      fetcher.clear();
+      await quarantine(deps, log, cursor, name, bytes, err, { epoch, seq });
+      report.outcome = 'quarantined';
+      return;
+    }
+    const extent = segmentExtent(segment);
+    if (extent > cursor.row.sizeBytes) {
+      await settle();
+      await markResyncRequired(
+        deps,
+        cursor,
+        `change log ${name} writes up to byte ${extent}, past the disk's registered size of ${cursor.row.sizeBytes} bytes`,
+        { epoch, seq },
+      );
+      log.error({ seq, extent }, 'change log writes past the end of the disk; disk marked for resync');
+      report.outcome = 'resync-required';
+      return;
+    }
+    if (cursor.row.state === 'resync-required') {
+      await settle();
+      report.outcome = 'resync-required';
+      return;
+    }
+
+    let bytesApplied = 0;
+    let sawMarker = false;
+    for (const record of coalesceRecords(segment.records, { maxWriteBytes: PAGE_WRITE_BYTES })) {
+      if (record.type === 'write') {
+        for (const [at, length] of alignedChunks(record.offset, record.data.length)) {
+          const data = record.data.subarray(at - record.offset, at - record.offset + length);
+          await writer.submit(at, at + length, () => blob.uploadPages(data, at, length, { conditions: { leaseId } }));
+        }
+        bytesApplied += record.data.length;
+      } else if (record.type === 'zero' || record.type === 'trim') {
+        const { offset, length } = record;
+        await writer.submit(offset, offset + length, () => blob.clearPages(offset, length, { conditions: { leaseId } }));
+        bytesApplied += length;
+      } else {
+        await writer.drain();
+        await arriveAtMarker(deps, log, blob, leaseId, cursor, record, { epoch, seq }, report);
+        sawMarker = true;
+      }
+    }
+    const applied = seq;
+    const written = writer.settled();
+    written.catch(() => undefined);
+    const patch: Partial<DiskEntity> = {
+      appliedSeq: applied,
+      lastAppliedAt: new Date().toISOString(),
+      lastSourceTime: segment.header.lastWriteTime,
+    };
+    if (sawMarker) patch.lastMarkerId = report.markers[report.markers.length - 1];
+    if (sawMarker && cursor.row.state === 'initial-sync') {
+      patch.state = 'protected';
+      patch.stateReason = 'reached its first consistency marker';
+      patch.stateChangedAt = new Date().toISOString();
+    }
+    chain = chain.then(async () => {
+      if (chainError !== undefined) return;
+      try {
+        await written;
+        patch.appliedBytes = (cursor.row.appliedBytes ?? 0) + bytesApplied;
+        await cursor.update(patch);
+        log.debug({ seq: applied, bytes: bytesApplied }, 'segment applied');
+        if (!keepChangeLogs) {
+          deletions.push(deps.changelogs.deleteBlob(name).catch((err) => (isNotFound(err) ? undefined : log.warn({ seq: applied, err: String(err) }, 'could not delete an applied change log'))));
+        }
+      } catch (err) {
+        chainError = err;
+      }
+    });
+    report.segments++;
+    report.bytes += bytesApplied;
+    seq++;
+  }
+}
+
+/** Snapshots the seed blob at a marker and records the disk's arrival, once per marker. */
+async function arriveAtMarker(
+  deps: ReplicationDeps,
+  log: Logger,
+  blob: PageBlobClient,
+  leaseId: string,
+  cursor: DiskCursor,
+  marker: MarkerRecord,
+  at: { epoch: number; seq: number },
+  report: ApplyReport,
+): Promise<void> {
+  const machine = cursor.row.partitionKey;
+  const disk = cursor.row.rowKey;
+  const now = new Date();
+  if (!(await readArrival(deps.tables, machine, marker.id, disk))) {
+    // The lease condition makes the snapshot fail if another applier took the disk: a snapshot
+    // taken here holds exactly the records before the marker.
+    const snapshot = (await blob.createSnapshot({ conditions: { leaseId } })).snapshot!;
+    const recorded = await recordArrival(
+      deps.tables,
+      { machine, disk, markerId: marker.id, kind: marker.kind, tag: marker.tag, sourceTime: marker.time, snapshot, ...at },
+      now,
+    );
+    if (!recorded) await blob.withSnapshot(snapshot).delete().catch(() => undefined);
+    else log.info({ seq: at.seq, marker: marker.id, snapshot }, 'disk reached a marker');
+  }
+  report.markers.push(marker.id);
+  const point = await completeRecoveryPoint(deps.tables, machine, marker.id, now);
+  if (point) {
+    report.recoveryPoints.push(point.id);
+    log.info({ seq: at.seq, marker: point.id, type: point.type }, 'recovery point recorded');
+  }
+}
+
+async function quarantine(
+  deps: ReplicationDeps,
+  log: Logger,
+  cursor: DiskCursor,
+  name: string,
+  bytes: Buffer,
+  reason: QuarantineReason,
+  at: { epoch: number; seq: number },
+): Promise<void> {
+  const machine = cursor.row.partitionKey;
+  const disk = cursor.row.rowKey;
+  const quarantine = await ensureContainer(deps.quarantine);
+  await quarantine.getBlockBlobClient(name).uploadData(bytes, {
+    metadata: { reason: reason.code.replace(/[^A-Za-z0-9:_-]/g, '_'), quarantinedat: new Date().toISOString() },
+  });
+  await deps.changelogs.deleteBlob(name).catch((err) => {
+    if (!isNotFound(err)) throw err;
+  });
+  log.error({ seq: at.seq, epoch: at.epoch, code: reason.code, err: reason.message }, 'change log quarantined');
+  await raiseEvent(deps.tables, {
+    type: 'segment-quarantined',
+    severity: 'error',
+    machine,
+    disk,
+    time: new Date(),
+    message:
+      `Change log ${name} was moved to the ${deps.quarantine.containerName} container and not applied: ${reason.message} ` +
+      'The disk needs a resync.',
+    details: { blob: name, epoch: at.epoch, seq: at.seq, code: reason.code },
+  });
+  await markResyncRequired(deps, cursor, `change log seq ${at.seq} of epoch ${at.epoch} was quarantined (${reason.code})`, at);
+}
+
+async function markResyncRequired(deps: ReplicationDeps, cursor: DiskCursor, reason: string, at: { epoch: number; seq: number }): Promise<void> {
+  await cursor.update({ state: 'resync-required', stateReason: reason, stateChangedAt: new Date().toISOString() });
+  await raiseEvent(deps.tables, {
+    type: 'resync-required',
+    severity: 'error',
+    machine: cursor.row.partitionKey,
+    disk: cursor.row.rowKey,
+    time: new Date(),
+    message: `Disk ${cursor.row.partitionKey}/${cursor.row.rowKey} needs a resync: ${reason}.`,
+    details: { epoch: at.epoch, seq: at.seq, reason },
+  });
+}
+
+/**
+ * Moves the disk to the agent's next epoch once that epoch's first change log is in the cache:
+ * a new epoch is a resync, which supersedes whatever of the old epoch was not applied.
+ */
+async function switchEpoch(deps: ReplicationDeps, log: Logger, cursor: DiskCursor): Promise<boolean> {
+  const machine = cursor.row.partitionKey;
+  const disk = cursor.row.rowKey;
+  const current = cursor.row.epoch;
+  const epochs: number[] = [];
+  for await (const item of deps.changelogs.listBlobsByHierarchy('/', { prefix: `${machine}/${disk}/` })) {
+    if (item.kind !== 'prefix') continue;
+    const epoch = Number(item.name.split('/')[2]);
+    if (Number.isSafeInteger(epoch) && epoch > current) epochs.push(epoch);
+  }
+  for (const epoch of epochs.sort((a, b) => a - b)) {
+    const first = changelogBlobName({ machine, disk, epoch, seq: 1 });
+    if (!(await deps.changelogs.getBlockBlobClient(first).exists())) continue;
+    await cursor.update({
+      epoch,
+      appliedSeq: 0,
+      state: 'initial-sync',
+      stateReason: `epoch ${epoch} started (initial sync or resync)`,
+      stateChangedAt: new Date().toISOString(),
+    });
+    log.info({ epoch, previous: current }, 'applying a new replication epoch');
+    await raiseEvent(deps.tables, {
+      type: 'epoch-started',
+      severity: 'info',
+      machine,
+      disk,
+      time: new Date(),
+      message: `Disk ${machine}/${disk} moved from epoch ${current} to epoch ${epoch}; it is in initial sync until its first marker.`,
+      details: { epoch, previous: current },
+    });
+    return true;
+  }
+  return false;
+}
+
+/**
+ * When the lease is busy: the holder re-checks for new work after letting go, so normally nothing
+ * is needed; but a holder that died keeps the lease until it expires. One delayed nudge per lease
+ * period per disk covers that without multiplying messages.
+ */
+async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: string): Promise<void> {
+  const table = await deps.tables.get(TABLES.nudges);
+  const now = Date.now();
+  const row = await readEntity<NudgeEntity>(table, machine, disk);
+  if (row && Date.parse(row.notBefore) > now) return;
+  const entity: NudgeEntity = {
+    partitionKey: machine,
+    rowKey: disk,
+    notBefore: new Date(now + deps.tuning.leaseSeconds * 1000).toISOString(),
+  };
+  try {
+    if (row) await table.updateEntity(entity, 'Replace', { etag: row.etag });
+    else await table.createEntity(entity);
+  } catch (err) {
+    if (isConflict(err) || isPreconditionFailed(err)) return;
+    throw err;
+  }
+  await deps.nudge({ machine, disk }, deps.tuning.leaseSeconds + 1);
+}
+

@@ -1,0 +1,207 @@
+import { changelogBlobName } from '../envelope';
+import type { ReplicationDeps } from './context';
+import { ensureContainer } from './context';
+import { readPolicy, type ReplicationPolicy } from './policy';
+import { allRecoveryPoints } from './recovery-points';
+import { seedBlob, seedBlobName } from './seed-disk';
+import {
+  isNotFound,
+  listPartition,
+  MACHINES_PARTITION,
+  TABLES,
+  type ArrivalEntity,
+  type DiskEntity,
+  type MachineEntity,
+  type RecoveryPointEntity,
+} from './tables';
+
+const HOUR_MS = 3_600_000;
+const DAY_MS = 24 * HOUR_MS;
+/** A snapshot younger than this may belong to an apply run that has not recorded it yet. */
+export const ORPHAN_GRACE_MS = 15 * 60_000;
+
+export interface RetainedPoint {
+  key: string;
+  sourceTime: number;
+  kind: string;
+}
+
+/**
+ * Which recovery points the policy keeps at `now` (pure; `points` in any order):
+ * - every point younger than retentionHours;
+ * - the latest point of each UTC hour, while younger than hourlyRetentionHours;
+ * - the latest point of each UTC day, while younger than dailyRetentionDays;
+ * - always the latest point, and the latest app-consistent point.
+ */
+export function pointsToKeep(points: readonly RetainedPoint[], policy: ReplicationPolicy, now: Date): Set<string> {
+  const t = now.getTime();
+  const keep = new Set<string>();
+  const newest = (list: readonly RetainedPoint[]) =>
+    list.reduce<RetainedPoint | undefined>((best, p) => (!best || p.sourceTime > best.sourceTime ? p : best), undefined);
+  const latest = newest(points);
+  if (latest) keep.add(latest.key);
+  const latestApp = newest(points.filter((p) => p.kind === 'app'));
+  if (latestApp) keep.add(latestApp.key);
+  const latestPer = (bucketMs: number) => {
+    const byBucket = new Map<number, RetainedPoint>();
+    for (const p of points) {
+      const bucket = Math.floor(p.sourceTime / bucketMs);
+      const best = byBucket.get(bucket);
+      if (!best || p.sourceTime > best.sourceTime) byBucket.set(bucket, p);
+    }
+    return [...byBucket.values()];
+  };
+  for (const p of points) if (t - p.sourceTime < policy.retentionHours * HOUR_MS) keep.add(p.key);
+  if (policy.hourlyRetentionHours > 0) {
+    for (const p of latestPer(HOUR_MS)) if (t - p.sourceTime < policy.hourlyRetentionHours * HOUR_MS) keep.add(p.key);
+  }
+  if (policy.dailyRetentionDays > 0) {
+    for (const p of latestPer(DAY_MS)) if (t - p.sourceTime < policy.dailyRetentionDays * DAY_MS) keep.add(p.key);
+  }
+  return keep;
+}
+
+export interface RetentionReport {
+  machines: number;
+  pointsDeleted: number;
+  snapshotsDeleted: number;
+  /** Arrivals at markers that never became a recovery point, past the retention window. */
+  incompleteArrivalsDeleted: number;
+  /** Snapshots that no arrival row refers to (taken, then the applier died before recording). */
+  orphanSnapshotsDeleted: number;
+  changeLogsDeleted: number;
+}
+
+/** The retention timer's work, for every registered machine. */
+export async function applyRetention(deps: ReplicationDeps, now: Date): Promise<RetentionReport> {
+  const report: RetentionReport = {
+    machines: 0,
+    pointsDeleted: 0,
+    snapshotsDeleted: 0,
+    incompleteArrivalsDeleted: 0,
+    orphanSnapshotsDeleted: 0,
+    changeLogsDeleted: 0,
+  };
+  const machines = await listPartition<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION);
+  for (const machine of machines) {
+    if (typeof machine.policy !== 'string') continue;
+    report.machines++;
+    try {
+      await retainMachine(deps, machine, now, report);
+    } catch (err) {
+      deps.log.error({ machine: machine.rowKey, err: String(err) }, 'retention failed for a machine; the next run retries');
+    }
+  }
+  deps.log.info({ ...report }, 'retention run ended');
+  return report;
+}
+
+async function deleteSnapshot(deps: ReplicationDeps, machine: string, disk: string, snapshot: string): Promise<boolean> {
+  try {
+    await seedBlob(deps.seed, machine, disk).withSnapshot(snapshot).delete();
+    return true;
+  } catch (err) {
+    if (isNotFound(err)) return false;
+    throw err;
+  }
+}
+
+async function deleteRow(table: Awaited<ReturnType<ReplicationDeps['tables']['get']>>, pk: string, rk: string): Promise<void> {
+  try {
+    await table.deleteEntity(pk, rk);
+  } catch (err) {
+    if (!isNotFound(err)) throw err;
+  }
+}
+
+async function retainMachine(deps: ReplicationDeps, machine: MachineEntity, now: Date, report: RetentionReport): Promise<void> {
+  const name = machine.rowKey;
+  const policy = readPolicy(machine.policy);
+  const log = deps.log.child({ machine: name });
+  const pointsTable = await deps.tables.get(TABLES.recoveryPoints);
+  const arrivalsTable = await deps.tables.get(TABLES.arrivals);
+  await ensureContainer(deps.seed);
+
+  const points = await allRecoveryPoints(deps.tables, name);
+  const keep = pointsToKeep(
+    points.map((p) => ({ key: p.rowKey, sourceTime: p.sourceTime, kind: p.kind })),
+    policy,
+    now,
+  );
+  let arrivals = await listPartition<ArrivalEntity>(arrivalsTable, name);
+  const byMarker = new Map<string, ArrivalEntity[]>();
+  for (const a of arrivals) byMarker.set(a.markerId, [...(byMarker.get(a.markerId) ?? []), a]);
+
+  const pruned = new Set<string>();
+  for (const point of points as RecoveryPointEntity[]) {
+    if (keep.has(point.rowKey)) continue;
+    // The row goes first: a point is never offered whose snapshots are being deleted.
+    await deleteRow(pointsTable, name, point.rowKey);
+    report.pointsDeleted++;
+    const snapshots = JSON.parse(point.snapshots) as Record<string, string>;
+    for (const [disk, snapshot] of Object.entries(snapshots)) {
+      if (await deleteSnapshot(deps, name, disk, snapshot)) report.snapshotsDeleted++;
+    }
+    for (const a of byMarker.get(point.markerId) ?? []) {
+      if (a.snapshot !== snapshots[a.disk] && (await deleteSnapshot(deps, name, a.disk, a.snapshot))) report.snapshotsDeleted++;
+      await deleteRow(arrivalsTable, name, a.rowKey);
+    }
+    pruned.add(point.markerId);
+    log.debug({ marker: point.markerId }, 'recovery point pruned');
+  }
+
+  // Arrivals whose marker never completed (a disk never got there) and that are past the window.
+  const pointMarkers = new Set(points.map((p) => p.markerId));
+  for (const [markerId, list] of byMarker) {
+    if (pointMarkers.has(markerId) || pruned.has(markerId)) continue;
+    if (list.some((a) => now.getTime() - a.sourceTime < policy.retentionHours * HOUR_MS)) continue;
+    for (const a of list) {
+      await deleteSnapshot(deps, name, a.disk, a.snapshot);
+      await deleteRow(arrivalsTable, name, a.rowKey);
+      report.incompleteArrivalsDeleted++;
+    }
+    pruned.add(markerId);
+  }
+  arrivals = arrivals.filter((a) => !pruned.has(a.markerId));
+
+  // Snapshots nobody recorded: an applier died between taking and recording one.
+  const referenced = new Set(arrivals.map((a) => `${seedBlobName(name, a.disk)}@${a.snapshot}`));
+  for await (const item of deps.seed.listBlobsFlat({ prefix: `${name}/`, includeSnapshots: true })) {
+    if (!item.snapshot || referenced.has(`${item.name}@${item.snapshot}`)) continue;
+    const takenAt = Date.parse(item.snapshot);
+    if (!Number.isFinite(takenAt) || now.getTime() - takenAt < ORPHAN_GRACE_MS) continue;
+    try {
+      await deps.seed.getPageBlobClient(item.name).withSnapshot(item.snapshot).delete();
+      report.orphanSnapshotsDeleted++;
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+    }
+  }
+
+  await pruneChangeLogs(deps, name, policy, now, report);
+}
+
+/**
+ * Applied change logs that are no longer wanted: older epochs, and applied ones older than
+ * keepChangeLogsHours (those left by a run that died between its cursor and its delete, too).
+ */
+async function pruneChangeLogs(deps: ReplicationDeps, machine: string, policy: ReplicationPolicy, now: Date, report: RetentionReport): Promise<void> {
+  const changelogs = await ensureContainer(deps.changelogs);
+  const disks = await listPartition<DiskEntity>(await deps.tables.get(TABLES.disks), machine);
+  for (const disk of disks) {
+    const cursorName = changelogBlobName({ machine, disk: disk.rowKey, epoch: disk.epoch, seq: disk.appliedSeq });
+    for await (const blob of changelogs.listBlobsFlat({ prefix: `${machine}/${disk.rowKey}/` })) {
+      const epoch = Number(blob.name.split('/')[2]);
+      const applied = epoch < disk.epoch || (epoch === disk.epoch && blob.name <= cursorName);
+      if (!applied) continue;
+      const age = now.getTime() - (blob.properties.lastModified?.getTime() ?? 0);
+      if (epoch === disk.epoch && age < policy.keepChangeLogsHours * HOUR_MS) continue;
+      try {
+        await changelogs.deleteBlob(blob.name);
+        report.changeLogsDeleted++;
+      } catch (err) {
+        if (!isNotFound(err)) throw err;
+      }
+    }
+  }
+}
