@@ -1,7 +1,7 @@
 import type { ContainerClient } from '@azure/storage-blob';
 import type { Logger } from 'pino';
 import { changelogBlobName, openEnvelope, sealEnvelope, type Codec, type KeyRing, type SegmentAddress } from '../../shared/envelope';
-import { ensureError } from '../../shared/errors';
+import { LifeboatError, ensureError } from '../../shared/errors';
 import type { MessageSender } from '../../shared/messaging';
 import { TRAILER_BYTES } from '../../shared/segment';
 import type { Spool, SpooledSegment } from './spool';
@@ -65,16 +65,22 @@ export interface UploaderStats {
 
 class Stopped extends Error {}
 
-/** Spaces uploads so the average rate stays under the cap. */
-class BandwidthLimiter {
+/**
+ * Spaces uploads so the average rate stays under the cap: each upload may start once the
+ * previous ones' bytes have "drained" at the capped rate.
+ */
+export class BandwidthLimiter {
   private next = 0;
-  constructor(private readonly bytesPerSecond: number) {}
+  constructor(
+    private readonly bytesPerSecond: number,
+    private readonly clock: { now(): number; sleep(ms: number, signal: AbortSignal): Promise<void> } = { now: Date.now, sleep },
+  ) {}
 
   async take(bytes: number, signal: AbortSignal): Promise<void> {
-    const now = Date.now();
+    const now = this.clock.now();
     const start = Math.max(now, this.next);
     this.next = start + (bytes / this.bytesPerSecond) * 1000;
-    if (start > now) await sleep(start - now, signal);
+    if (start > now) await this.clock.sleep(start - now, signal);
   }
 }
 
@@ -301,7 +307,11 @@ export class Uploader {
       data = await blob.downloadToBuffer();
     } catch (err) {
       if ((err as { statusCode?: number }).statusCode === 404) return undefined;
-      throw err;
+      throw new LifeboatError(
+        'CacheUnavailable',
+        `The proxy could not read ${name} from the cache to compare a re-sent segment (${ensureError(err).message.split('\n')[0]}); retry later.`,
+        { status: 503, cause: err },
+      );
     }
     const plaintext = openEnvelope(data, { name, keyRing: this.deps.keyRing });
     return Buffer.from(plaintext.subarray(plaintext.length - TRAILER_BYTES));
