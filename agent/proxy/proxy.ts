@@ -45,6 +45,8 @@ export interface ProxyOptions {
   spoolCapBytes?: number;
   /** Requests handled at once before answering 429 (default 64). */
   maxConcurrentRequests?: number;
+  /** Segment bytes held in memory by requests being received before answering 429 (default 1 GiB). */
+  maxBufferedBytes?: number;
   /** Disks uploaded at the same time (default 4). */
   uploadConcurrency?: number;
   /** Upload cap in bytes per second (default none). */
@@ -160,6 +162,7 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
     maxSegmentBytes,
     spoolCapBytes,
     maxConcurrentRequests: options.maxConcurrentRequests ?? 64,
+    maxBufferedBytes: options.maxBufferedBytes ?? 1024 ** 3,
     counters,
     status,
   });

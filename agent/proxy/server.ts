@@ -23,6 +23,8 @@ export interface IngestServerDeps {
   maxSegmentBytes: number;
   spoolCapBytes: number;
   maxConcurrentRequests: number;
+  /** Segment bytes held in memory by requests being received; beyond it, 429. */
+  maxBufferedBytes: number;
   counters: IngestCounters;
   status(): ProxyStatus;
 }
@@ -116,6 +118,14 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
     const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
     if (declared !== undefined && declared > deps.maxSegmentBytes) throw new PayloadTooLargeError(deps.maxSegmentBytes);
     const reserve = declared ?? deps.maxSegmentBytes;
+    if (reservedBytes > 0 && reservedBytes + reserve > deps.maxBufferedBytes) {
+      throw new ThrottledError(
+        'TooManyRequests',
+        `The proxy is receiving ${reservedBytes} bytes of segments already (its limit is ${deps.maxBufferedBytes}); retry shortly.`,
+        429,
+        1,
+      );
+    }
     const excess = deps.spool.bytes + reservedBytes + reserve - deps.spoolCapBytes;
     if (excess > 0) {
       throw new ThrottledError(

@@ -239,3 +239,54 @@ describe('TLS', () => {
     }
   });
 });
+
+describe('request limits', () => {
+  it('answers 429 with Retry-After while too many segment bytes are being received, and accepts again after', async () => {
+    const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lifeboat-proxy-429-'));
+    const small = await startProxy({
+      spoolDir: dir,
+      host: '127.0.0.1',
+      port: 0,
+      tls: 'none',
+      settings: testSettings(conn),
+      logger: quietLogger,
+      maxBufferedBytes: 10_000,
+    });
+    try {
+      const slow = { machine: alpha, disk: 'lim0', epoch: 1, seq: 1 };
+      const slowBody = makeSegment(slow);
+      // Start a request and hold its body half-sent.
+      const http = await import('node:http');
+      const held = http.request(`${small.url}${segmentPath(slow)}`, {
+        method: 'PUT',
+        agent: false,
+        headers: { authorization: `Bearer ${alphaToken}`, 'content-length': String(slowBody.length) },
+      });
+      const heldReply = new Promise<number>((resolve, reject) => {
+        held.on('response', (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        });
+        held.on('error', reject);
+      });
+      held.write(slowBody.subarray(0, 100));
+      const other = { ...slow, seq: 2 };
+      let r = await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) });
+      for (let i = 0; i < 50 && r.status !== 429; i++) {
+        // The held request may not have reached the handler yet.
+        await new Promise((res) => setTimeout(res, 20));
+        r = await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) });
+      }
+      expect(r.status).toBe(429);
+      expect(r.json.error.code).toBe('TooManyRequests');
+      expect(Number(r.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+      held.end(slowBody.subarray(100));
+      expect(await heldReply).toBe(201);
+      expect((await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) })).status).toBe(201);
+      await small.drained();
+    } finally {
+      await small.stop();
+      await fs.rm(dir, { recursive: true, force: true });
+    }
+  });
+});
