@@ -1,0 +1,541 @@
+// Lifeboat in Azure: one resource group holding the Function App (Flex Consumption, Node 20), its
+// storage, the work queue, the key vault and monitoring, plus the identities of the app and of the
+// site proxies with role assignments for exactly what the code does.
+//
+// Layout: resource definitions live in modules/; everything that decides access — identities,
+// app settings, role assignments — is in this file, in one place, and test/infra/azure checks it
+// against the code (settings read, roles needed, no secrets in settings).
+//
+// Deploy: `azd up`, or `az deployment group create` (docs/deploy.md).
+
+targetScope = 'resourceGroup'
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+// ---------------------------------------------------------------------------------------------
+
+@description('Short environment name (the azd environment); part of every resource name.')
+@minLength(1)
+@maxLength(24)
+param environmentName string
+
+param location string = resourceGroup().location
+
+@description('Change-log encryption key ring "id:base64key[,id:base64key…]" (32-byte keys, current first). Stored only in Key Vault; the site proxies hold the same ring.')
+@secure()
+param encryptionKeys string
+
+@description('Object id of the Entra service principal the on-site proxies sign in as (certificate credential). Empty: only the proxy managed identity gets access.')
+param proxyServicePrincipalId string = ''
+
+@description('Failover compute provider (LIFEBOAT_COMPUTE). `azure` needs the ARM compute provider and its role grants, which are not built yet.')
+@allowed(['local', 'azure'])
+param compute string = 'local'
+
+@allowed(['trace', 'debug', 'info', 'warn', 'error', 'fatal'])
+param logLevel string = 'info'
+
+@description('OpenTelemetry export to Application Insights (LIFEBOAT_TELEMETRY).')
+@allowed(['on', 'off'])
+param telemetry string = 'on'
+
+@description('Redundancy of the replica account (seed disks, recovery-point snapshots, state tables).')
+@allowed(['Standard_LRS', 'Standard_ZRS', 'Standard_GRS', 'Standard_RAGRS'])
+param replicaStorageSku string = 'Standard_LRS'
+
+@description('Change logs older than this are deleted by a lifecycle rule (apply deletes the ones it has applied sooner).')
+@minValue(1)
+param changeLogRetentionDays int = 7
+
+@allowed(['Basic', 'Standard'])
+param serviceBusSku string = 'Standard'
+
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@allowed([512, 2048, 4096])
+param instanceMemoryMB int = 2048
+
+param keyVaultPurgeProtection bool = false
+
+param tags object = {}
+
+// ---------------------------------------------------------------------------------------------
+// Names (the storage layout is DESIGN §2)
+// ---------------------------------------------------------------------------------------------
+
+var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
+var allTags = union(tags, { 'azd-env-name': environmentName, application: 'lifeboat' })
+
+var names = {
+  appIdentity: 'id-lifeboat-app-${token}'
+  proxyIdentity: 'id-lifeboat-proxy-${token}'
+  hostStorage: 'stlbhost${token}'
+  cacheStorage: 'stlbcache${token}'
+  replicaStorage: 'stlbrepl${token}'
+  serviceBus: 'sb-lifeboat-${token}'
+  keyVault: 'kv-lb-${token}'
+  logAnalytics: 'log-lifeboat-${token}'
+  appInsights: 'appi-lifeboat-${token}'
+  plan: 'plan-lifeboat-${token}'
+  functionApp: 'func-lifeboat-${token}'
+}
+
+var changelogQueueName = 'changelog-ready'
+var changelogContainer = 'changelogs'
+var deploymentContainer = 'app-package'
+var encryptionKeysSecretName = 'lifeboat-encryption-keys'
+var machinesTable = 'machines'
+var stateTables = [machinesTable, 'disks', 'recoverypoints', 'groups', 'plans', 'failovers', 'events']
+
+// Built-in role definition ids (test/infra/azure checks each against its name).
+var roles = {
+  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+  storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+  storageTableDataReader: '76199698-9eea-4c19-bc75-cec21354c6b6'
+  serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
+  serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
+  keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
+  monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resources
+// ---------------------------------------------------------------------------------------------
+
+resource appIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: names.appIdentity
+  location: location
+  tags: allTags
+}
+
+// For a proxy running in Azure (or federated); on-site proxies use proxyServicePrincipalId.
+resource proxyIdentity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: names.proxyIdentity
+  location: location
+  tags: allTags
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'lifeboat-monitoring'
+  params: {
+    logAnalyticsName: names.logAnalytics
+    appInsightsName: names.appInsights
+    location: location
+    tags: allTags
+  }
+}
+
+// AzureWebJobsStorage: the Functions host, the Durable task hub and the deployment package.
+module hostStorage 'modules/storage-account.bicep' = {
+  name: 'lifeboat-host-storage'
+  params: {
+    name: names.hostStorage
+    location: location
+    tags: allTags
+    containers: [deploymentContainer]
+  }
+}
+
+// CacheStorage: encrypted change logs from the site proxies, deleted once stale.
+module cacheStorage 'modules/storage-account.bicep' = {
+  name: 'lifeboat-cache-storage'
+  params: {
+    name: names.cacheStorage
+    location: location
+    tags: allTags
+    containers: [changelogContainer]
+    deleteAfterDays: changeLogRetentionDays
+    deletePrefixes: ['${changelogContainer}/']
+  }
+}
+
+// ReplicaStorage: seed and failover page blobs (snapshots = recovery points) and the state tables.
+module replicaStorage 'modules/storage-account.bicep' = {
+  name: 'lifeboat-replica-storage'
+  params: {
+    name: names.replicaStorage
+    location: location
+    tags: allTags
+    sku: replicaStorageSku
+    containers: ['seed-disks', 'failover-disks']
+    tables: stateTables
+  }
+}
+
+module serviceBus 'modules/service-bus.bicep' = {
+  name: 'lifeboat-service-bus'
+  params: {
+    name: names.serviceBus
+    location: location
+    tags: allTags
+    sku: serviceBusSku
+    queueName: changelogQueueName
+  }
+}
+
+module keyVault 'modules/key-vault.bicep' = {
+  name: 'lifeboat-key-vault'
+  params: {
+    name: names.keyVault
+    location: location
+    tags: allTags
+    encryptionKeys: encryptionKeys
+    secretName: encryptionKeysSecretName
+    purgeProtection: keyVaultPurgeProtection
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// App settings: identity-based connections only; no keys, SAS or connection strings with keys.
+// test/infra/azure reads this object: every key must be a setting the code (or the Functions
+// host) reads, and every setting the code reads must be here.
+// ---------------------------------------------------------------------------------------------
+
+var appSettings = {
+  AzureWebJobsStorage__blobServiceUri: hostStorage.outputs.blobEndpoint
+  AzureWebJobsStorage__queueServiceUri: hostStorage.outputs.queueEndpoint
+  AzureWebJobsStorage__tableServiceUri: hostStorage.outputs.tableEndpoint
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: appIdentity.properties.clientId
+  CacheStorage__blobServiceUri: cacheStorage.outputs.blobEndpoint
+  CacheStorage__credential: 'managedidentity'
+  CacheStorage__clientId: appIdentity.properties.clientId
+  ReplicaStorage__blobServiceUri: replicaStorage.outputs.blobEndpoint
+  ReplicaStorage__tableServiceUri: replicaStorage.outputs.tableEndpoint
+  ReplicaStorage__credential: 'managedidentity'
+  ReplicaStorage__clientId: appIdentity.properties.clientId
+  ServiceBusConnection__fullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
+  ServiceBusConnection__credential: 'managedidentity'
+  ServiceBusConnection__clientId: appIdentity.properties.clientId
+  ChangelogQueueName: serviceBus.outputs.queueName
+  LIFEBOAT_ENCRYPTION_KEYS: '@Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri})'
+  LIFEBOAT_COMPUTE: compute
+  LIFEBOAT_LOG_LEVEL: logLevel
+  LIFEBOAT_TELEMETRY: telemetry
+  APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${appIdentity.properties.clientId};Authorization=AAD'
+}
+
+module functionApp 'modules/function-app.bicep' = {
+  name: 'lifeboat-function-app'
+  params: {
+    name: names.functionApp
+    planName: names.plan
+    location: location
+    tags: allTags
+    identityId: appIdentity.id
+    deploymentContainerUrl: '${hostStorage.outputs.blobEndpoint}${deploymentContainer}'
+    appSettings: appSettings
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+  }
+  // The host starts as soon as the app exists: give it its data access first.
+  dependsOn: [
+    appHostBlobs
+    appHostQueues
+    appHostTables
+    appCacheBlobs
+    appReplicaBlobs
+    appReplicaTables
+    appQueueReceive
+    appQueueSend
+    appKeySecret
+    appTelemetry
+  ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scopes for the role assignments (the resources above, by name)
+// ---------------------------------------------------------------------------------------------
+
+resource hostAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: names.hostStorage
+}
+
+resource cacheAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: names.cacheStorage
+}
+
+resource cacheBlobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
+  parent: cacheAccount
+  name: 'default'
+}
+
+resource changelogsContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: cacheBlobService
+  name: changelogContainer
+}
+
+resource replicaAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: names.replicaStorage
+}
+
+resource replicaTableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' existing = {
+  parent: replicaAccount
+  name: 'default'
+}
+
+resource machinesTableScope 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+  parent: replicaTableService
+  name: machinesTable
+}
+
+resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' existing = {
+  name: names.serviceBus
+}
+
+resource changelogQueue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' existing = {
+  parent: serviceBusNamespace
+  name: changelogQueueName
+}
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: names.keyVault
+}
+
+resource encryptionKeysSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+  parent: vault
+  name: encryptionKeysSecretName
+}
+
+resource appInsightsScope 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: names.appInsights
+}
+
+// There is no built-in role that can write blobs without reading, listing or deleting them.
+resource changeLogWriter 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(resourceGroup().id, 'lifeboat-change-log-writer')
+  properties: {
+    roleName: 'Lifeboat change-log writer (${resourceGroup().name}, ${token})'
+    description: 'Create and overwrite blobs only: no read, list or delete. Site proxies hold it on the changelogs container.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: []
+        notActions: []
+        dataActions: [
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'
+        ]
+        notDataActions: []
+      }
+    ]
+    assignableScopes: [resourceGroup().id]
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role assignments: the Function App's identity
+// ---------------------------------------------------------------------------------------------
+
+// Functions host (keys, singleton leases, deployment package) — the host requires Blob Data Owner.
+resource appHostBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(hostAccount.id, appIdentity.id, roles.storageBlobDataOwner)
+  scope: hostAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataOwner)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [hostStorage]
+}
+
+// Durable task hub: control and work-item queues.
+resource appHostQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(hostAccount.id, appIdentity.id, roles.storageQueueDataContributor)
+  scope: hostAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [hostStorage]
+}
+
+// Durable task hub: instances and history tables.
+resource appHostTables 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(hostAccount.id, appIdentity.id, roles.storageTableDataContributor)
+  scope: hostAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [hostStorage]
+}
+
+// Apply reads and deletes change logs, quarantines bad ones; health lists containers (account scope).
+resource appCacheBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(cacheAccount.id, appIdentity.id, roles.storageBlobDataContributor)
+  scope: cacheAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [cacheStorage]
+}
+
+// Seed and failover page blobs: page writes, leases, snapshots, copies.
+resource appReplicaBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(replicaAccount.id, appIdentity.id, roles.storageBlobDataContributor)
+  scope: replicaAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+// State tables: machines, disks, recoverypoints, groups, plans, failovers, events.
+resource appReplicaTables 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(replicaAccount.id, appIdentity.id, roles.storageTableDataContributor)
+  scope: replicaAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+// The apply trigger, and the health check's peek.
+resource appQueueReceive 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(changelogQueue.id, appIdentity.id, roles.serviceBusDataReceiver)
+  scope: changelogQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [serviceBus]
+}
+
+// Apply re-enqueues itself when it stops at its time budget.
+resource appQueueSend 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(changelogQueue.id, appIdentity.id, roles.serviceBusDataSender)
+  scope: changelogQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [serviceBus]
+}
+
+// The Key Vault reference behind LIFEBOAT_ENCRYPTION_KEYS: this one secret only.
+resource appKeySecret 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(encryptionKeysSecret.id, appIdentity.id, roles.keyVaultSecretsUser)
+  scope: encryptionKeysSecret
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsUser)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [keyVault]
+}
+
+// Entra-authenticated telemetry ingestion (local auth is off on Application Insights).
+resource appTelemetry 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(appInsightsScope.id, appIdentity.id, roles.monitoringMetricsPublisher)
+  scope: appInsightsScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.monitoringMetricsPublisher)
+    principalId: appIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [monitoring]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role assignments: the site proxy (managed identity, and the service principal when given)
+// ---------------------------------------------------------------------------------------------
+
+// Upload encrypted change logs: write only, on the changelogs container only.
+resource proxyIdentityWritesChangeLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(changelogsContainer.id, proxyIdentity.id, 'lifeboat-change-log-writer')
+  scope: changelogsContainer
+  properties: {
+    roleDefinitionId: changeLogWriter.id
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [cacheStorage]
+}
+
+// Notify apply: send only, on the changelog-ready queue only.
+resource proxyIdentitySends 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(changelogQueue.id, proxyIdentity.id, roles.serviceBusDataSender)
+  scope: changelogQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [serviceBus]
+}
+
+// Check agent credentials: read the machines table only (credential hashes).
+resource proxyIdentityReadsMachines 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(machinesTableScope.id, proxyIdentity.id, roles.storageTableDataReader)
+  scope: machinesTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+resource proxyPrincipalWritesChangeLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(changelogsContainer.id, proxyServicePrincipalId, 'lifeboat-change-log-writer')
+  scope: changelogsContainer
+  properties: {
+    roleDefinitionId: changeLogWriter.id
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [cacheStorage]
+}
+
+resource proxyPrincipalSends 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(changelogQueue.id, proxyServicePrincipalId, roles.serviceBusDataSender)
+  scope: changelogQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [serviceBus]
+}
+
+resource proxyPrincipalReadsMachines 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(machinesTableScope.id, proxyServicePrincipalId, roles.storageTableDataReader)
+  scope: machinesTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs (azd stores them in the environment; docs/deploy.md uses them for the site proxy)
+// ---------------------------------------------------------------------------------------------
+
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output LIFEBOAT_API_URL string = 'https://${functionApp.outputs.defaultHostName}/api'
+output LIFEBOAT_CACHE_BLOB_ENDPOINT string = cacheStorage.outputs.blobEndpoint
+output LIFEBOAT_REPLICA_TABLE_ENDPOINT string = replicaStorage.outputs.tableEndpoint
+output LIFEBOAT_SERVICE_BUS_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
+output LIFEBOAT_CHANGELOG_QUEUE string = serviceBus.outputs.queueName
+output LIFEBOAT_PROXY_IDENTITY_CLIENT_ID string = proxyIdentity.properties.clientId
+output LIFEBOAT_KEY_VAULT_NAME string = keyVault.outputs.name
+output LIFEBOAT_ENCRYPTION_KEYS_SECRET string = keyVault.outputs.secretName
+output LIFEBOAT_APP_INSIGHTS_NAME string = monitoring.outputs.appInsightsName
