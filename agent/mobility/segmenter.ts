@@ -1,0 +1,460 @@
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { LifeboatError } from '../../shared/errors';
+import {
+  coalesceRecords,
+  encodeSegment,
+  MAX_RECORDS,
+  MAX_SEGMENT_BYTES,
+  RANGE_RECORD_BYTES,
+  WRITE_RECORD_HEADER_BYTES,
+  encodedHeaderSize,
+  TRAILER_BYTES,
+  type MarkerKind,
+  type MarkerRecord,
+  type SegmentRecord,
+} from '../../shared/segment';
+import { DirtyBitmap } from './bitmap';
+import { WalWriter, readWal, walName, type DiskMode, type DiskState, type JournalEntry, type SegmentJournal } from './journal';
+import type { ChangeKind, WriteJournal } from './nbd';
+
+export const DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024;
+export const DEFAULT_SEGMENT_AGE_MS = 5_000;
+export const DEFAULT_JOURNAL_BYTES = 1024 * 1024 * 1024;
+export const DEFAULT_BLOCK_BYTES = 64 * 1024;
+
+/** A change as the segmenter takes it: an NBD WriteChange, or a block re-read by a sync pass. */
+export interface Change {
+  kind: ChangeKind;
+  offset: number;
+  length: number;
+  data?: Buffer;
+}
+
+export interface MarkerSpec {
+  id: string;
+  kind: MarkerKind;
+  time: number;
+  tag?: string;
+}
+
+export interface SegmenterOptions {
+  journal: SegmentJournal;
+  /** The disk's state; the segmenter owns and updates it. */
+  state: DiskState;
+  logger: Logger;
+  /** Cut when the open segment reaches this many encoded bytes (default 8 MiB, at most 64 MiB). */
+  maxSegmentBytes?: number;
+  /** Cut when the open segment's first change is this old (default 5 s). */
+  maxSegmentAgeMs?: number;
+  /** Journal bound: beyond it the disk goes to bitmap mode (default 1 GiB). */
+  maxJournalBytes?: number;
+  /** Bitmap granularity (default 64 KiB). */
+  blockBytes?: number;
+  /** Unwritten WAL bytes beyond which `append` makes the client wait (default 64 MiB). */
+  walHighWaterBytes?: number;
+}
+
+interface OpenSegment {
+  seq: number;
+  records: SegmentRecord[];
+  /** Encoded size if cut now, with room for one marker. */
+  bytes: number;
+  firstTime: number;
+  lastTime: number;
+  wal: WalWriter | undefined;
+}
+
+/** The disk's change stream could not be written to its journal. */
+export class JournalWriteError extends LifeboatError {
+  constructor(message: string, cause?: unknown) {
+    super('JournalWriteFailed', message, { status: 500, target: 'journal', cause });
+  }
+}
+
+const MARKER_ROOM = 13 + 64 + 256;
+
+/**
+ * Turns one disk's ordered changes into numbered segments in its journal. It is the NBD export's
+ * journal sink (WriteJournal): `append` is called in replication order, `flush` resolves once
+ * every change appended before it is durable (in a segment file or the open segment's WAL).
+ * Segments are cut on size, on age and at every marker; writes inside a segment are coalesced.
+ * When the journal would pass its bound the disk drops to bitmap mode (only dirty blocks are
+ * kept) until a catch-up pass re-reads them. Events: 'segment' (JournalEntry), 'mode' (DiskMode),
+ * 'fault' (Error).
+ */
+export class DiskSegmenter extends EventEmitter implements WriteJournal {
+  readonly journal: SegmentJournal;
+  readonly state: DiskState;
+  readonly bitmap: DirtyBitmap;
+  readonly maxSegmentBytes: number;
+  readonly maxSegmentAgeMs: number;
+  readonly maxJournalBytes: number;
+  private readonly log: Logger;
+  private readonly walHighWater: number;
+  private open: OpenSegment;
+  private chain: Promise<void> = Promise.resolve();
+  private cuttingBytes = 0;
+  private ageTimer: NodeJS.Timeout | undefined;
+  private failure: Error | undefined;
+  private bitmapSave: Promise<void> | undefined;
+  private bitmapSaveNext: Promise<void> | undefined;
+  private closed = false;
+  /** Changes appended (for stats). */
+  changes = 0;
+
+  constructor(options: SegmenterOptions) {
+    super();
+    this.journal = options.journal;
+    this.state = options.state;
+    this.log = options.logger.child({ machine: options.state.machine, disk: options.state.disk });
+    this.maxSegmentBytes = Math.min(options.maxSegmentBytes ?? DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
+    this.maxSegmentAgeMs = options.maxSegmentAgeMs ?? DEFAULT_SEGMENT_AGE_MS;
+    this.maxJournalBytes = options.maxJournalBytes ?? DEFAULT_JOURNAL_BYTES;
+    this.walHighWater = options.walHighWaterBytes ?? 64 * 1024 * 1024;
+    const bitmapFile = this.bitmapPath();
+    this.bitmap =
+      DirtyBitmap.load(bitmapFile) ?? new DirtyBitmap(options.state.sizeBytes, options.blockBytes ?? DEFAULT_BLOCK_BYTES);
+    this.open = this.newOpen(this.state.nextSeq, this.state.mode !== 'bitmap');
+  }
+
+  get mode(): DiskMode {
+    return this.state.mode;
+  }
+
+  get machine(): string {
+    return this.state.machine;
+  }
+
+  get disk(): string {
+    return this.state.disk;
+  }
+
+  /** Encoded bytes in the open segment. */
+  get openBytes(): number {
+    return this.open.records.length === 0 ? 0 : this.open.bytes;
+  }
+
+  get openRecords(): number {
+    return this.open.records.length;
+  }
+
+  /** Time of the open segment's first change (undefined when empty). */
+  get openSince(): number | undefined {
+    return this.open.records.length === 0 ? undefined : this.open.firstTime;
+  }
+
+  /** Journal bytes including segments being written and the open segment. */
+  get backlogBytes(): number {
+    return this.journal.bytes + this.cuttingBytes + this.openBytes;
+  }
+
+  bitmapPath(): string {
+    return path.join(this.journal.dir, 'bitmap.bin');
+  }
+
+  // ---- the WriteJournal sink ----
+
+  append(change: Change): Promise<void> | void {
+    if (this.failure) throw this.failure;
+    this.changes += 1;
+    if (this.state.mode === 'bitmap') {
+      this.bitmap.markRange(change.offset, change.length);
+      return;
+    }
+    const record: SegmentRecord =
+      change.kind === 'write'
+        ? { type: 'write', offset: change.offset, data: change.data as Buffer }
+        : { type: change.kind, offset: change.offset, length: change.length };
+    const size = change.kind === 'write' ? WRITE_RECORD_HEADER_BYTES + change.length : RANGE_RECORD_BYTES;
+    if (this.journal.bytes + this.cuttingBytes + this.open.bytes + size > this.maxJournalBytes) {
+      this.enterBitmapMode(change);
+      return;
+    }
+    if (this.open.records.length > 0 && (this.open.bytes + size > this.maxSegmentBytes || this.open.records.length >= MAX_RECORDS - 1)) {
+      void this.cut();
+    }
+    const now = Date.now();
+    const open = this.open;
+    if (open.records.length === 0) {
+      open.firstTime = now;
+      this.ageTimer = setTimeout(() => void this.cut().catch(() => undefined), this.maxSegmentAgeMs);
+      this.ageTimer.unref();
+    }
+    open.records.push(record);
+    open.bytes += size;
+    open.lastTime = now;
+    const wal = open.wal as WalWriter;
+    wal.append(change);
+    if (wal.pendingBytes > this.walHighWater) return wal.waitWritten(wal.bytes - this.walHighWater);
+  }
+
+  /** Resolves once every change appended before the call is durable. */
+  async flush(): Promise<void> {
+    if (this.failure) throw this.failure;
+    const waits: Promise<void>[] = [this.chain];
+    if (this.state.mode === 'bitmap') waits.push(this.saveBitmap());
+    else if (this.open.wal) waits.push(this.open.wal.sync());
+    await Promise.all(waits);
+    if (this.failure) throw this.failure;
+  }
+
+  // ---- cutting ----
+
+  /**
+   * Closes the open segment (with `marker` as its last record) and writes it to the journal.
+   * The seq is assigned synchronously, so the caller may cut several disks in one synchronous
+   * step while their exports are paused. Resolves with the seq, or undefined when there was
+   * nothing to cut. A marker is refused unless the disk is in data mode.
+   */
+  cut(marker?: MarkerSpec): Promise<number | undefined> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (marker && this.state.mode !== 'data') {
+      return Promise.reject(new LifeboatError('MarkerRefused', `Disk ${this.disk} is in ${this.state.mode} mode; markers are cut only in data mode.`));
+    }
+    const seg = this.open;
+    if (!marker && seg.records.length === 0) return Promise.resolve(undefined);
+    if (this.ageTimer) clearTimeout(this.ageTimer);
+    this.ageTimer = undefined;
+    this.open = this.newOpen(seg.seq + 1, this.state.mode !== 'bitmap');
+    this.state.nextSeq = seg.seq + 1;
+    const records = seg.records;
+    if (marker) {
+      const m: MarkerRecord = { type: 'marker', id: marker.id, kind: marker.kind, time: marker.time, tag: marker.tag ?? '' };
+      records.push(m);
+      if (records.length === 1) seg.firstTime = seg.lastTime = marker.time;
+      else seg.lastTime = Math.max(seg.lastTime, marker.time);
+      seg.firstTime = Math.min(seg.firstTime, marker.time);
+    }
+    const epoch = this.state.epoch;
+    this.cuttingBytes += seg.bytes;
+    const done = this.chain.then(async () => {
+      try {
+        const bytes = this.encode(epoch, seg, records);
+        const entry = await this.journal.write(epoch, seg.seq, bytes);
+        this.log.debug({ seq: seg.seq, records: records.length, bytes: bytes.length, marker: marker?.id }, 'segment cut');
+        await seg.wal?.discard();
+        this.emit('segment', entry);
+      } catch (err) {
+        this.fail(new JournalWriteError(`Segment ${seg.seq} of disk ${this.disk} could not be written to the journal in ${this.journal.dir} (${(err as Error).message}).`, err));
+        throw this.failure;
+      } finally {
+        this.cuttingBytes -= seg.bytes;
+      }
+    });
+    this.chain = done.catch(() => undefined);
+    return done.then(() => seg.seq);
+  }
+
+  private encode(epoch: number, seg: OpenSegment, records: SegmentRecord[]): Buffer {
+    const header = {
+      machine: this.machine,
+      disk: this.disk,
+      epoch,
+      seq: seg.seq,
+      firstWriteTime: records.length === 0 ? Date.now() : seg.firstTime,
+      lastWriteTime: records.length === 0 ? Date.now() : seg.lastTime,
+    };
+    try {
+      return encodeSegment({ header, records: coalesceRecords(records) });
+    } catch {
+      // Coalescing can split a range into more records than fit; the original list always fits.
+      return encodeSegment({ header, records });
+    }
+  }
+
+  /** Resolves once every cut started so far is in the journal (or failed). */
+  settled(): Promise<void> {
+    return this.chain;
+  }
+
+  private newOpen(seq: number, withWal: boolean): OpenSegment {
+    return {
+      seq,
+      records: [],
+      bytes: encodedHeaderSize(this.state.machine, this.state.disk) + TRAILER_BYTES + MARKER_ROOM,
+      firstTime: 0,
+      lastTime: 0,
+      wal: withWal ? WalWriter.create(path.join(this.journal.dir, walName(this.state.epoch, seq))) : undefined,
+    };
+  }
+
+  // ---- modes ----
+
+  /** Journal full: keep only which blocks changed from here on (and those of the open segment). */
+  private enterBitmapMode(change: Change): void {
+    const seg = this.open;
+    for (const r of seg.records) {
+      if (r.type !== 'marker') this.bitmap.markRange(r.offset, r.type === 'write' ? r.data.length : r.length);
+    }
+    this.bitmap.markRange(change.offset, change.length);
+    if (this.ageTimer) clearTimeout(this.ageTimer);
+    this.ageTimer = undefined;
+    seg.records = [];
+    // The open segment keeps its seq: the next segment after catch-up starts there.
+    this.open = { ...seg, records: [], bytes: this.newOpenBytes(), wal: undefined };
+    this.state.mode = 'bitmap';
+    this.log.warn(
+      { seq: seg.seq, journalBytes: this.journal.bytes, maxJournalBytes: this.maxJournalBytes },
+      'journal full: bitmap mode (dirty blocks only, no markers) until the proxy catches up',
+    );
+    const oldWal = seg.wal;
+    const saved = Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
+    saved.then(
+      () => oldWal?.discard(),
+      (err: Error) => this.fail(new JournalWriteError(`The bitmap of disk ${this.disk} could not be saved (${err.message}).`, err)),
+    );
+    this.emit('mode', 'bitmap');
+  }
+
+  private newOpenBytes(): number {
+    return encodedHeaderSize(this.state.machine, this.state.disk) + TRAILER_BYTES + MARKER_ROOM;
+  }
+
+  /**
+   * Leaves bitmap mode: changes are journalled again and the bitmap's blocks become the to-do
+   * list of a catch-up pass (mode `catchup`; no markers until finishSync).
+   */
+  async startCatchup(): Promise<void> {
+    if (this.state.mode !== 'bitmap') return;
+    await this.saveBitmap();
+    this.open = this.newOpen(this.open.seq, true);
+    this.state.mode = 'catchup';
+    await this.journal.saveState(this.state);
+    this.log.info({ dirtyBlocks: this.bitmap.count }, 'catch-up: re-reading the blocks changed in bitmap mode');
+    this.emit('mode', 'catchup');
+  }
+
+  /** Starts (or restarts) a checksum resync: no markers until finishSync. */
+  async startResync(reason: string): Promise<void> {
+    if (this.state.mode === 'bitmap') this.open = this.newOpen(this.open.seq, true);
+    this.state.mode = 'resync';
+    this.state.resyncReason = reason;
+    await this.journal.saveState(this.state);
+    this.log.warn({ reason }, 'disk marked for resync');
+    this.emit('mode', 'resync');
+  }
+
+  /** A catch-up or resync pass completed: back to data mode, markers resume. */
+  async finishSync(): Promise<void> {
+    if (this.state.mode === 'bitmap' || this.state.mode === 'data') return;
+    this.bitmap.clearAll();
+    this.state.mode = 'data';
+    delete this.state.resyncReason;
+    await Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
+    this.log.info('sync complete: data mode, markers resume');
+    this.emit('mode', 'data');
+  }
+
+  /** Persists the bitmap; concurrent callers share one write (group commit). */
+  saveBitmap(): Promise<void> {
+    if (!this.bitmapSave) return this.startBitmapSave();
+    if (!this.bitmapSaveNext) {
+      this.bitmapSaveNext = this.bitmapSave.then(
+        () => undefined,
+        () => undefined,
+      ).then(() => {
+        this.bitmapSaveNext = undefined;
+        return this.startBitmapSave();
+      });
+    }
+    return this.bitmapSaveNext;
+  }
+
+  private startBitmapSave(): Promise<void> {
+    const p = this.bitmap.save(this.bitmapPath());
+    this.bitmapSave = p;
+    const clear = (): void => {
+      if (this.bitmapSave === p) this.bitmapSave = undefined;
+    };
+    p.then(clear, clear);
+    return p;
+  }
+
+  private fail(err: Error): void {
+    if (!this.failure) {
+      this.failure = err;
+      this.log.error({ err }, err.message);
+      if (this.listenerCount('fault') > 0) this.emit('fault', err);
+    }
+  }
+
+  /**
+   * Clean stop: cuts what is open (no marker), waits for the journal, saves the bitmap and
+   * marks the state clean. The exports must be closed first.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.ageTimer) clearTimeout(this.ageTimer);
+    if (this.state.mode !== 'bitmap') await this.cut().catch(() => undefined);
+    await this.chain;
+    await this.open.wal?.discard();
+    await this.saveBitmap();
+    this.state.nextSeq = this.open.seq;
+    this.state.clean = this.failure === undefined;
+    await this.journal.saveState(this.state);
+  }
+
+  /** Drops the open segment and every journalled segment (the stream restarts at `nextSeq`). */
+  async resetStream(nextSeq: number): Promise<void> {
+    await this.chain;
+    await this.open.wal?.discard();
+    await this.journal.clear();
+    this.state.nextSeq = nextSeq;
+    this.open = this.newOpen(nextSeq, this.state.mode !== 'bitmap');
+  }
+}
+
+/**
+ * Turns WAL files left by an unclean stop into segments (they hold changes that were appended,
+ * some of them acknowledged to a FLUSH). Returns the highest seq recovered and whether a WAL was
+ * torn or damaged.
+ */
+export async function recoverWal(
+  journal: SegmentJournal,
+  state: DiskState,
+): Promise<{ recovered: number[]; torn: boolean; damaged: boolean }> {
+  const recovered: number[] = [];
+  let torn = false;
+  let damaged = false;
+  for (const wal of journal.walFiles()) {
+    if (wal.epoch !== state.epoch || journal.has(wal.epoch, wal.seq)) {
+      // Already cut into a segment (the WAL is deleted right after), or an abandoned epoch.
+      await fs.promises.rm(wal.file, { force: true });
+      continue;
+    }
+    let records: ReturnType<typeof readWal>;
+    try {
+      records = readWal(wal.file);
+    } catch {
+      damaged = true;
+      await fs.promises.rm(wal.file, { force: true });
+      continue;
+    }
+    torn ||= records.torn;
+    if (records.records.length > 0) {
+      const segRecords: SegmentRecord[] = records.records.map((r) =>
+        r.kind === 'write' ? { type: 'write', offset: r.offset, data: r.data as Buffer } : { type: r.kind, offset: r.offset, length: r.length },
+      );
+      const now = Date.now();
+      const header = { machine: state.machine, disk: state.disk, epoch: wal.epoch, seq: wal.seq, firstWriteTime: now, lastWriteTime: now };
+      let bytes: Buffer;
+      try {
+        bytes = encodeSegment({ header, records: coalesceRecords(segRecords) });
+      } catch {
+        bytes = encodeSegment({ header, records: segRecords });
+      }
+      await journal.write(wal.epoch, wal.seq, bytes);
+      recovered.push(wal.seq);
+      state.nextSeq = Math.max(state.nextSeq, wal.seq + 1);
+    }
+    await fs.promises.rm(wal.file, { force: true });
+  }
+  return { recovered, torn, damaged };
+}
+
+
+export type { JournalEntry };
