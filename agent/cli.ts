@@ -6,6 +6,8 @@
 import { createWriteStream, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
+import { agentCommand } from './mobility/command';
+import { proxyCommand } from './proxy/command';
 import { resolveDataDir, startStack } from './up';
 
 function port(value: string): number {
@@ -24,7 +26,8 @@ program
   .option('--blob-port <port>', 'Azurite blob port', port, 10000)
   .option('--queue-port <port>', 'Azurite queue port', port, 10001)
   .option('--table-port <port>', 'Azurite table port', port, 10002)
-  .action(async (opts: { data?: string; port: number; blobPort: number; queuePort: number; tablePort: number }) => {
+  .option('--proxy-port <port>', 'proxy port (agents send segments here)', port, 9443)
+  .action(async (opts: { data?: string; port: number; blobPort: number; queuePort: number; tablePort: number; proxyPort: number }) => {
     const dataDir = resolveDataDir(opts.data);
     mkdirSync(dataDir, { recursive: true });
     const hostLog = createWriteStream(path.join(dataDir, 'host.log'), { flags: 'a' });
@@ -35,6 +38,7 @@ program
       blobPort: opts.blobPort,
       queuePort: opts.queuePort,
       tablePort: opts.tablePort,
+      proxyPort: opts.proxyPort,
       appRoot: path.resolve(__dirname, '..', '..'),
       onHostLog: (line) => hostLog.write(`${line}\n`),
     });
@@ -63,12 +67,16 @@ program
         `  API         ${stack.apiUrl}   (health: ${stack.apiUrl}/health)`,
         `  Functions   ${stack.host.functions.length} registered: ${stack.host.functions.join(', ')}`,
         `  Local key   ${stack.functionKey}   (send as x-functions-key or ?code=)`,
+        `  Proxy       ${stack.proxy.url}${stack.proxy.fingerprint256 ? `   (certificate SHA-256 ${stack.proxy.fingerprint256})` : ''}`,
         `  Azurite     blob ${ports.blob}, queue ${ports.queue}, table ${ports.table} on 127.0.0.1`,
         `  Data        ${dataDir}   (host log: ${path.join(dataDir, 'host.log')})`,
         'Press Ctrl-C to stop.',
       ].join('\n'),
     );
   });
+
+program.addCommand(proxyCommand());
+program.addCommand(agentCommand());
 
 program.parseAsync(process.argv).catch((err) => {
   console.error(`lifeboat: ${err instanceof Error ? err.message : String(err)}`);

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { startAzurite, type RunningAzurite } from '../infra/local/azurite';
 import { spawnLocalHost, type HostProcess } from '../infra/local/host-process';
 import { DEFAULT_CHANGELOG_QUEUE, SETTING, type Settings } from '../shared/config';
+import { startProxy, type RunningProxy } from './proxy/proxy';
 
 export interface UpOptions {
   dataDir: string;
@@ -11,6 +12,8 @@ export interface UpOptions {
   blobPort: number;
   queuePort: number;
   tablePort: number;
+  /** The proxy's port; the proxy listens on 127.0.0.1 with a self-signed certificate. */
+  proxyPort: number;
   /** The function app's root (host.json, package.json); this package by default. */
   appRoot: string;
   /** Where the host's JSON log lines go (by default a file in the data folder). */
@@ -20,6 +23,7 @@ export interface UpOptions {
 export interface RunningStack {
   azurite: RunningAzurite;
   host: HostProcess;
+  proxy: RunningProxy;
   settings: Settings;
   functionKey: string;
   dataDir: string;
@@ -41,8 +45,8 @@ export function resolveDataDir(flag: string | undefined, env: Settings = process
 }
 
 /**
- * The embedded stack: Azurite on disk under the data folder, then the local Functions host
- * running this package's entry point against it. A second start reuses the data, the local
+ * The embedded stack: Azurite on disk under the data folder, the local Functions host running
+ * this package's entry point against it, and the proxy in this process. A second start reuses the data, the local
  * function key and the local encryption keys.
  */
 export async function startStack(options: UpOptions, env: Settings = process.env): Promise<RunningStack> {
@@ -64,24 +68,31 @@ export async function startStack(options: UpOptions, env: Settings = process.env
     [SETTING.encryptionKeys]: encryptionKeys,
     [SETTING.compute]: env[SETTING.compute] || 'local',
   };
-  let host: HostProcess;
+  let host: HostProcess | undefined;
+  let proxy: RunningProxy;
   try {
-    host = await spawnLocalHost(
-      { appRoot: options.appRoot, settings, port: options.port, functionKey },
-      options.onHostLog,
-    );
+    host = await spawnLocalHost({ appRoot: options.appRoot, settings, port: options.port, functionKey }, options.onHostLog);
+    proxy = await startProxy({
+      spoolDir: path.join(options.dataDir, 'proxy-spool'),
+      host: '127.0.0.1',
+      port: options.proxyPort,
+      settings,
+    });
   } catch (err) {
+    await host?.stop();
     await azurite.stop();
     throw err;
   }
   return {
     azurite,
     host,
+    proxy,
     settings,
     functionKey,
     dataDir: options.dataDir,
     apiUrl: `http://127.0.0.1:${host.port}/api`,
     stop: async () => {
+      await proxy.stop();
       await host.stop();
       await azurite.stop();
     },

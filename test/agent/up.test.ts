@@ -12,7 +12,7 @@ const cli = path.join(root, 'dist/agent/cli.js');
 async function up(dataDir: string) {
   const env = { ...process.env };
   delete env.LIFEBOAT_LOCAL_KEY;
-  const child = spawn(process.execPath, [cli, 'up', '--data', dataDir, '--port', '0', '--blob-port', '0', '--queue-port', '0', '--table-port', '0'], {
+  const child = spawn(process.execPath, [cli, 'up', '--data', dataDir, '--port', '0', '--blob-port', '0', '--queue-port', '0', '--table-port', '0', '--proxy-port', '0'], {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -43,6 +43,7 @@ describe('lifeboat up', () => {
     const dataDir = mkdtempSync(path.join(os.tmpdir(), 'lifeboat-up-'));
     const first = await up(dataDir);
     expect(first.output.join('\n')).toContain(dataDir);
+    expect(first.output.join('\n')).toMatch(/Proxy\s+https?:\/\/127\.0\.0\.1:\d+/);
     const health = await fetch(`${first.api}/health`);
     const report = await health.json();
     expect(health.status).toBe(200);
