@@ -31,6 +31,8 @@ export interface OpenFileExportOptions extends Omit<NbdExportOptions, 'backing'>
   path: string;
   /** Export size; defaults to the file or device size. */
   size?: number;
+  /** See FileBackingOptions.inlineWriteBytes. */
+  inlineWriteBytes?: number;
 }
 
 /** A problem the agent must react to (typically by resynchronising the disk). */
@@ -116,8 +118,8 @@ export class NbdExport extends EventEmitter {
 
   /** Opens an image file or block device and serves it under `name`. */
   static async openFile(options: OpenFileExportOptions): Promise<NbdExport> {
-    const { path, size, ...rest } = options;
-    const backing = await FileBacking.open(path, { readOnly: rest.readOnly, size });
+    const { path, size, inlineWriteBytes, ...rest } = options;
+    const backing = await FileBacking.open(path, { readOnly: rest.readOnly, size, inlineWriteBytes });
     try {
       return new NbdExport({ ...rest, backing });
     } catch (err) {

@@ -1,0 +1,183 @@
+/*
+ * NBD server throughput: fio's nbd engine (libnbd) writes through our server — with a journal that
+ * appends every change to a file and fdatasyncs on flush — and through `nbdkit file` on the same
+ * image, with the same client and job, in the same run. Prints each figure with nbdkit's as the
+ * reference; the target is a ratio of at least 0.7.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { AppendFileJournal, NbdExport, NbdServer } from '../agent/mobility/nbd';
+import type { BenchResult } from './types';
+
+const MiB = 1024 * 1024;
+
+interface Workload {
+  name: string;
+  unit: 'MiB/s' | 'IOPS';
+  args: string[];
+}
+
+interface Target {
+  uri: string;
+  stop(): Promise<void>;
+}
+
+function exec(cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile(cmd, args, { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) =>
+      err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
+    ),
+  );
+}
+
+/** A fully written image, so neither server pays the file system's block allocation. */
+function preallocatedImage(file: string, size: number): void {
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.alloc(4 * MiB);
+  for (let at = 0; at < size; at += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+}
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+async function startLifeboat(image: string, journalFile: string | undefined): Promise<Target> {
+  if (journalFile) fs.rmSync(journalFile, { force: true });
+  const journal = journalFile ? await AppendFileJournal.open(journalFile) : undefined;
+  const exp = await NbdExport.openFile({ name: 'disk', path: image, journal });
+  const server = new NbdServer({ exports: [exp] });
+  const { port } = await server.listen({ port: 0 });
+  return {
+    uri: `nbd://127.0.0.1:${port}/disk`,
+    async stop() {
+      await server.close();
+      await exp.close();
+      await journal?.close();
+      if (journalFile) fs.rmSync(journalFile, { force: true });
+    },
+  };
+}
+
+async function startNbdkit(image: string): Promise<Target> {
+  const port = await freePort();
+  const child: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`], {
+    stdio: 'ignore',
+  });
+  // Ready once it accepts a connection.
+  for (let i = 0; ; i++) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) break;
+    if (i > 100) throw new Error('nbdkit did not start listening');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    uri: `nbd://127.0.0.1:${port}/`,
+    async stop() {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+async function fio(uri: string, workload: Workload, seconds: number, size: number): Promise<number> {
+  const out = await exec('fio', [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--size=${size}`,
+    '--time_based',
+    `--runtime=${seconds}`,
+    '--ramp_time=1',
+    '--output-format=json',
+    ...workload.args,
+  ]);
+  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  if (job.error) throw new Error(`fio reported error ${job.error}`);
+  return workload.unit === 'IOPS' ? job.write.iops : job.write.bw_bytes / MiB;
+}
+
+type ServerKind = 'nbdkit' | 'lifeboat+journal' | 'lifeboat';
+
+export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-bench-nbd-'));
+  const image = path.join(dir, 'disk.img');
+  const journalFile = path.join(dir, 'journal.bin');
+  const size = opts.quick ? 256 * MiB : 1024 * MiB;
+  const seconds = opts.quick ? 3 : 8;
+  const rounds = opts.quick ? 2 : 3;
+  const workloads: Workload[] = [
+    { name: 'random write 4 KiB, 32 in flight', unit: 'IOPS', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
+    { name: 'random write 64 KiB, 16 in flight', unit: 'MiB/s', args: ['--rw=randwrite', '--bs=64k', '--iodepth=16'] },
+    { name: 'sequential write 1 MiB, 8 in flight', unit: 'MiB/s', args: ['--rw=write', '--bs=1m', '--iodepth=8'] },
+  ];
+  const results: BenchResult[] = [];
+  try {
+    preallocatedImage(image, size);
+    for (const w of workloads) {
+      const samples: Record<ServerKind, number[]> = { nbdkit: [], 'lifeboat+journal': [], lifeboat: [] };
+      for (let round = 0; round < rounds; round++) {
+        // Rotate the order so no server always runs first; start each run with no dirty pages.
+        const order: ServerKind[] = ['nbdkit', 'lifeboat+journal', 'lifeboat'];
+        for (let k = 0; k < round; k++) order.push(order.shift() as ServerKind);
+        for (const which of order) {
+          await exec('sync', []);
+          const target =
+            which === 'nbdkit'
+              ? await startNbdkit(image)
+              : await startLifeboat(image, which === 'lifeboat+journal' ? journalFile : undefined);
+          try {
+            samples[which].push(await fio(target.uri, w, seconds, size));
+          } finally {
+            await target.stop();
+          }
+        }
+      }
+      const ref = median(samples.nbdkit);
+      for (const which of ['lifeboat+journal', 'lifeboat'] as const) {
+        const v = median(samples[which]);
+        results.push({
+          name: `${w.name}, ${which === 'lifeboat' ? 'no journal' : 'journal appended to a file'}`,
+          value: v,
+          unit: w.unit,
+          reference: 'nbdkit file, same fio job',
+          referenceValue: ref,
+          ratio: ref > 0 ? v / ref : 0,
+        });
+      }
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return results;
+}
+
+if (require.main === module) {
+  void run({ quick: process.argv.includes('--quick') }).then((rows) => {
+    for (const r of rows) {
+      console.log(`${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`);
+    }
+  });
+}
