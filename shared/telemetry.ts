@@ -112,11 +112,21 @@ class ExportingTelemetry implements Telemetry {
   ) {
     this.tracer = api.trace.getTracer('lifeboat');
     const meter = api.metrics.getMeter('lifeboat');
-    const gauge = (name: string, description: string, unit: string, values: Map<string, { value: number; attributes: TelemetryAttributes }>) =>
+    const gauge = (
+      name: string,
+      description: string,
+      unit: string,
+      values: Map<string, { value: number; attributes: TelemetryAttributes }>,
+    ) =>
       meter.createObservableGauge(name, { description, unit }).addCallback((result) => {
         for (const { value, attributes } of values.values()) result.observe(value, attributes);
       });
-    gauge('lifeboat.apply.lag', 'Seconds from a segment’s last write on the site to its application', 's', this.lag);
+    gauge(
+      'lifeboat.apply.lag',
+      'Seconds from a segment’s last write on the site to its application',
+      's',
+      this.lag,
+    );
     gauge('lifeboat.apply.backlog', 'Change logs waiting to be applied', '{segment}', this.backlog);
     gauge('lifeboat.rpo', 'Current recovery point objective of a machine', 's', this.rpo);
   }
@@ -165,7 +175,10 @@ export function telemetryCredential(settings: Settings): TokenCredential | undef
       .map(([k, v]) => [k.toLowerCase(), v] as const),
   );
   if (fields.get('authorization')?.toLowerCase() !== 'aad') {
-    throw new ConfigError('APPLICATIONINSIGHTS_AUTHENTICATION_STRING must read "ClientId=<client id>;Authorization=AAD".', 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING');
+    throw new ConfigError(
+      'APPLICATIONINSIGHTS_AUTHENTICATION_STRING must read "ClientId=<client id>;Authorization=AAD".',
+      'APPLICATIONINSIGHTS_AUTHENTICATION_STRING',
+    );
   }
   const clientId = fields.get('clientid');
   return clientId ? new ManagedIdentityCredential({ clientId }) : new ManagedIdentityCredential();
@@ -176,7 +189,10 @@ export function telemetryRequested(settings: Settings): boolean {
   const value = (settings.LIFEBOAT_TELEMETRY ?? '').trim().toLowerCase();
   if (value === '' || value === 'off' || value === 'false' || value === '0') return false;
   if (value === 'on' || value === 'true' || value === '1') return true;
-  throw new ConfigError(`${TELEMETRY_SETTING} is ${JSON.stringify(settings.LIFEBOAT_TELEMETRY)}; set it to "on" or "off".`, TELEMETRY_SETTING);
+  throw new ConfigError(
+    `${TELEMETRY_SETTING} is ${JSON.stringify(settings.LIFEBOAT_TELEMETRY)}; set it to "on" or "off".`,
+    TELEMETRY_SETTING,
+  );
 }
 
 let current: Telemetry = new DisabledTelemetry(`${TELEMETRY_SETTING} is not set`);
@@ -193,7 +209,8 @@ export function getTelemetry(): Telemetry {
  * malformed setting.
  */
 export function startTelemetry(settings: Settings = process.env, options: TelemetryOptions = {}): Telemetry {
-  const warn = options.warn ?? ((message: string) => process.emitWarning(message, { code: 'LIFEBOAT_TELEMETRY' }));
+  const warn =
+    options.warn ?? ((message: string) => process.emitWarning(message, { code: 'LIFEBOAT_TELEMETRY' }));
   const load = options.load ?? defaultLoad;
   if (!telemetryRequested(settings)) {
     current = new DisabledTelemetry(`${TELEMETRY_SETTING} is off`);
@@ -201,7 +218,9 @@ export function startTelemetry(settings: Settings = process.env, options: Teleme
   }
   const connectionString = settings.APPLICATIONINSIGHTS_CONNECTION_STRING;
   if (!connectionString) {
-    current = new DisabledTelemetry(`${TELEMETRY_SETTING} is on but APPLICATIONINSIGHTS_CONNECTION_STRING is not set, so there is nowhere to send telemetry`);
+    current = new DisabledTelemetry(
+      `${TELEMETRY_SETTING} is on but APPLICATIONINSIGHTS_CONNECTION_STRING is not set, so there is nowhere to send telemetry`,
+    );
     warn(`Telemetry is off: ${current.reason}.`);
     return current;
   }
@@ -220,19 +239,33 @@ export function startTelemetry(settings: Settings = process.env, options: Teleme
     warn(`Telemetry is off: ${current.reason}.`);
     return current;
   }
-  monitor.useAzureMonitor({ azureMonitorExporterOptions: { connectionString, credential }, enableLiveMetrics: false });
+  monitor.useAzureMonitor({
+    azureMonitorExporterOptions: { connectionString, credential },
+    enableLiveMetrics: false,
+  });
   const reasons = [`exporting to Application Insights${credential ? ' with Entra ID' : ''}`];
   try {
     // Spans for every invocation (HTTP, Service Bus, timers, orchestrations), when installed.
-    const { AzureFunctionsInstrumentation } = load(FUNCTIONS_INSTRUMENTATION_PACKAGE) as { AzureFunctionsInstrumentation: new () => unknown };
+    const { AzureFunctionsInstrumentation } = load(FUNCTIONS_INSTRUMENTATION_PACKAGE) as {
+      AzureFunctionsInstrumentation: new () => unknown;
+    };
     const { registerInstrumentations } = load('@opentelemetry/instrumentation') as {
       registerInstrumentations(options: { tracerProvider: unknown; instrumentations: unknown[] }): void;
     };
-    registerInstrumentations({ tracerProvider: api.trace.getTracerProvider(), instrumentations: [new AzureFunctionsInstrumentation()] });
+    registerInstrumentations({
+      tracerProvider: api.trace.getTracerProvider(),
+      instrumentations: [new AzureFunctionsInstrumentation()],
+    });
     reasons.push('with per-invocation spans');
   } catch (err) {
-    if (!isMissingModule(err, FUNCTIONS_INSTRUMENTATION_PACKAGE) && !isMissingModule(err, '@opentelemetry/instrumentation')) throw err;
-    reasons.push(`without per-invocation spans (${FUNCTIONS_INSTRUMENTATION_PACKAGE} is not installed; the host still records each invocation)`);
+    if (
+      !isMissingModule(err, FUNCTIONS_INSTRUMENTATION_PACKAGE) &&
+      !isMissingModule(err, '@opentelemetry/instrumentation')
+    )
+      throw err;
+    reasons.push(
+      `without per-invocation spans (${FUNCTIONS_INSTRUMENTATION_PACKAGE} is not installed; the host still records each invocation)`,
+    );
   }
   current = new ExportingTelemetry(reasons.join(', '), api, monitor);
   return current;

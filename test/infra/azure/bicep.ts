@@ -76,7 +76,7 @@ export function skipBalanced(text: string, i: number): number {
 /** Removes `//` and block comments, leaving strings (which may hold `https://`) alone. */
 export function stripComments(text: string): string {
   let out = '';
-  for (let i = 0; i < text.length; ) {
+  for (let i = 0; i < text.length;) {
     if (text[i] === "'") {
       const end = skipString(text, i);
       out += text.slice(i, end);
@@ -143,7 +143,7 @@ export function parseBicep(source: string): BicepFile {
   const text = stripComments(source);
   const file: BicepFile = { resources: [], modules: [], vars: {}, params: {}, outputs: {} };
   let decorators: string[] = [];
-  for (let i = 0; i < text.length; ) {
+  for (let i = 0; i < text.length;) {
     // Each declaration starts a line; skip whitespace.
     while (i < text.length && /\s/.test(text[i])) i++;
     if (i >= text.length) break;
@@ -181,10 +181,19 @@ export function parseBicep(source: string): BicepFile {
       if (text[start] !== '{') throw new Error(`Module ${m[1]}: only plain modules are supported`);
       const end = skipBalanced(text, start);
       const props = objectEntries(text.slice(start, end));
-      file.modules.push({ symbol: m[1], path: m[2], params: props.params ? objectEntries(props.params) : {} });
+      file.modules.push({
+        symbol: m[1],
+        path: m[2],
+        params: props.params ? objectEntries(props.params) : {},
+      });
       i = end;
     } else if ((m = /^resource\s+(\w+)\s+'([^'@]+)@([^']+)'\s+(existing\s+)?=\s*/.exec(rest))) {
-      const resource: Omit<BicepResource, 'props'> = { symbol: m[1], type: m[2], apiVersion: m[3], existing: Boolean(m[4]) };
+      const resource: Omit<BicepResource, 'props'> = {
+        symbol: m[1],
+        type: m[2],
+        apiVersion: m[3],
+        existing: Boolean(m[4]),
+      };
       let j = i + m[0].length;
       let loopEnd: number | undefined;
       if (text.startsWith('if', j)) {
@@ -200,7 +209,8 @@ export function parseBicep(source: string): BicepFile {
         resource.loop = header[1].trim();
         j += header[0].length;
       }
-      if (text[j] !== '{') throw new Error(`Resource ${resource.symbol}: expected "{" at ${text.slice(j, j + 30)}`);
+      if (text[j] !== '{')
+        throw new Error(`Resource ${resource.symbol}: expected "{" at ${text.slice(j, j + 30)}`);
       const end = skipBalanced(text, j);
       const props = objectEntries(text.slice(j, end));
       file.resources.push({ ...resource, props });

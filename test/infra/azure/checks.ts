@@ -3,7 +3,14 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { MACHINES_TABLE } from '../../../shared/credentials';
-import { objectEntries, parseBicep, resolveExpr, stringLiteral, type BicepFile, type BicepResource } from './bicep';
+import {
+  objectEntries,
+  parseBicep,
+  resolveExpr,
+  stringLiteral,
+  type BicepFile,
+  type BicepResource,
+} from './bicep';
 import { ROOT, type CodeSettings, type RegisteredBinding } from './code';
 
 export const INFRA_DIR = 'infra/azure';
@@ -51,26 +58,102 @@ export interface Need {
 }
 
 export const APP_NEEDS: Need[] = [
-  { setting: 'AzureWebJobsStorage', role: 'Storage Blob Data Owner', on: 'account', service: 'blob', why: 'the Functions host (keys, leases) and the Flex deployment package; the host requires Owner' },
-  { setting: 'AzureWebJobsStorage', role: 'Storage Queue Data Contributor', on: 'account', service: 'queue', why: 'Durable task hub control and work-item queues' },
-  { setting: 'AzureWebJobsStorage', role: 'Storage Table Data Contributor', on: 'account', service: 'table', why: 'Durable task hub instances and history' },
-  { setting: 'CacheStorage', role: 'Storage Blob Data Contributor', on: 'account', service: 'blob', why: 'apply reads and deletes change logs; health lists containers (needs the account scope)' },
-  { setting: 'ReplicaStorage', role: 'Storage Blob Data Contributor', on: 'account', service: 'blob', why: 'seed and failover page blobs: writes, leases, snapshots, copies; health lists containers' },
-  { setting: 'ReplicaStorage', role: 'Storage Table Data Contributor', on: 'account', service: 'table', why: 'state tables (machines, disks, recoverypoints, groups, plans, failovers, events)' },
-  { setting: 'ServiceBusConnection', role: 'Azure Service Bus Data Receiver', on: 'queue', why: 'the apply trigger on changelog-ready, and the health check peek' },
-  { setting: 'ServiceBusConnection', role: 'Azure Service Bus Data Sender', on: 'queue', why: 'apply re-enqueues itself when it stops at its time budget (DESIGN §1.3)' },
-  { setting: 'LIFEBOAT_ENCRYPTION_KEYS', role: 'Key Vault Secrets User', on: 'secret', why: 'the Key Vault reference that supplies the key ring' },
-  { setting: 'APPLICATIONINSIGHTS_CONNECTION_STRING', role: 'Monitoring Metrics Publisher', on: 'appInsights', why: 'Entra-authenticated telemetry (local auth is off)' },
+  {
+    setting: 'AzureWebJobsStorage',
+    role: 'Storage Blob Data Owner',
+    on: 'account',
+    service: 'blob',
+    why: 'the Functions host (keys, leases) and the Flex deployment package; the host requires Owner',
+  },
+  {
+    setting: 'AzureWebJobsStorage',
+    role: 'Storage Queue Data Contributor',
+    on: 'account',
+    service: 'queue',
+    why: 'Durable task hub control and work-item queues',
+  },
+  {
+    setting: 'AzureWebJobsStorage',
+    role: 'Storage Table Data Contributor',
+    on: 'account',
+    service: 'table',
+    why: 'Durable task hub instances and history',
+  },
+  {
+    setting: 'CacheStorage',
+    role: 'Storage Blob Data Contributor',
+    on: 'account',
+    service: 'blob',
+    why: 'apply reads and deletes change logs; health lists containers (needs the account scope)',
+  },
+  {
+    setting: 'ReplicaStorage',
+    role: 'Storage Blob Data Contributor',
+    on: 'account',
+    service: 'blob',
+    why: 'seed and failover page blobs: writes, leases, snapshots, copies; health lists containers',
+  },
+  {
+    setting: 'ReplicaStorage',
+    role: 'Storage Table Data Contributor',
+    on: 'account',
+    service: 'table',
+    why: 'state tables (machines, disks, recoverypoints, groups, plans, failovers, events)',
+  },
+  {
+    setting: 'ServiceBusConnection',
+    role: 'Azure Service Bus Data Receiver',
+    on: 'queue',
+    why: 'the apply trigger on changelog-ready, and the health check peek',
+  },
+  {
+    setting: 'ServiceBusConnection',
+    role: 'Azure Service Bus Data Sender',
+    on: 'queue',
+    why: 'apply re-enqueues itself when it stops at its time budget (DESIGN §1.3)',
+  },
+  {
+    setting: 'LIFEBOAT_ENCRYPTION_KEYS',
+    role: 'Key Vault Secrets User',
+    on: 'secret',
+    why: 'the Key Vault reference that supplies the key ring',
+  },
+  {
+    setting: 'APPLICATIONINSIGHTS_CONNECTION_STRING',
+    role: 'Monitoring Metrics Publisher',
+    on: 'appInsights',
+    why: 'Entra-authenticated telemetry (local auth is off)',
+  },
 ];
 
 export const PROXY_NEEDS: Need[] = [
-  { setting: 'CacheStorage', role: CHANGE_LOG_WRITER, on: { container: CHANGELOG_CONTAINER }, service: 'blob', why: 'upload encrypted change logs' },
-  { setting: 'ServiceBusConnection', role: 'Azure Service Bus Data Sender', on: 'queue', why: 'send changelog-ready' },
-  { setting: 'ReplicaStorage', role: 'Storage Table Data Reader', on: { table: MACHINES_TABLE }, service: 'table', why: 'read credential hashes to authenticate agents' },
+  {
+    setting: 'CacheStorage',
+    role: CHANGE_LOG_WRITER,
+    on: { container: CHANGELOG_CONTAINER },
+    service: 'blob',
+    why: 'upload encrypted change logs',
+  },
+  {
+    setting: 'ServiceBusConnection',
+    role: 'Azure Service Bus Data Sender',
+    on: 'queue',
+    why: 'send changelog-ready',
+  },
+  {
+    setting: 'ReplicaStorage',
+    role: 'Storage Table Data Reader',
+    on: { table: MACHINES_TABLE },
+    service: 'table',
+    why: 'read credential hashes to authenticate agents',
+  },
 ];
 
 /** Settings the Functions host itself reads (not our code). */
-export const HOST_READ_SETTINGS = new Set(['APPLICATIONINSIGHTS_CONNECTION_STRING', 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING']);
+export const HOST_READ_SETTINGS = new Set([
+  'APPLICATIONINSIGHTS_CONNECTION_STRING',
+  'APPLICATIONINSIGHTS_AUTHENTICATION_STRING',
+]);
 
 /** Suffixes the Functions host and its extensions understand for identity-based connections. */
 export const HOST_IDENTITY_SUFFIXES = new Set([
@@ -149,7 +232,9 @@ function targetOfNeed(infra: Infra, settings: Record<string, string>, need: Need
     return resolveExpr(infra.main, value);
   };
   if (need.on === 'secret') {
-    const ref = /^'@Microsoft\.KeyVault\(SecretUri=\$\{(\w+)\.outputs\.secretUri\}\)'$/.exec(settings[need.setting] ?? '');
+    const ref = /^'@Microsoft\.KeyVault\(SecretUri=\$\{(\w+)\.outputs\.secretUri\}\)'$/.exec(
+      settings[need.setting] ?? '',
+    );
     if (!ref) throw new Error(`${need.setting} is not a Key Vault reference to a module's secretUri output`);
     return `secret ${resolveModuleParam(ref[1], 'name')}/${resolveModuleParam(ref[1], 'secretName')}`;
   }
@@ -161,13 +246,18 @@ function targetOfNeed(infra: Infra, settings: Record<string, string>, need: Need
   if (need.on === 'queue') {
     const ns = moduleOutput(settings[`${need.setting}__fullyQualifiedNamespace`] ?? '');
     const queue = moduleOutput(settings.ChangelogQueueName ?? '');
-    if (!ns || !queue) throw new Error(`${need.setting}__fullyQualifiedNamespace and ChangelogQueueName must come from module outputs`);
-    if (ns.module !== queue.module) throw new Error('The queue name and the namespace come from different modules');
+    if (!ns || !queue)
+      throw new Error(
+        `${need.setting}__fullyQualifiedNamespace and ChangelogQueueName must come from module outputs`,
+      );
+    if (ns.module !== queue.module)
+      throw new Error('The queue name and the namespace come from different modules');
     return `queue ${resolveModuleParam(ns.module, 'name')}/${resolveModuleParam(queue.module, 'queueName')}`;
   }
   const service = need.service ?? 'blob';
   const endpoint = moduleOutput(settings[`${need.setting}__${service}ServiceUri`] ?? '');
-  if (!endpoint) throw new Error(`${need.setting}__${service}ServiceUri must come from a storage module's output`);
+  if (!endpoint)
+    throw new Error(`${need.setting}__${service}ServiceUri must come from a storage module's output`);
   const account = resolveModuleParam(endpoint.module, 'name');
   if (need.on === 'account') return `storageAccount ${account}`;
   if ('container' in need.on) return `container ${account}/${need.on.container}`;
@@ -221,7 +311,9 @@ export function grantsIn(infra: Infra): Grant[] {
     const props = objectEntries(r.props.properties ?? '{}');
     const definition = props.roleDefinitionId ?? '';
     let role: string;
-    const builtIn = /^subscriptionResourceId\('Microsoft\.Authorization\/roleDefinitions',\s*(.+)\)$/.exec(definition);
+    const builtIn = /^subscriptionResourceId\('Microsoft\.Authorization\/roleDefinitions',\s*(.+)\)$/.exec(
+      definition,
+    );
     const custom = /^(\w+)\.id$/.exec(definition);
     if (builtIn) {
       const key = /^roles\.(\w+)$/.exec(builtIn[1].trim());
@@ -231,14 +323,22 @@ export function grantsIn(infra: Infra): Grant[] {
     } else if (custom) {
       const def = resourceBySymbol(infra, custom[1]);
       const perms = objectEntries(def.props.properties ?? '{}').permissions ?? '[]';
-      const actions = [...perms.matchAll(/'Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/([^']+)'/g)].map((m) => m[1]).sort();
-      const other = /'(?!Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/)[^']*\/[^']*'/.exec(perms);
+      const actions = [
+        ...perms.matchAll(/'Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/([^']+)'/g),
+      ]
+        .map((m) => m[1])
+        .sort();
+      const other = /'(?!Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/)[^']*\/[^']*'/.exec(
+        perms,
+      );
       role = other ? `custom with ${other[0]}` : `custom: ${actions.join(', ')}`;
     } else {
       throw new Error(`${r.symbol}: cannot read roleDefinitionId ${definition}`);
     }
-    const principal = /^(\w+)\.properties\.principalId$/.exec(props.principalId ?? '')?.[1] ?? `param ${props.principalId}`;
-    if (props.principalType !== "'ServicePrincipal'") throw new Error(`${r.symbol}: principalType must be 'ServicePrincipal'`);
+    const principal =
+      /^(\w+)\.properties\.principalId$/.exec(props.principalId ?? '')?.[1] ?? `param ${props.principalId}`;
+    if (props.principalType !== "'ServicePrincipal'")
+      throw new Error(`${r.symbol}: principalType must be 'ServicePrincipal'`);
     grants.push({ principal, role, target: targetOfScope(infra, r.props.scope), symbol: r.symbol });
   }
   return grants;
@@ -257,9 +357,13 @@ export function connectionsUsed(code: CodeSettings, bindings: RegisteredBinding[
   const used = new Map(code.connections);
   for (const b of bindings) {
     const c = b.properties.connection;
-    if (typeof c === 'string' && c) used.set(c, [...(used.get(c) ?? []), `function ${b.function}: ${b.type}`]);
+    if (typeof c === 'string' && c)
+      used.set(c, [...(used.get(c) ?? []), `function ${b.function}: ${b.type}`]);
   }
-  used.set('AzureWebJobsStorage', [...(used.get('AzureWebJobsStorage') ?? []), 'the Functions host and the Durable task hub']);
+  used.set('AzureWebJobsStorage', [
+    ...(used.get('AzureWebJobsStorage') ?? []),
+    'the Functions host and the Durable task hub',
+  ]);
   return used;
 }
 
@@ -270,7 +374,8 @@ export function checkSettings(infra: Infra, code: CodeSettings, bindings: Regist
   for (const b of bindings) {
     for (const value of Object.values(b.properties)) {
       if (typeof value !== 'string') continue;
-      for (const m of value.matchAll(/%([A-Za-z_]\w*)%/g)) reads.set(m[1], [...(reads.get(m[1]) ?? []), `function ${b.function}: ${b.type}`]);
+      for (const m of value.matchAll(/%([A-Za-z_]\w*)%/g))
+        reads.set(m[1], [...(reads.get(m[1]) ?? []), `function ${b.function}: ${b.type}`]);
     }
   }
   const connections = connectionsUsed(code, bindings);
@@ -280,7 +385,9 @@ export function checkSettings(infra: Infra, code: CodeSettings, bindings: Regist
   for (const [name, at] of reads) {
     if (isPlatformSetting(name)) continue;
     if (!(name in settings) && !keys.some((k) => k.startsWith(`${name}__`))) {
-      problems.push(`The code reads ${name}${where(at)}, but the Function App's settings (infra/azure/main.bicep, var appSettings) do not provide it.`);
+      problems.push(
+        `The code reads ${name}${where(at)}, but the Function App's settings (infra/azure/main.bicep, var appSettings) do not provide it.`,
+      );
     }
   }
   const suffixes = new Set([...code.identitySuffixes, ...HOST_IDENTITY_SUFFIXES]);
@@ -288,10 +395,15 @@ export function checkSettings(infra: Infra, code: CodeSettings, bindings: Regist
     const split = /^(.+?)__(\w+)$/.exec(key);
     if (reads.has(key) || HOST_READ_SETTINGS.has(key)) continue;
     if (split && reads.has(split[1])) {
-      if (!suffixes.has(split[2])) problems.push(`App setting ${key}: neither the code nor the Functions host reads the suffix __${split[2]}.`);
+      if (!suffixes.has(split[2]))
+        problems.push(
+          `App setting ${key}: neither the code nor the Functions host reads the suffix __${split[2]}.`,
+        );
       continue;
     }
-    problems.push(`App setting ${key} is provided, but no code in functions/ or shared/ (nor the Functions host) reads it.`);
+    problems.push(
+      `App setting ${key} is provided, but no code in functions/ or shared/ (nor the Functions host) reads it.`,
+    );
   }
 
   const app = appIdentitySymbol(infra);
@@ -304,33 +416,48 @@ export function checkSettings(infra: Infra, code: CodeSettings, bindings: Regist
   }
   for (const [connection, at] of connections) {
     if (!needed.has(connection)) {
-      problems.push(`The code uses ${connection} as a connection${where(at)}; declare what it needs in test/infra/azure/checks.ts (APP_NEEDS) and grant it in main.bicep.`);
+      problems.push(
+        `The code uses ${connection} as a connection${where(at)}; declare what it needs in test/infra/azure/checks.ts (APP_NEEDS) and grant it in main.bicep.`,
+      );
     }
   }
   for (const [connection, services] of needed) {
     if (connection in settings) {
-      problems.push(`App setting ${connection} is set directly (a connection string); use identity-based ${connection}__… settings.`);
+      problems.push(
+        `App setting ${connection} is set directly (a connection string); use identity-based ${connection}__… settings.`,
+      );
     }
     if (stringLiteral(settings[`${connection}__credential`] ?? '') !== 'managedidentity') {
       problems.push(`App setting ${connection}__credential must be 'managedidentity'.`);
     }
     if ((settings[`${connection}__clientId`] ?? '').trim() !== `${app}.properties.clientId`) {
-      problems.push(`App setting ${connection}__clientId must be ${app}.properties.clientId (the identity the app runs as).`);
+      problems.push(
+        `App setting ${connection}__clientId must be ${app}.properties.clientId (the identity the app runs as).`,
+      );
     }
     for (const service of services) {
-      const key = service === 'servicebus' ? `${connection}__fullyQualifiedNamespace` : `${connection}__${service}ServiceUri`;
+      const key =
+        service === 'servicebus'
+          ? `${connection}__fullyQualifiedNamespace`
+          : `${connection}__${service}ServiceUri`;
       if (!(key in settings) && !(service !== 'servicebus' && `${connection}__accountName` in settings)) {
-        problems.push(`App setting ${key} is missing: the code needs the ${service} endpoint of ${connection}.`);
+        problems.push(
+          `App setting ${key} is missing: the code needs the ${service} endpoint of ${connection}.`,
+        );
       }
     }
   }
   for (const b of bindings.filter((x) => x.type === 'serviceBusTrigger')) {
     const c = String(b.properties.connection ?? '');
     if (!APP_NEEDS.some((n) => n.setting === c && n.role === 'Azure Service Bus Data Receiver')) {
-      problems.push(`Function ${b.function} is triggered by Service Bus through ${c}, but APP_NEEDS grants no Azure Service Bus Data Receiver for it.`);
+      problems.push(
+        `Function ${b.function} is triggered by Service Bus through ${c}, but APP_NEEDS grants no Azure Service Bus Data Receiver for it.`,
+      );
     }
     if (b.properties.queueName !== '%ChangelogQueueName%') {
-      problems.push(`Function ${b.function} listens on ${String(b.properties.queueName)}; only %ChangelogQueueName% exists in infra/azure.`);
+      problems.push(
+        `Function ${b.function} listens on ${String(b.properties.queueName)}; only %ChangelogQueueName% exists in infra/azure.`,
+      );
     }
   }
   return problems;
@@ -362,17 +489,23 @@ export function checkRoles(infra: Infra): string[] {
     }
   };
   add(app, APP_NEEDS);
-  const identities = infra.main.resources.filter((r) => r.type === 'Microsoft.ManagedIdentity/userAssignedIdentities').map((r) => r.symbol);
+  const identities = infra.main.resources
+    .filter((r) => r.type === 'Microsoft.ManagedIdentity/userAssignedIdentities')
+    .map((r) => r.symbol);
   const proxyIdentity = identities.find((s) => s !== app);
-  if (!proxyIdentity) problems.push('main.bicep must create a separate user-assigned identity for the site proxy.');
+  if (!proxyIdentity)
+    problems.push('main.bicep must create a separate user-assigned identity for the site proxy.');
   const proxyParam = proxies.find((p) => p.startsWith('param '));
-  if (!proxyParam) problems.push('main.bicep must grant the proxy service principal (a parameter) its access.');
+  if (!proxyParam)
+    problems.push('main.bicep must grant the proxy service principal (a parameter) its access.');
   for (const p of [proxyIdentity, proxyParam]) if (p) add(p, PROXY_NEEDS);
 
   const actual = new Map(grants.map((g) => [needKey(g.principal, g.role, g.target), g.symbol]));
-  for (const [key, why] of expected) if (!actual.has(key)) problems.push(`Missing role assignment: ${key} (needed for ${why}).`);
+  for (const [key, why] of expected)
+    if (!actual.has(key)) problems.push(`Missing role assignment: ${key} (needed for ${why}).`);
   for (const [key, symbol] of actual) {
-    if (!expected.has(key)) problems.push(`Role assignment ${symbol} grants more than the code needs: ${key}.`);
+    if (!expected.has(key))
+      problems.push(`Role assignment ${symbol} grants more than the code needs: ${key}.`);
   }
   return problems;
 }
@@ -398,27 +531,42 @@ export function checkSecrets(infra: Infra): string[] {
       if (re.test(value)) problems.push(`App setting ${key} holds ${what}: ${value}`);
     }
     for (const p of secureParams) {
-      if (new RegExp(`\\b${p}\\b`).test(value)) problems.push(`App setting ${key} holds the secure parameter ${p}; put it in Key Vault and use a reference.`);
+      if (new RegExp(`\\b${p}\\b`).test(value))
+        problems.push(
+          `App setting ${key} holds the secure parameter ${p}; put it in Key Vault and use a reference.`,
+        );
     }
-    if (/DefaultEndpointsProtocol|Endpoint=sb:/i.test(value)) problems.push(`App setting ${key} holds a connection string.`);
+    if (/DefaultEndpointsProtocol|Endpoint=sb:/i.test(value))
+      problems.push(`App setting ${key} holds a connection string.`);
   }
-  if (!/^'@Microsoft\.KeyVault\(SecretUri=\$\{\w+\.outputs\.secretUri\}\)'$/.test(settings.LIFEBOAT_ENCRYPTION_KEYS ?? '')) {
-    problems.push('LIFEBOAT_ENCRYPTION_KEYS must be a Key Vault reference: @Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri}).');
+  if (
+    !/^'@Microsoft\.KeyVault\(SecretUri=\$\{\w+\.outputs\.secretUri\}\)'$/.test(
+      settings.LIFEBOAT_ENCRYPTION_KEYS ?? '',
+    )
+  ) {
+    problems.push(
+      'LIFEBOAT_ENCRYPTION_KEYS must be a Key Vault reference: @Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri}).',
+    );
   }
   for (const [file, text] of Object.entries(infra.texts)) {
-    if (/\blist(Keys|ConnectionStrings|AccountSas|ServiceSas)\s*\(|\.list(Keys|ConnectionStrings)\(/.test(text)) {
+    if (
+      /\blist(Keys|ConnectionStrings|AccountSas|ServiceSas)\s*\(|\.list(Keys|ConnectionStrings)\(/.test(text)
+    ) {
       problems.push(`${file} calls a list* function that returns keys.`);
     }
   }
   for (const [name, value] of Object.entries(infra.main.outputs)) {
-    for (const p of secureParams) if (new RegExp(`\\b${p}\\b`).test(value)) problems.push(`Output ${name} exposes the secure parameter ${p}.`);
+    for (const p of secureParams)
+      if (new RegExp(`\\b${p}\\b`).test(value))
+        problems.push(`Output ${name} exposes the secure parameter ${p}.`);
   }
   // Shared keys and local auth are off where they exist, so no key can be fetched at all.
   const require = (file: string, type: string, property: RegExp, what: string) => {
     const parsed = infra.modules[file] ?? (file === 'main.bicep' ? infra.main : undefined);
     const resources = parsed?.resources.filter((r) => r.type === type && !r.existing) ?? [];
     if (resources.length === 0) problems.push(`${file} defines no ${type}.`);
-    for (const r of resources) if (!property.test(r.props.properties ?? '')) problems.push(`${file}: ${r.symbol} must set ${what}.`);
+    for (const r of resources)
+      if (!property.test(r.props.properties ?? '')) problems.push(`${file}: ${r.symbol} must set ${what}.`);
   };
   require('modules/storage-account.bicep', 'Microsoft.Storage/storageAccounts', /\ballowSharedKeyAccess:\s*false\b/, 'allowSharedKeyAccess: false');
   require('modules/storage-account.bicep', 'Microsoft.Storage/storageAccounts', /\ballowBlobPublicAccess:\s*false\b/, 'allowBlobPublicAccess: false');
@@ -427,6 +575,7 @@ export function checkSecrets(infra: Infra): string[] {
   require('modules/monitoring.bicep', 'Microsoft.Insights/components', /\bDisableLocalAuth:\s*true\b/, 'DisableLocalAuth: true (the connection string in app settings is then not a credential)');
   // What is checked here is what is deployed: the site's appsettings are exactly the module parameter.
   const site = infra.main.modules.find((m) => 'appSettings' in m.params);
-  if (site?.params.appSettings !== 'appSettings') problems.push('The Function App module must receive `appSettings: appSettings`.');
+  if (site?.params.appSettings !== 'appSettings')
+    problems.push('The Function App module must receive `appSettings: appSettings`.');
   return problems;
 }

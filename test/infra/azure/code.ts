@@ -227,8 +227,16 @@ export function registeredBindings(): RegisteredBinding[] {
   const bindings: RegisteredBinding[] = [];
   for (const fn of registry.functions.values()) {
     for (const [name, binding] of Object.entries(fn.metadata.bindings)) {
-      const { type, direction, ...properties } = binding as { type?: string; direction?: unknown } & Record<string, unknown>;
-      bindings.push({ function: fn.name, type: String(type ?? name), direction: direction === undefined ? undefined : String(direction), properties });
+      const { type, direction, ...properties } = binding as { type?: string; direction?: unknown } & Record<
+        string,
+        unknown
+      >;
+      bindings.push({
+        function: fn.name,
+        type: String(type ?? name),
+        direction: direction === undefined ? undefined : String(direction),
+        properties,
+      });
     }
   }
   return bindings;

@@ -14,7 +14,14 @@ import {
   loadInfra,
   type Infra,
 } from './checks';
-import { ROOT, scanAppSources, scanSettings, registeredBindings, type CodeSettings, type RegisteredBinding } from './code';
+import {
+  ROOT,
+  scanAppSources,
+  scanSettings,
+  registeredBindings,
+  type CodeSettings,
+  type RegisteredBinding,
+} from './code';
 
 const mainText = readFileSync(path.join(ROOT, 'infra/azure/main.bicep'), 'utf8');
 
@@ -63,37 +70,57 @@ describe('infra/azure against the code', () => {
     for (const [key, value] of Object.entries(roles)) {
       const name = BUILT_IN_ROLES[stringLiteral(value)!];
       expect(name, `roles.${key}`).toBeDefined();
-      const normalise = (s: string) => s.toLowerCase().replace(/^azure/, '').replace(/[^a-z]/g, '');
+      const normalise = (s: string) =>
+        s
+          .toLowerCase()
+          .replace(/^azure/, '')
+          .replace(/[^a-z]/g, '');
       expect(normalise(name), `roles.${key}`).toBe(normalise(key));
     }
   });
 
   it('gives the same settings to `func start` users in local.settings.json.sample', () => {
-    const sample = JSON.parse(readFileSync(path.join(ROOT, 'local.settings.json.sample'), 'utf8')) as { Values: Record<string, string> };
+    const sample = JSON.parse(readFileSync(path.join(ROOT, 'local.settings.json.sample'), 'utf8')) as {
+      Values: Record<string, string>;
+    };
     const keys = Object.keys(sample.Values);
     const local = new Set(['FUNCTIONS_WORKER_RUNTIME']);
     for (const name of code.reads.keys()) {
       if (name.startsWith('APPLICATIONINSIGHTS_')) continue; // telemetry stays off locally
-      expect(keys.some((k) => k === name || k.startsWith(`${name}__`)), `${name} in local.settings.json.sample`).toBe(true);
+      expect(
+        keys.some((k) => k === name || k.startsWith(`${name}__`)),
+        `${name} in local.settings.json.sample`,
+      ).toBe(true);
     }
     for (const key of keys) {
       if (local.has(key)) continue;
-      expect(code.reads.has(key) || code.reads.has(key.split('__')[0]), `${key} is read by the code`).toBe(true);
+      expect(code.reads.has(key) || code.reads.has(key.split('__')[0]), `${key} is read by the code`).toBe(
+        true,
+      );
     }
     expect(sample.Values.LIFEBOAT_TELEMETRY).toBe('off');
   });
 
   it('builds the Flex Consumption app, the queue, the storage and the vault as the design says', () => {
-    const site = infra.modules['modules/function-app.bicep'].resources.find((r) => r.type === 'Microsoft.Web/sites')!;
+    const site = infra.modules['modules/function-app.bicep'].resources.find(
+      (r) => r.type === 'Microsoft.Web/sites',
+    )!;
     const config = objectEntries(objectEntries(site.props.properties).functionAppConfig);
     expect(objectEntries(config.runtime)).toEqual({ name: "'node'", version: "'20'" });
     const storage = objectEntries(objectEntries(config.deployment).storage);
     expect(storage.type).toBe("'blobContainer'");
-    expect(objectEntries(storage.authentication)).toEqual({ type: "'UserAssignedIdentity'", userAssignedIdentityResourceId: 'identityId' });
-    const plan = infra.modules['modules/function-app.bicep'].resources.find((r) => r.type === 'Microsoft.Web/serverfarms')!;
+    expect(objectEntries(storage.authentication)).toEqual({
+      type: "'UserAssignedIdentity'",
+      userAssignedIdentityResourceId: 'identityId',
+    });
+    const plan = infra.modules['modules/function-app.bicep'].resources.find(
+      (r) => r.type === 'Microsoft.Web/serverfarms',
+    )!;
     expect(objectEntries(plan.props.sku)).toEqual({ tier: "'FlexConsumption'", name: "'FC1'" });
 
-    const queue = infra.modules['modules/service-bus.bicep'].resources.find((r) => r.type === 'Microsoft.ServiceBus/namespaces/queues')!;
+    const queue = infra.modules['modules/service-bus.bicep'].resources.find(
+      (r) => r.type === 'Microsoft.ServiceBus/namespaces/queues',
+    )!;
     const queueProps = objectEntries(queue.props.properties);
     expect(queueProps.deadLetteringOnMessageExpiration).toBe('true');
     expect(queueProps.lockDuration).toBe('lockDuration');
@@ -104,16 +131,24 @@ describe('infra/azure against the code', () => {
     expect(modules.cacheStorage.containers).toBe('[changelogContainer]');
     expect(modules.cacheStorage.deleteAfterDays).toBe('changeLogRetentionDays');
     expect(modules.replicaStorage.containers).toBe("['seed-disks', 'failover-disks']");
-    expect(infra.main.vars.stateTables).toBe("[machinesTable, 'disks', 'recoverypoints', 'groups', 'plans', 'failovers', 'events']");
+    expect(infra.main.vars.stateTables).toBe(
+      "[machinesTable, 'disks', 'recoverypoints', 'groups', 'plans', 'failovers', 'events']",
+    );
     expect(infra.main.params.encryptionKeys.decorators).toContain('@secure()');
-    expect(appSettingsOf(infra).LIFEBOAT_ENCRYPTION_KEYS).toBe("'@Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri})'");
+    expect(appSettingsOf(infra).LIFEBOAT_ENCRYPTION_KEYS).toBe(
+      "'@Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri})'",
+    );
   });
 
   it('reads role assignments back as principal, role and resource', () => {
     const grants = grantsIn(infra).map((g) => `${g.principal} | ${g.role} | ${g.target}`);
-    expect(grants).toContain("appIdentity | Storage Table Data Contributor | storageAccount 'stlbrepl${token}'");
+    expect(grants).toContain(
+      "appIdentity | Storage Table Data Contributor | storageAccount 'stlbrepl${token}'",
+    );
     expect(grants).toContain("proxyIdentity | Storage Table Data Reader | table 'stlbrepl${token}'/machines");
-    expect(grants).toContain("param proxyServicePrincipalId | custom: blobs/add/action, blobs/write | container 'stlbcache${token}'/changelogs");
+    expect(grants).toContain(
+      "param proxyServicePrincipalId | custom: blobs/add/action, blobs/write | container 'stlbcache${token}'/changelogs",
+    );
     expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(6);
   });
 });
@@ -136,7 +171,10 @@ describe('the checks catch mistakes', () => {
   });
 
   it('a key fetched with listKeys, or the secure parameter itself, in app settings', () => {
-    const listed = mutated("LIFEBOAT_COMPUTE: compute", "LIFEBOAT_COMPUTE: compute\n  X_KEY: listKeys(hostAccount.id, '2023-05-01').keys[0].value");
+    const listed = mutated(
+      'LIFEBOAT_COMPUTE: compute',
+      "LIFEBOAT_COMPUTE: compute\n  X_KEY: listKeys(hostAccount.id, '2023-05-01').keys[0].value",
+    );
     expect(checkSecrets(listed).join('\n')).toMatch(/X_KEY holds a list\* function/);
     const raw = mutated(/LIFEBOAT_ENCRYPTION_KEYS: '[^\n]+'/, 'LIFEBOAT_ENCRYPTION_KEYS: encryptionKeys');
     const problems = checkSecrets(raw).join('\n');
@@ -146,7 +184,7 @@ describe('the checks catch mistakes', () => {
 
   it('a Service Bus shared access key', () => {
     const infra = mutated(
-      /  ServiceBusConnection__fullyQualifiedNamespace: [^\n]+\n/,
+      / {2}ServiceBusConnection__fullyQualifiedNamespace: [^\n]+\n/,
       "  ServiceBusConnection__fullyQualifiedNamespace: 'Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=root;SharedAccessKey=abc'\n",
     );
     expect(checkSecrets(infra).join('\n')).toMatch(/shared access key/);
@@ -163,37 +201,63 @@ describe('the checks catch mistakes', () => {
     const extra = scanSettings(['functions/http/health.ts'], {
       'functions/http/health.ts': "const region = requireSetting(settings, 'LIFEBOAT_TARGET_REGION');",
     });
-    const problems = checkSettings(loadInfra(), { ...code, reads: new Map([...code.reads, ...extra.reads]) }, bindings);
-    expect(problems.join('\n')).toMatch(/The code reads LIFEBOAT_TARGET_REGION \(functions\/http\/health\.ts/);
+    const problems = checkSettings(
+      loadInfra(),
+      { ...code, reads: new Map([...code.reads, ...extra.reads]) },
+      bindings,
+    );
+    expect(problems.join('\n')).toMatch(
+      /The code reads LIFEBOAT_TARGET_REGION \(functions\/http\/health\.ts/,
+    );
   });
 
   it('a missing endpoint, credential or client id of an identity-based connection', () => {
     const infra = mutated('  ReplicaStorage__tableServiceUri: replicaStorage.outputs.tableEndpoint\n', '');
-    expect(checkSettings(infra, code, bindings).join('\n')).toMatch(/ReplicaStorage__tableServiceUri is missing/);
-    const wrongId = mutated('CacheStorage__clientId: appIdentity.properties.clientId', 'CacheStorage__clientId: proxyIdentity.properties.clientId');
-    expect(checkSettings(wrongId, code, bindings).join('\n')).toMatch(/CacheStorage__clientId must be appIdentity/);
+    expect(checkSettings(infra, code, bindings).join('\n')).toMatch(
+      /ReplicaStorage__tableServiceUri is missing/,
+    );
+    const wrongId = mutated(
+      'CacheStorage__clientId: appIdentity.properties.clientId',
+      'CacheStorage__clientId: proxyIdentity.properties.clientId',
+    );
+    expect(checkSettings(wrongId, code, bindings).join('\n')).toMatch(
+      /CacheStorage__clientId must be appIdentity/,
+    );
   });
 
   it('a missing role, and a role too wide', () => {
     // The function app module lists it in dependsOn; drop that too so the Bicep stays coherent.
-    const text = mainText.replace(/resource appCacheBlobs [\s\S]*?\n}\n/, '').replace('    appCacheBlobs\n', '');
+    const text = mainText
+      .replace(/resource appCacheBlobs [\s\S]*?\n}\n/, '')
+      .replace('    appCacheBlobs\n', '');
     expect(checkRoles(loadInfra({ 'main.bicep': text })).join('\n')).toMatch(
       /Missing role assignment: appIdentity has Storage Blob Data Contributor on storageAccount 'stlbcache\$\{token\}'/,
     );
-    const wide = mutated('scope: changelogsContainer\n  properties: {\n    roleDefinitionId: changeLogWriter.id\n    principalId: proxyIdentity', 'scope: cacheAccount\n  properties: {\n    roleDefinitionId: changeLogWriter.id\n    principalId: proxyIdentity');
+    const wide = mutated(
+      'scope: changelogsContainer\n  properties: {\n    roleDefinitionId: changeLogWriter.id\n    principalId: proxyIdentity',
+      'scope: cacheAccount\n  properties: {\n    roleDefinitionId: changeLogWriter.id\n    principalId: proxyIdentity',
+    );
     const problems = checkRoles(wide).join('\n');
-    expect(problems).toMatch(/proxyIdentityWritesChangeLogs grants more than the code needs: proxyIdentity has custom: blobs\/add\/action, blobs\/write on storageAccount/);
+    expect(problems).toMatch(
+      /proxyIdentityWritesChangeLogs grants more than the code needs: proxyIdentity has custom: blobs\/add\/action, blobs\/write on storageAccount/,
+    );
     const owner = mutated(
       '// Role assignments: the site proxy',
       "resource tooMuch 'Microsoft.Authorization/roleAssignments@2022-04-01' = {\n  name: guid('x')\n  properties: {\n    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', '8e3af657-a8ff-443c-a75c-2fe8c4bcb635')\n    principalId: appIdentity.properties.principalId\n    principalType: 'ServicePrincipal'\n  }\n}\n// Role assignments: the site proxy",
     );
-    expect(checkRoles(owner).join('\n')).toMatch(/tooMuch grants more than the code needs: appIdentity has Owner on resource group/);
+    expect(checkRoles(owner).join('\n')).toMatch(
+      /tooMuch grants more than the code needs: appIdentity has Owner on resource group/,
+    );
   });
 
   it('a Service Bus trigger on a connection with no receive grant', () => {
     const problems = checkSettings(loadInfra(), code, [
       ...bindings,
-      { function: 'apply-elsewhere', type: 'serviceBusTrigger', properties: { connection: 'OtherBus', queueName: 'other' } },
+      {
+        function: 'apply-elsewhere',
+        type: 'serviceBusTrigger',
+        properties: { connection: 'OtherBus', queueName: 'other' },
+      },
     ]).join('\n');
     expect(problems).toMatch(/The code reads OtherBus/);
     expect(problems).toMatch(/declare what it needs/);
@@ -202,8 +266,13 @@ describe('the checks catch mistakes', () => {
   });
 
   it('shared keys left on in a storage account', () => {
-    const storage = readFileSync(path.join(ROOT, 'infra/azure/modules/storage-account.bicep'), 'utf8').replace('allowSharedKeyAccess: false', 'allowSharedKeyAccess: true');
-    expect(checkSecrets(loadInfra({ 'modules/storage-account.bicep': storage })).join('\n')).toMatch(/must set allowSharedKeyAccess: false/);
+    const storage = readFileSync(
+      path.join(ROOT, 'infra/azure/modules/storage-account.bicep'),
+      'utf8',
+    ).replace('allowSharedKeyAccess: false', 'allowSharedKeyAccess: true');
+    expect(checkSecrets(loadInfra({ 'modules/storage-account.bicep': storage })).join('\n')).toMatch(
+      /must set allowSharedKeyAccess: false/,
+    );
     expect(parseBicep(storage).resources.length).toBeGreaterThan(0);
   });
 });
