@@ -27,8 +27,12 @@ interface Target {
 
 function exec(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
-    execFile(cmd, args, { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) =>
-      err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
+    execFile(
+      cmd,
+      args,
+      { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } },
+      (err, stdout, stderr) =>
+        err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
     ),
   );
 }
@@ -37,7 +41,8 @@ function exec(cmd: string, args: string[]): Promise<string> {
 function preallocatedImage(file: string, size: number): void {
   const fd = fs.openSync(file, 'w');
   const chunk = Buffer.alloc(4 * MiB);
-  for (let at = 0; at < size; at += chunk.length) fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
+  for (let at = 0; at < size; at += chunk.length)
+    fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
   fs.fsyncSync(fd);
   fs.closeSync(fd);
 }
@@ -75,9 +80,13 @@ async function startLifeboat(image: string, journalFile: string | undefined): Pr
 
 async function startNbdkit(image: string): Promise<Target> {
   const port = await freePort();
-  const child: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`], {
-    stdio: 'ignore',
-  });
+  const child: ChildProcess = spawn(
+    'nbdkit',
+    ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`],
+    {
+      stdio: 'ignore',
+    },
+  );
   // Ready once it accepts a connection.
   for (let i = 0; ; i++) {
     const ok = await new Promise<boolean>((resolve) => {
@@ -129,9 +138,21 @@ export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
   const seconds = opts.quick ? 3 : 8;
   const rounds = opts.quick ? 2 : 3;
   const workloads: Workload[] = [
-    { name: 'random write 4 KiB, 32 in flight', unit: 'IOPS', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
-    { name: 'random write 64 KiB, 16 in flight', unit: 'MiB/s', args: ['--rw=randwrite', '--bs=64k', '--iodepth=16'] },
-    { name: 'sequential write 1 MiB, 8 in flight', unit: 'MiB/s', args: ['--rw=write', '--bs=1m', '--iodepth=8'] },
+    {
+      name: 'random write 4 KiB, 32 in flight',
+      unit: 'IOPS',
+      args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'],
+    },
+    {
+      name: 'random write 64 KiB, 16 in flight',
+      unit: 'MiB/s',
+      args: ['--rw=randwrite', '--bs=64k', '--iodepth=16'],
+    },
+    {
+      name: 'sequential write 1 MiB, 8 in flight',
+      unit: 'MiB/s',
+      args: ['--rw=write', '--bs=1m', '--iodepth=8'],
+    },
   ];
   const results: BenchResult[] = [];
   try {
@@ -177,7 +198,9 @@ export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
 if (require.main === module) {
   void run({ quick: process.argv.includes('--quick') }).then((rows) => {
     for (const r of rows) {
-      console.log(`${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`);
+      console.log(
+        `${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`,
+      );
     }
   });
 }

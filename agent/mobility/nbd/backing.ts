@@ -84,7 +84,11 @@ export class FileBacking implements BlockBacking {
       let available: number;
       if (st.isFile()) available = Number(st.size);
       else if (st.isBlockDevice()) available = blockDeviceSize(st.rdev);
-      else throw new ConfigError(`The NBD backing ${path} is neither a regular file nor a block device.`, 'path');
+      else
+        throw new ConfigError(
+          `The NBD backing ${path} is neither a regular file nor a block device.`,
+          'path',
+        );
       const size = options.size ?? available;
       if (!Number.isSafeInteger(size) || size <= 0 || size % MIN_BLOCK_SIZE !== 0) {
         throw new ConfigError(
@@ -98,7 +102,13 @@ export class FileBacking implements BlockBacking {
           'size',
         );
       }
-      return new FileBacking(path, fd, size, readOnly, options.inlineWriteBytes ?? DEFAULT_INLINE_WRITE_BYTES);
+      return new FileBacking(
+        path,
+        fd,
+        size,
+        readOnly,
+        options.inlineWriteBytes ?? DEFAULT_INLINE_WRITE_BYTES,
+      );
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -165,6 +175,9 @@ function blockDeviceSize(rdev: bigint): number {
   try {
     return Number(fs.readFileSync(file, 'utf8').trim()) * 512;
   } catch {
-    throw new ConfigError(`The size of block device ${major}:${minor} cannot be read from ${file}; pass the export size explicitly.`, 'size');
+    throw new ConfigError(
+      `The size of block device ${major}:${minor} cannot be read from ${file}; pass the export size explicitly.`,
+      'size',
+    );
   }
 }

@@ -105,8 +105,14 @@ export class NbdExport extends EventEmitter {
         'name',
       );
     }
-    if (options.description !== undefined && Buffer.byteLength(options.description, 'utf8') > MAX_STRING_BYTES) {
-      throw new ConfigError(`The description of NBD export ${options.name} is longer than ${MAX_STRING_BYTES} bytes.`, 'description');
+    if (
+      options.description !== undefined &&
+      Buffer.byteLength(options.description, 'utf8') > MAX_STRING_BYTES
+    ) {
+      throw new ConfigError(
+        `The description of NBD export ${options.name} is longer than ${MAX_STRING_BYTES} bytes.`,
+        'description',
+      );
     }
     this.name = options.name;
     this.description = options.description;
@@ -167,7 +173,10 @@ export class NbdExport extends EventEmitter {
   /** Undoes one pause(); when none is left, held mutations are admitted in their arrival order. */
   resume(): void {
     if (this.pauseDepth === 0) {
-      throw new ConflictError(`NBD export ${this.name} is not paused; call resume() once per pause().`, 'export');
+      throw new ConflictError(
+        `NBD export ${this.name} is not paused; call resume() once per pause().`,
+        'export',
+      );
     }
     this.pauseDepth -= 1;
     if (this.pauseDepth > 0) return;
@@ -187,7 +196,13 @@ export class NbdExport extends EventEmitter {
    * number (0 on success); never rejects. With `fua` it resolves only once this change and every
    * change admitted before it are durable in both the backing store and the journal.
    */
-  mutate(kind: ChangeKind, offset: number, length: number, data: Buffer | undefined, fua: boolean): Promise<number> {
+  mutate(
+    kind: ChangeKind,
+    offset: number,
+    length: number,
+    data: Buffer | undefined,
+    fua: boolean,
+  ): Promise<number> {
     if (this.closed) return Promise.resolve(NBD_ESHUTDOWN);
     if (this.pauseDepth === 0) return this.admit(kind, offset, length, data, fua);
     return new Promise((resolve) =>
@@ -233,13 +248,22 @@ export class NbdExport extends EventEmitter {
     await this.backing.close();
   }
 
-  private admit(kind: ChangeKind, offset: number, length: number, data: Buffer | undefined, fua: boolean): Promise<number> {
+  private admit(
+    kind: ChangeKind,
+    offset: number,
+    length: number,
+    data: Buffer | undefined,
+    fua: boolean,
+  ): Promise<number> {
     const end = offset + length;
     let deps: Promise<unknown>[] | undefined;
     for (const e of this.inflight) {
       if (e.start < end && offset < e.end) (deps ??= []).push(e.applied);
     }
-    const change: WriteChange = kind === 'write' ? { seq: ++this.lastSeq, kind, offset, length, data } : { seq: ++this.lastSeq, kind, offset, length };
+    const change: WriteChange =
+      kind === 'write'
+        ? { seq: ++this.lastSeq, kind, offset, length, data }
+        : { seq: ++this.lastSeq, kind, offset, length };
 
     let accepted: Promise<void> | void;
     try {
@@ -252,11 +276,18 @@ export class NbdExport extends EventEmitter {
     }
 
     const apply = (): Promise<void> =>
-      kind === 'write' ? this.backing.write(data as Buffer, offset) : this.backing.writeZeroes(offset, length);
+      kind === 'write'
+        ? this.backing.write(data as Buffer, offset)
+        : this.backing.writeZeroes(offset, length);
     const appliedResult = deps ? Promise.all(deps).then(apply) : apply();
     const before = fua && this.inflight.size > 0 ? Array.from(this.inflight, (e) => e.settled) : undefined;
 
-    const entry: InFlight = { start: offset, end, applied: appliedResult.then(noop, noop), settled: undefined as never };
+    const entry: InFlight = {
+      start: offset,
+      end,
+      applied: appliedResult.then(noop, noop),
+      settled: undefined as never,
+    };
     this.inflight.add(entry);
     if (this.inflight.size > this.peakInFlight) this.peakInFlight = this.inflight.size;
 

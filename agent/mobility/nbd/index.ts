@@ -1,5 +1,11 @@
 export { NbdServer, type NbdServerOptions, type ListenOptions } from './server';
-export { NbdExport, type NbdExportOptions, type OpenFileExportOptions, type ExportFault, type ExportStats } from './export';
+export {
+  NbdExport,
+  type NbdExportOptions,
+  type OpenFileExportOptions,
+  type ExportFault,
+  type ExportStats,
+} from './export';
 export { FileBacking, type BlockBacking, type FileBackingOptions } from './backing';
 export {
   AppendFileJournal,

@@ -77,7 +77,10 @@ export class AppendFileJournal implements WriteJournal {
     const fd = await new Promise<number>((resolve, reject) =>
       fs.open(path, 'a+', (err, d) => (err ? reject(err) : resolve(d))),
     ).catch((err: Error) => {
-      throw new ConfigError(`The journal file ${path} cannot be opened for appending (${err.message}).`, 'journal');
+      throw new ConfigError(
+        `The journal file ${path} cannot be opened for appending (${err.message}).`,
+        'journal',
+      );
     });
     const size = fs.fstatSync(fd).size;
     return new AppendFileJournal(path, fd, size, options.highWaterBytes ?? 64 * 1024 * 1024);
@@ -100,12 +103,15 @@ export class AppendFileJournal implements WriteJournal {
     this.queuedBytes += bytes;
     this.appendedBytes += bytes;
     if (!this.writing) void this.writeLoop();
-    if (this.queuedBytes > this.highWaterBytes) return this.waitWritten(this.appendedBytes - this.highWaterBytes);
+    if (this.queuedBytes > this.highWaterBytes)
+      return this.waitWritten(this.appendedBytes - this.highWaterBytes);
   }
 
   async flush(): Promise<void> {
     await this.waitWritten(this.appendedBytes);
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await new Promise<void>((resolve, reject) =>
+      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+    );
   }
 
   async close(): Promise<void> {
@@ -181,7 +187,8 @@ export function readJournalFile(path: string): WriteChange[] {
     const seq = Number(file.readBigUInt64BE(at + 20));
     at += RECORD_HEADER_BYTES;
     if (kind === 'write') {
-      if (file.length - at < length) throw new ConfigError(`The journal file ${path} ends inside a record.`, 'journal');
+      if (file.length - at < length)
+        throw new ConfigError(`The journal file ${path} ends inside a record.`, 'journal');
       changes.push({ seq, kind, offset, length, data: file.subarray(at, at + length) });
       at += length;
     } else {

@@ -136,7 +136,10 @@ export function encodeInfoBlockSize(min: number, preferred: number, max: number)
   return b;
 }
 
-export function encodeInfoString(type: typeof NBD_INFO_NAME | typeof NBD_INFO_DESCRIPTION, text: string): Buffer {
+export function encodeInfoString(
+  type: typeof NBD_INFO_NAME | typeof NBD_INFO_DESCRIPTION,
+  text: string,
+): Buffer {
   const s = Buffer.from(text, 'utf8');
   const b = Buffer.allocUnsafe(2 + s.length);
   b.writeUInt16BE(type, 0);

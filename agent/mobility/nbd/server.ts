@@ -106,7 +106,10 @@ export class NbdServer {
 
   addExport(exp: NbdExport): void {
     if (this.exportsByName.has(exp.name)) {
-      throw new ConflictError(`An NBD export named ${exp.name} is already served; give each disk its own name.`, 'name');
+      throw new ConflictError(
+        `An NBD export named ${exp.name} is already served; give each disk its own name.`,
+        'name',
+      );
     }
     this.exportsByName.set(exp.name, exp);
   }
@@ -145,13 +148,17 @@ export class NbdServer {
       });
     });
     const address = this.address();
-    this.logger.info({ host: address.address, port: address.port, exports: this.exports.map((e) => e.name) }, 'NBD server listening');
+    this.logger.info(
+      { host: address.address, port: address.port, exports: this.exports.map((e) => e.name) },
+      'NBD server listening',
+    );
     return address;
   }
 
   address(): net.AddressInfo {
     const a = this.server.address();
-    if (!a || typeof a === 'string') throw new ConflictError('The NBD server is not listening on TCP.', 'server');
+    if (!a || typeof a === 'string')
+      throw new ConflictError('The NBD server is not listening on TCP.', 'server');
     return a;
   }
 
@@ -197,7 +204,11 @@ export class NbdServer {
     if (!names) return this.exports;
     return names.map((n) => {
       const e = this.exportsByName.get(n);
-      if (!e) throw new NotFoundError(`There is no NBD export named ${n}; served: ${this.exports.map((x) => x.name).join(', ') || 'none'}.`, 'export');
+      if (!e)
+        throw new NotFoundError(
+          `There is no NBD export named ${n}; served: ${this.exports.map((x) => x.name).join(', ') || 'none'}.`,
+          'export',
+        );
       return e;
     });
   }
@@ -450,7 +461,8 @@ class Connection {
           this.replyOption(NBD_REP_ERR_INVALID, Buffer.from('NBD_OPT_LIST takes no data'));
           return;
         }
-        for (const e of this.server.exports) this.replyOption(NBD_REP_SERVER, encodeServerEntry(e.name, e.description));
+        for (const e of this.server.exports)
+          this.replyOption(NBD_REP_SERVER, encodeServerEntry(e.name, e.description));
         this.replyOption(NBD_REP_ACK);
         return;
       case NBD_OPT_INFO:
@@ -476,7 +488,10 @@ class Connection {
     const name = data.toString('utf8', 4, 4 + nameLength);
     const count = data.readUInt16BE(4 + nameLength);
     if (data.length !== 6 + nameLength + 2 * count) {
-      this.replyOption(NBD_REP_ERR_INVALID, Buffer.from('information request count does not match option length'));
+      this.replyOption(
+        NBD_REP_ERR_INVALID,
+        Buffer.from('information request count does not match option length'),
+      );
       return;
     }
     const requested = new Set<number>();
@@ -488,8 +503,12 @@ class Connection {
     }
     this.replyOption(NBD_REP_INFO, encodeInfoExport(exp.size, exp.transmissionFlags));
     // Sent whether asked or not (the protocol allows it): clients must keep to 512-byte alignment.
-    this.replyOption(NBD_REP_INFO, encodeInfoBlockSize(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD_SIZE));
-    if (requested.has(NBD_INFO_NAME)) this.replyOption(NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name));
+    this.replyOption(
+      NBD_REP_INFO,
+      encodeInfoBlockSize(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD_SIZE),
+    );
+    if (requested.has(NBD_INFO_NAME))
+      this.replyOption(NBD_REP_INFO, encodeInfoString(NBD_INFO_NAME, exp.name));
     if (requested.has(NBD_INFO_DESCRIPTION) && exp.description !== undefined) {
       this.replyOption(NBD_REP_INFO, encodeInfoString(NBD_INFO_DESCRIPTION, exp.description));
     }
@@ -573,7 +592,8 @@ class Connection {
       }
       case NBD_CMD_TRIM:
       case NBD_CMD_WRITE_ZEROES: {
-        const allowed = req.type === NBD_CMD_TRIM ? NBD_CMD_FLAG_FUA : NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
+        const allowed =
+          req.type === NBD_CMD_TRIM ? NBD_CMD_FLAG_FUA : NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
         const err = this.check(req, exp, allowed, true);
         if (err) return this.sendError(req, err);
         if (req.length === 0) return this.sendError(req, 0);
@@ -611,7 +631,8 @@ class Connection {
   private check(req: RequestHeader, exp: NbdExport, allowedFlags: number, mutating: boolean): number {
     if ((req.flags & ~allowedFlags) !== 0) return NBD_EINVAL;
     if (mutating && exp.readOnly) return NBD_EPERM;
-    if ((req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) && req.length > MAX_PAYLOAD_SIZE) return NBD_EINVAL;
+    if ((req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) && req.length > MAX_PAYLOAD_SIZE)
+      return NBD_EINVAL;
     if (req.offset % BigInt(MIN_BLOCK_SIZE) !== 0n || req.length % MIN_BLOCK_SIZE !== 0) return NBD_EINVAL;
     if (req.offset + BigInt(req.length) > BigInt(exp.size)) return mutating ? NBD_ENOSPC : NBD_EINVAL;
     return 0;
@@ -627,7 +648,10 @@ class Connection {
     };
     if (req.length === 0) return done();
     exp.read(Number(req.offset), req.length, out, SIMPLE_REPLY_HEADER_BYTES).then(done, (err: Error) => {
-      this.log.error({ err, export: exp.name, offset: Number(req.offset), length: req.length }, 'NBD read failed');
+      this.log.error(
+        { err, export: exp.name, offset: Number(req.offset), length: req.length },
+        'NBD read failed',
+      );
       this.finish(req, NBD_EIO, req.length);
     });
   }

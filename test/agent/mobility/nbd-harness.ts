@@ -42,7 +42,8 @@ export function replay(changes: readonly WriteChange[], size: number): Buffer {
     if (c.seq !== lastSeq + 1) throw new Error(`journal seq ${c.seq} follows ${lastSeq}`);
     lastSeq = c.seq;
     if (c.kind === 'write') {
-      if (!c.data || c.data.length !== c.length) throw new Error(`write ${c.seq} has ${c.data?.length} bytes for ${c.length}`);
+      if (!c.data || c.data.length !== c.length)
+        throw new Error(`write ${c.seq} has ${c.data?.length} bytes for ${c.length}`);
       c.data.copy(img, c.offset);
     } else img.fill(0, c.offset, c.offset + c.length);
   }
@@ -100,7 +101,13 @@ export async function startNbd(disks: DiskSpec[]): Promise<RunningNbd> {
     fs.writeFileSync(image, '');
     fs.truncateSync(image, d.sizeBytes);
     const journal = d.journal ?? new RecordingJournal();
-    const exp = await NbdExport.openFile({ name: d.name, path: image, readOnly: d.readOnly, description: d.description, journal });
+    const exp = await NbdExport.openFile({
+      name: d.name,
+      path: image,
+      readOnly: d.readOnly,
+      description: d.description,
+      journal,
+    });
     exports.set(d.name, { exp, image, journal });
   }
   const server = new NbdServer({ exports: [...exports.values()].map((e) => e.exp) });
@@ -135,7 +142,11 @@ export interface ToolResult {
 }
 
 /** Runs a real client asynchronously (the server shares this process, so never block it). */
-export function runTool(cmd: string, args: string[], options: { timeoutMs?: number } = {}): Promise<ToolResult> {
+export function runTool(
+  cmd: string,
+  args: string[],
+  options: { timeoutMs?: number } = {},
+): Promise<ToolResult> {
   return new Promise((resolve, reject) => {
     execFile(
       cmd,
@@ -143,7 +154,11 @@ export function runTool(cmd: string, args: string[], options: { timeoutMs?: numb
       { env: TOOL_ENV, maxBuffer: 64 * 1024 * 1024, timeout: options.timeoutMs ?? 50_000 },
       (err, stdout, stderr) => {
         if (err) {
-          reject(new Error(`${cmd} ${args.join(' ')} failed: ${err.message}\nstdout: ${stdout}\nstderr: ${stderr}`));
+          reject(
+            new Error(
+              `${cmd} ${args.join(' ')} failed: ${err.message}\nstdout: ${stdout}\nstderr: ${stderr}`,
+            ),
+          );
         } else resolve({ stdout, stderr });
       },
     );

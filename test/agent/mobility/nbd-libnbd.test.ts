@@ -48,7 +48,13 @@ interface Op {
 }
 
 /** Random ops over a hot zone so in-flight requests overlap; write data is appended to `data`. */
-function makeOps(seed: number, count: number, zone: number, data: Buffer[], dataOffset: { at: number }): Op[] {
+function makeOps(
+  seed: number,
+  count: number,
+  zone: number,
+  data: Buffer[],
+  dataOffset: { at: number },
+): Op[] {
   const rand = prng(seed);
   const ops: Op[] = [];
   for (let i = 0; i < count; i++) {
@@ -69,7 +75,9 @@ function makeOps(seed: number, count: number, zone: number, data: Buffer[], data
 }
 
 async function runAio(nbd: RunningNbd, name: string, opsFile: string, dataFile: string, depth: number) {
-  const script = AIO_SCRIPT.replace('OPS', JSON.stringify(opsFile)).replace('DATA', JSON.stringify(dataFile)).replace(/DEPTH/g, String(depth));
+  const script = AIO_SCRIPT.replace('OPS', JSON.stringify(opsFile))
+    .replace('DATA', JSON.stringify(dataFile))
+    .replace(/DEPTH/g, String(depth));
   const { stdout } = await runTool('nbdsh', ['-u', nbd.uri(name), '-c', script]);
   return JSON.parse(stdout.trim().split('\n').pop() as string) as { errors: number[]; ops: number };
 }
@@ -138,7 +146,13 @@ print(json.dumps(out))
     });
     assertSameBytes(nbd.image('sync'), model.bytes, 'backing image');
     assertSameBytes(replay(nbd.journal('sync').changes, 4 * MiB), model.bytes, 'journal replay');
-    expect(nbd.journal('sync').changes.map((c) => c.kind)).toEqual(['write', 'write', 'trim', 'zero', 'zero']);
+    expect(nbd.journal('sync').changes.map((c) => c.kind)).toEqual([
+      'write',
+      'write',
+      'trim',
+      'zero',
+      'zero',
+    ]);
   });
 
   it('a read-only export answers EPERM to writes', async () => {

@@ -6,8 +6,24 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { FileBacking, NbdExport, NbdServer, type BlockBacking, type WriteChange, type WriteJournal } from '../../../agent/mobility/nbd';
-import { DiskModel, RecordingJournal, assertSameBytes, prng, replay, runTool, startNbd, type RunningNbd } from './nbd-harness';
+import {
+  FileBacking,
+  NbdExport,
+  NbdServer,
+  type BlockBacking,
+  type WriteChange,
+  type WriteJournal,
+} from '../../../agent/mobility/nbd';
+import {
+  DiskModel,
+  RecordingJournal,
+  assertSameBytes,
+  prng,
+  replay,
+  runTool,
+  startNbd,
+  type RunningNbd,
+} from './nbd-harness';
 
 const MiB = 1024 * 1024;
 const OPT_MAGIC = Buffer.from('IHAVEOPT');
@@ -101,7 +117,15 @@ class RawClient {
     }
   }
 
-  request(type: number, handle: number, offset: number | bigint, length: number, payload?: Buffer, flags = 0, magic = 0x25609513): void {
+  request(
+    type: number,
+    handle: number,
+    offset: number | bigint,
+    length: number,
+    payload?: Buffer,
+    flags = 0,
+    magic = 0x25609513,
+  ): void {
     const h = Buffer.alloc(28);
     h.writeUInt32BE(magic, 0);
     h.writeUInt16BE(flags, 4);
@@ -117,7 +141,11 @@ class RawClient {
     expect(h.readUInt32BE(0)).toBe(0x67446698);
     const error = h.readUInt32BE(4);
     const handle = Number(h.readBigUInt64BE(8));
-    return { error, handle, data: error === 0 && readLength > 0 ? await this.read(readLength) : Buffer.alloc(0) };
+    return {
+      error,
+      handle,
+      data: error === 0 && readLength > 0 ? await this.read(readLength) : Buffer.alloc(0),
+    };
   }
 
   close(): void {
@@ -125,9 +153,19 @@ class RawClient {
   }
 }
 
-const READ = 0, WRITE = 1, DISC = 2, FLUSH = 3, TRIM = 4, WRITE_ZEROES = 6, BLOCK_STATUS = 7;
-const FUA = 1, DF = 4, FAST_ZERO = 16;
-const EPERM = 1, EINVAL = 22, ENOSPC = 28;
+const READ = 0,
+  WRITE = 1,
+  DISC = 2,
+  FLUSH = 3,
+  TRIM = 4,
+  WRITE_ZEROES = 6,
+  BLOCK_STATUS = 7;
+const FUA = 1,
+  DF = 4,
+  FAST_ZERO = 16;
+const EPERM = 1,
+  EINVAL = 22,
+  ENOSPC = 28;
 
 const ticks = async (n = 20): Promise<void> => {
   for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
@@ -162,7 +200,8 @@ describe('NBD handshake and malformed input', () => {
       expect(r.type).toBe(2);
       const len = r.data.readUInt32BE(0);
       names.push(r.data.subarray(4, 4 + len).toString());
-      if (r.data.subarray(4, 4 + len).toString() === 'd0') expect(r.data.subarray(4 + len).toString()).toBe('disk zero');
+      if (r.data.subarray(4, 4 + len).toString() === 'd0')
+        expect(r.data.subarray(4 + len).toString()).toBe('disk zero');
     }
     expect(names.sort()).toEqual(['d0', 'd1', 'ro']);
 
@@ -251,7 +290,21 @@ describe('NBD handshake and malformed input', () => {
     bad.request(WRITE_ZEROES, 11, 0, 512, undefined, FAST_ZERO);
     bad.request(BLOCK_STATUS, 12, 0, 512);
     bad.request(99, 13, 0, 512);
-    const expected: Record<number, number> = { 1: EINVAL, 2: EINVAL, 3: EINVAL, 4: EINVAL, 5: EINVAL, 6: EINVAL, 7: EINVAL, 8: ENOSPC, 9: EINVAL, 10: ENOSPC, 11: EINVAL, 12: EINVAL, 13: EINVAL };
+    const expected: Record<number, number> = {
+      1: EINVAL,
+      2: EINVAL,
+      3: EINVAL,
+      4: EINVAL,
+      5: EINVAL,
+      6: EINVAL,
+      7: EINVAL,
+      8: ENOSPC,
+      9: EINVAL,
+      10: ENOSPC,
+      11: EINVAL,
+      12: EINVAL,
+      13: EINVAL,
+    };
     for (let i = 0; i < 13; i++) {
       const r = await bad.reply();
       expect(r.error, `handle ${r.handle}`).toBe(expected[r.handle]);
@@ -441,7 +494,8 @@ describe('NBD ordering, flush and pause', () => {
     const imageBefore = image('b');
     await server.pause(['b']);
     expect(exps.get('b')?.stats.paused).toBe(true);
-    for (let i = 0; i < 10; i++) c.request(WRITE, 100 + i, 65536 + i * 4096, 4096, Buffer.alloc(4096, 0x60 + i));
+    for (let i = 0; i < 10; i++)
+      c.request(WRITE, 100 + i, 65536 + i * 4096, 4096, Buffer.alloc(4096, 0x60 + i));
     c.request(TRIM, 110, 0, 4096);
     await vi.waitFor(() => expect(exps.get('b')?.stats.held).toBe(11));
     c.request(READ, 200, 65536, 4096);
@@ -462,9 +516,15 @@ describe('NBD ordering, flush and pause', () => {
     }
     expect(handles.sort()).toEqual([100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110]);
     const appended = recorded('b').slice(before);
-    expect(appended.map((x) => x.offset)).toEqual([...Array.from({ length: 10 }, (_, i) => 65536 + i * 4096), 0]);
+    expect(appended.map((x) => x.offset)).toEqual([
+      ...Array.from({ length: 10 }, (_, i) => 65536 + i * 4096),
+      0,
+    ]);
     const img = image('b');
-    for (let i = 0; i < 10; i++) expect(img.subarray(65536 + i * 4096, 65536 + (i + 1) * 4096).equals(Buffer.alloc(4096, 0x60 + i))).toBe(true);
+    for (let i = 0; i < 10; i++)
+      expect(
+        img.subarray(65536 + i * 4096, 65536 + (i + 1) * 4096).equals(Buffer.alloc(4096, 0x60 + i)),
+      ).toBe(true);
     c.close();
   });
 
@@ -493,16 +553,32 @@ describe('NBD ordering, flush and pause', () => {
     accept.resolve();
     await paused;
     // The cut: exactly the writes sent before pause, on both disks.
-    expect(recorded('a').slice(beforeA).map((x) => x.data?.[0])).toEqual([0xa1]);
-    expect(recorded('b').slice(beforeB).map((x) => x.data?.[0])).toEqual([0xb1]);
+    expect(
+      recorded('a')
+        .slice(beforeA)
+        .map((x) => x.data?.[0]),
+    ).toEqual([0xa1]);
+    expect(
+      recorded('b')
+        .slice(beforeB)
+        .map((x) => x.data?.[0]),
+    ).toEqual([0xb1]);
     expect((await ca.reply()).handle).toBe(1);
     expect((await cb.reply()).handle).toBe(1);
 
     server.resume(['a', 'b']);
     expect(await ca.reply()).toMatchObject({ handle: 2, error: 0 });
     expect(await cb.reply()).toMatchObject({ handle: 2, error: 0 });
-    expect(recorded('a').slice(beforeA).map((x) => x.data?.[0])).toEqual([0xa1, 0xa2]);
-    expect(recorded('b').slice(beforeB).map((x) => x.data?.[0])).toEqual([0xb1, 0xb2]);
+    expect(
+      recorded('a')
+        .slice(beforeA)
+        .map((x) => x.data?.[0]),
+    ).toEqual([0xa1, 0xa2]);
+    expect(
+      recorded('b')
+        .slice(beforeB)
+        .map((x) => x.data?.[0]),
+    ).toEqual([0xb1, 0xb2]);
     ca.close();
     cb.close();
   });

@@ -39,10 +39,17 @@ describe('NBD server with qemu-io and nbdinfo', () => {
     expect(ro.is_read_only).toBe(true);
     expect(ro['export-size']).toBe(1 * MiB);
 
-    const list = JSON.parse((await runTool('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${nbd.port}`])).stdout);
+    const list = JSON.parse(
+      (await runTool('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${nbd.port}`])).stdout,
+    );
     const names = list.exports.map((x: { 'export-name': string }) => x['export-name']).sort();
     expect(names).toEqual(['d0', 'd1', 'ro']);
-    const sizes = Object.fromEntries(list.exports.map((x: { 'export-name': string; 'export-size': number }) => [x['export-name'], x['export-size']]));
+    const sizes = Object.fromEntries(
+      list.exports.map((x: { 'export-name': string; 'export-size': number }) => [
+        x['export-name'],
+        x['export-size'],
+      ]),
+    );
     expect(sizes).toEqual({ d0: SIZE, d1: 4 * MiB, ro: 1 * MiB });
 
     const size = (await runTool('nbdinfo', ['--size', nbd.uri('d1')])).stdout.trim();
@@ -98,7 +105,11 @@ describe('NBD server with qemu-io and nbdinfo', () => {
       for (let i = 0; i < 16; i++) {
         const length = (1 + Math.floor(rand() * 64)) * 512;
         const offset = Math.floor(rand() * 64) * 4096; // a 256 KiB hot zone: many overlaps
-        cmds.push(rand() < 0.8 ? `aio_write -P ${1 + Math.floor(rand() * 255)} ${offset} ${length}` : `aio_write -z ${offset} ${length}`);
+        cmds.push(
+          rand() < 0.8
+            ? `aio_write -P ${1 + Math.floor(rand() * 255)} ${offset} ${length}`
+            : `aio_write -z ${offset} ${length}`,
+        );
       }
       cmds.push('aio_flush');
     }
@@ -112,9 +123,18 @@ describe('NBD server with qemu-io and nbdinfo', () => {
   });
 
   it('a read-only export serves reads and refuses writes', async () => {
-    const { stdout } = await runTool('qemu-io', ['-r', '-f', 'raw', nbd.uri('ro'), '-c', 'read -P 0 0 65536']);
+    const { stdout } = await runTool('qemu-io', [
+      '-r',
+      '-f',
+      'raw',
+      nbd.uri('ro'),
+      '-c',
+      'read -P 0 0 65536',
+    ]);
     expect(stdout).toMatch(/read 65536\/65536 bytes/);
-    await expect(runTool('qemu-io', ['-f', 'raw', nbd.uri('ro'), '-c', 'write -P 1 0 4096'])).rejects.toThrow();
+    await expect(
+      runTool('qemu-io', ['-f', 'raw', nbd.uri('ro'), '-c', 'write -P 1 0 4096']),
+    ).rejects.toThrow();
     expect(nbd.journal('ro').changes).toHaveLength(0);
   });
 });
