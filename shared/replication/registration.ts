@@ -40,6 +40,23 @@ export async function registerMachine(
   body: unknown,
   now: Date = new Date(),
 ): Promise<RegistrationResult> {
+  // The RPO monitor also writes the machine row; a lost ETag race is retried from a fresh read.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await registerOnce(deps, name, body, now);
+    } catch (err) {
+      if (!(err instanceof RowChanged) || attempt >= 5) throw err instanceof RowChanged ? err.conflict : err;
+    }
+  }
+}
+
+class RowChanged extends Error {
+  constructor(readonly conflict: ConflictError) {
+    super(conflict.message);
+  }
+}
+
+async function registerOnce(deps: ReplicationDeps, name: string, body: unknown, now: Date): Promise<RegistrationResult> {
   validateName(name, 'machine');
   const request = parseRegistration(body);
   const machines = await deps.tables.get(TABLES.machines);
@@ -147,7 +164,7 @@ export async function registerMachine(
       await machines.updateEntity({ partitionKey: MACHINES_PARTITION, rowKey: name, ...fields }, 'Merge', { etag: registered.etag });
     } catch (err) {
       if (isPreconditionFailed(err)) {
-        throw new ConflictError(`Machine ${name} changed while this registration was applied; send it again.`, 'machine');
+        throw new RowChanged(new ConflictError(`Machine ${name} changed while this registration was applied; send it again.`, 'machine'));
       }
       throw err;
     }
