@@ -99,9 +99,17 @@ export async function run(options: { quick?: boolean } = {}): Promise<BenchResul
       decompressWith(codec, compressed, data.length);
     });
     const rate = mb / (ms / 1000);
-    const label = codec === 'zstd' ? 'zstd-1' : codec === 'gzip' ? 'gzip-6' : codec === 'brotli' ? 'brotli-q1' : 'lz4';
+    const label =
+      codec === 'zstd' ? 'zstd-1' : codec === 'gzip' ? 'gzip-6' : codec === 'brotli' ? 'brotli-q1' : 'lz4';
     results.push(
-      { name: `compress ${label}`, value: rate, unit: 'MB/s', reference: 'memcpy', referenceValue: copyRate, ratio: rate / copyRate },
+      {
+        name: `compress ${label}`,
+        value: rate,
+        unit: 'MB/s',
+        reference: 'memcpy',
+        referenceValue: copyRate,
+        ratio: rate / copyRate,
+      },
       {
         name: `decompress ${label}`,
         value: mb / (dms / 1000),

@@ -26,7 +26,11 @@ function makeSegments(disks: number, perDisk: number, segmentBytes: number, mach
       const b = new SegmentBuilder({ machine, disk: `d${d}`, epoch: 1, seq });
       for (let w = 0; w < segmentBytes / writeBytes; w++) {
         if (cursor + writeBytes > source.length) cursor = 0;
-        b.write((seq * segmentBytes + w * writeBytes) % (1 << 30), source.subarray(cursor, cursor + writeBytes), Date.now());
+        b.write(
+          (seq * segmentBytes + w * writeBytes) % (1 << 30),
+          source.subarray(cursor, cursor + writeBytes),
+          Date.now(),
+        );
         cursor += writeBytes;
       }
       list.push(b.encode());
@@ -38,20 +42,33 @@ function makeSegments(disks: number, perDisk: number, segmentBytes: number, mach
 
 const keepAlive = new http.Agent({ keepAlive: true });
 
-function put(url: string, token: string, disk: string, seq: number, machine: string, body: Buffer): Promise<void> {
+function put(
+  url: string,
+  token: string,
+  disk: string,
+  seq: number,
+  machine: string,
+  body: Buffer,
+): Promise<void> {
   return new Promise((resolve, reject) => {
     const req = http.request(
       `${url}/v1/machines/${machine}/disks/${disk}/segments/1/${seq}`,
       {
         method: 'PUT',
         agent: keepAlive,
-        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream', 'content-length': body.length },
+        headers: {
+          authorization: `Bearer ${token}`,
+          'content-type': 'application/octet-stream',
+          'content-length': body.length,
+        },
       },
       (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () =>
-          res.statusCode === 201 ? resolve() : reject(new Error(`proxy answered ${res.statusCode}: ${Buffer.concat(chunks).toString()}`)),
+          res.statusCode === 201
+            ? resolve()
+            : reject(new Error(`proxy answered ${res.statusCode}: ${Buffer.concat(chunks).toString()}`)),
         );
       },
     );
@@ -85,7 +102,8 @@ export async function run(options: { quick?: boolean; codec?: Codec } = {}): Pro
       const start = process.hrtime.bigint();
       await Promise.all(
         segments.map(async (list, d) => {
-          for (const [i, body] of list.entries()) await raw.getBlockBlobClient(`r${round}/d${d}/${i}.bin`).uploadData(body);
+          for (const [i, body] of list.entries())
+            await raw.getBlockBlobClient(`r${round}/d${d}/${i}.bin`).uploadData(body);
         }),
       );
       return Number(process.hrtime.bigint() - start) / 1e9;
@@ -156,7 +174,9 @@ if (require.main === module) {
   const codec = CODECS.find((c) => c === codecArg);
   void run({ quick: process.argv.includes('--quick'), codec }).then((rows) => {
     for (const r of rows) {
-      console.log(`${r.name}: ${r.value.toFixed(1)} ${r.unit} vs ${r.reference} ${r.referenceValue.toFixed(1)} ${r.unit} → ratio ${r.ratio.toFixed(2)}`);
+      console.log(
+        `${r.name}: ${r.value.toFixed(1)} ${r.unit} vs ${r.reference} ${r.referenceValue.toFixed(1)} ${r.unit} → ratio ${r.ratio.toFixed(2)}`,
+      );
     }
   });
 }

@@ -50,13 +50,17 @@ export function hashCredential(token: string): string {
 
 /** Issues a new random credential for `machine` (a DNS-label name). */
 export function issueCredential(machine: string, now: Date = new Date()): IssuedCredential {
-  if (!isDnsLabel(machine)) throw new TypeError(`issueCredential needs a DNS-label machine name, got ${JSON.stringify(machine)}`);
+  if (!isDnsLabel(machine))
+    throw new TypeError(`issueCredential needs a DNS-label machine name, got ${JSON.stringify(machine)}`);
   const token = `${CREDENTIAL_PREFIX}.${machine}.${randomBytes(SECRET_BYTES).toString('base64url')}`;
   return { token, fields: { credentialHash: hashCredential(token), credentialIssuedAt: now.toISOString() } };
 }
 
 /** The row (keys + credential fields) to merge into the machines table for `machine`. */
-export function machineCredentialEntity(machine: string, fields: MachineCredentialFields): MachineCredentialEntity {
+export function machineCredentialEntity(
+  machine: string,
+  fields: MachineCredentialFields,
+): MachineCredentialEntity {
   return { partitionKey: MACHINES_PARTITION, rowKey: machine, ...fields };
 }
 

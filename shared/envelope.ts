@@ -103,7 +103,8 @@ export class KeyRing {
   private readonly byId: Map<string, EncryptionKey>;
 
   constructor(keys: readonly EncryptionKey[]) {
-    if (keys.length === 0) throw new ConfigError('An encryption key ring needs at least one key.', SETTING.encryptionKeys);
+    if (keys.length === 0)
+      throw new ConfigError('An encryption key ring needs at least one key.', SETTING.encryptionKeys);
     this.byId = new Map();
     for (const k of keys) {
       if (!KEY_ID.test(k.id)) {
@@ -113,10 +114,16 @@ export class KeyRing {
         );
       }
       if (k.key.length !== KEY_BYTES) {
-        throw new ConfigError(`Encryption key ${k.id} must be ${KEY_BYTES} bytes, got ${k.key.length}.`, SETTING.encryptionKeys);
+        throw new ConfigError(
+          `Encryption key ${k.id} must be ${KEY_BYTES} bytes, got ${k.key.length}.`,
+          SETTING.encryptionKeys,
+        );
       }
       if (this.byId.has(k.id)) {
-        throw new ConfigError(`Encryption key id ${k.id} appears twice in ${SETTING.encryptionKeys}.`, SETTING.encryptionKeys);
+        throw new ConfigError(
+          `Encryption key id ${k.id} appears twice in ${SETTING.encryptionKeys}.`,
+          SETTING.encryptionKeys,
+        );
       }
       this.byId.set(k.id, { id: k.id, key: Buffer.from(k.key) });
     }
@@ -148,7 +155,10 @@ export function parseKeyRing(value: string, setting: string = SETTING.encryption
   for (const [i, entry] of entries.entries()) {
     const colon = entry.indexOf(':');
     if (colon <= 0) {
-      throw new ConfigError(`${setting} entry ${i + 1} is not "id:base64key" (for example "k1:<base64 of 32 bytes>").`, setting);
+      throw new ConfigError(
+        `${setting} entry ${i + 1} is not "id:base64key" (for example "k1:<base64 of 32 bytes>").`,
+        setting,
+      );
     }
     const id = entry.slice(0, colon).trim();
     const text = entry.slice(colon + 1).trim();
@@ -197,7 +207,8 @@ function loadNative(codec: 'zstd' | 'lz4'): NativeLoad {
         codec: {
           compress: (data) => zstd.compress(data, { compressionLevel: 1 }),
           decompress: (data, expected) => {
-            if (binding.getFrameContentSize(data) !== expected) throw new Error('zstd frame size differs from the header');
+            if (binding.getFrameContentSize(data) !== expected)
+              throw new Error('zstd frame size differs from the header');
             return zstd.decompress(data);
           },
         },
@@ -209,7 +220,8 @@ function loadNative(codec: 'zstd' | 'lz4'): NativeLoad {
         codec: {
           compress: (data) => lz4.compressSync(data),
           decompress: (data, expected) => {
-            if (data.length < 4 || data.readUInt32LE(0) !== expected) throw new Error('lz4 size prefix differs from the header');
+            if (data.length < 4 || data.readUInt32LE(0) !== expected)
+              throw new Error('lz4 size prefix differs from the header');
             return lz4.uncompressSync(data);
           },
         },
@@ -240,7 +252,10 @@ export function compressWith(codec: Codec, data: Buffer): Buffer {
       return zlib.gzipSync(data, { level: 6 });
     case 'brotli':
       return zlib.brotliCompressSync(data, {
-        params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 1, [zlib.constants.BROTLI_PARAM_SIZE_HINT]: data.length },
+        params: {
+          [zlib.constants.BROTLI_PARAM_QUALITY]: 1,
+          [zlib.constants.BROTLI_PARAM_SIZE_HINT]: data.length,
+        },
       });
     case 'zstd':
     case 'lz4': {
@@ -275,7 +290,10 @@ export function decompressWith(codec: Codec, data: Buffer, expectedLength: numbe
     }
   } catch (err) {
     if (err instanceof EnvelopeError) throw err;
-    throw new EnvelopeError('decompression-failed', `The ${codec} payload did not decompress: ${(err as Error).message}.`);
+    throw new EnvelopeError(
+      'decompression-failed',
+      `The ${codec} payload did not decompress: ${(err as Error).message}.`,
+    );
   }
   if (out.length !== expectedLength) {
     throw new EnvelopeError(
@@ -332,7 +350,10 @@ function aad(header: Buffer, name: string): Buffer {
  */
 export function sealEnvelope(plaintext: Buffer, options: SealOptions): Buffer {
   if (plaintext.length > 0xffffffff) {
-    throw new EnvelopeError('too-large', `A ${plaintext.length}-byte plaintext does not fit an envelope (4 GiB limit).`);
+    throw new EnvelopeError(
+      'too-large',
+      `A ${plaintext.length}-byte plaintext does not fit an envelope (4 GiB limit).`,
+    );
   }
   let codec = usableCodec(options.codec ?? DEFAULT_CODEC);
   let payload = compressWith(codec, plaintext);
@@ -360,21 +381,32 @@ export function sealEnvelope(plaintext: Buffer, options: SealOptions): Buffer {
 
 /** Reads the header without decrypting (codec, key id, declared size). */
 export function readEnvelopeHeader(blob: Buffer): EnvelopeHeader {
-  if (blob.length < 7) throw new EnvelopeError('truncated', `The blob is ${blob.length} bytes, too short for an envelope.`);
+  if (blob.length < 7)
+    throw new EnvelopeError('truncated', `The blob is ${blob.length} bytes, too short for an envelope.`);
   if (!blob.subarray(0, 4).equals(ENVELOPE_MAGIC)) {
-    throw new EnvelopeError('bad-magic', 'The blob does not start with the envelope magic "LBEV"; it is not a Lifeboat envelope.');
+    throw new EnvelopeError(
+      'bad-magic',
+      'The blob does not start with the envelope magic "LBEV"; it is not a Lifeboat envelope.',
+    );
   }
   const version = blob[4];
   if (version !== ENVELOPE_VERSION) {
-    throw new EnvelopeError('unsupported-version', `Envelope version ${version} is not supported (this build reads ${ENVELOPE_VERSION}).`);
+    throw new EnvelopeError(
+      'unsupported-version',
+      `Envelope version ${version} is not supported (this build reads ${ENVELOPE_VERSION}).`,
+    );
   }
   const codec = CODECS.find((c) => CODEC_ID[c] === blob[5]);
   if (!codec) throw new EnvelopeError('unknown-codec', `Envelope codec id ${blob[5]} is unknown.`);
   const k = blob[6];
-  if (k < 1 || k > MAX_KEY_ID_LENGTH) throw new EnvelopeError('truncated', `Envelope key id length ${k} is out of range.`);
+  if (k < 1 || k > MAX_KEY_ID_LENGTH)
+    throw new EnvelopeError('truncated', `Envelope key id length ${k} is out of range.`);
   const headerLength = 7 + k + 4 + NONCE_BYTES;
   if (blob.length < headerLength + TAG_BYTES) {
-    throw new EnvelopeError('truncated', `The blob is ${blob.length} bytes, shorter than its header and tag.`);
+    throw new EnvelopeError(
+      'truncated',
+      `The blob is ${blob.length} bytes, shorter than its header and tag.`,
+    );
   }
   return {
     version,
@@ -394,7 +426,10 @@ export function openEnvelope(blob: Buffer, options: OpenOptions): Buffer {
   const header = readEnvelopeHeader(blob);
   const max = options.maxPlaintextBytes ?? DEFAULT_MAX_PLAINTEXT_BYTES;
   if (header.plaintextLength > max) {
-    throw new EnvelopeError('too-large', `The envelope declares ${header.plaintextLength} bytes, more than the ${max}-byte limit.`);
+    throw new EnvelopeError(
+      'too-large',
+      `The envelope declares ${header.plaintextLength} bytes, more than the ${max}-byte limit.`,
+    );
   }
   const key = options.keyRing.get(header.keyId);
   if (!key) {
@@ -410,7 +445,10 @@ export function openEnvelope(blob: Buffer, options: OpenOptions): Buffer {
   decipher.setAuthTag(blob.subarray(blob.length - TAG_BYTES));
   let payload: Buffer;
   try {
-    payload = Buffer.concat([decipher.update(blob.subarray(header.headerLength, blob.length - TAG_BYTES)), decipher.final()]);
+    payload = Buffer.concat([
+      decipher.update(blob.subarray(header.headerLength, blob.length - TAG_BYTES)),
+      decipher.final(),
+    ]);
   } catch {
     throw new EnvelopeError(
       'authentication-failed',

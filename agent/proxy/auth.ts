@@ -83,7 +83,9 @@ export class MachineAuthenticator {
   async authorize(authorization: string | undefined, machine: string): Promise<void> {
     const owner = await this.authenticate(authorization);
     if (owner !== machine) {
-      throw new ForbiddenError(`The credential belongs to machine ${owner}; it cannot send data for machine ${machine}.`);
+      throw new ForbiddenError(
+        `The credential belongs to machine ${owner}; it cannot send data for machine ${machine}.`,
+      );
     }
   }
 }

@@ -6,7 +6,14 @@ import { BlobServiceClient, newPipeline, type ContainerClient } from '@azure/sto
 import type { Logger } from 'pino';
 import { SETTING, changelogQueueName, type Settings } from '../../shared/config';
 import { MACHINES_TABLE } from '../../shared/credentials';
-import { CHANGELOG_CONTAINER, DEFAULT_CODEC, keyRingFromSettings, usableCodec, type Codec, type KeyRing } from '../../shared/envelope';
+import {
+  CHANGELOG_CONTAINER,
+  DEFAULT_CODEC,
+  keyRingFromSettings,
+  usableCodec,
+  type Codec,
+  type KeyRing,
+} from '../../shared/envelope';
 import { ConfigError } from '../../shared/errors';
 import { createLogger } from '../../shared/logger';
 import { createMessageSender, type MessageSender } from '../../shared/messaging';
@@ -17,7 +24,7 @@ import { createIngestHandler } from './server';
 import { Spool } from './spool';
 import { buildStatus, type IngestCounters, type ProxyStatus } from './status';
 import { loadCertificate, selfSignedCertificate, type CertificateFiles, type LoadedCertificate } from './tls';
-import { Uploader, type RetryOptions } from './uploader';
+import { Uploader, cachedChecksum, type RetryOptions } from './uploader';
 
 export const DEFAULT_PROXY_PORT = 9443;
 
@@ -79,7 +86,10 @@ export interface RunningProxy {
 /** A blob client from the one factory, with the SDK's own retries off: the uploader retries. */
 function cacheContainer(settings: Settings): ContainerClient {
   const base = new StorageClients(SETTING.cacheStorage, settings).blobService();
-  const service = new BlobServiceClient(base.url, newPipeline(base.credential, { retryOptions: { maxTries: 1, tryTimeoutInMs: 10 * 60_000 } }));
+  const service = new BlobServiceClient(
+    base.url,
+    newPipeline(base.credential, { retryOptions: { maxTries: 1, tryTimeoutInMs: 10 * 60_000 } }),
+  );
   return service.getContainerClient(CHANGELOG_CONTAINER);
 }
 
@@ -107,7 +117,9 @@ async function resolveTls(
         'tls',
       );
     }
-    logger.warn('openssl is not installed, so no self-signed certificate: serving plain HTTP on the loopback address only');
+    logger.warn(
+      'openssl is not installed, so no self-signed certificate: serving plain HTTP on the loopback address only',
+    );
     return { mode: 'none' };
   }
   return { mode: 'certificate', certificate: await loadCertificate(tls) };
@@ -120,22 +132,32 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
   const host = options.host ?? '0.0.0.0';
   const maxSegmentBytes = options.maxSegmentBytes ?? MAX_SEGMENT_BYTES;
   if (!Number.isSafeInteger(maxSegmentBytes) || maxSegmentBytes < 1 || maxSegmentBytes > MAX_SEGMENT_BYTES) {
-    throw new ConfigError(`maxSegmentBytes must be from 1 to ${MAX_SEGMENT_BYTES}; got ${maxSegmentBytes}.`, 'maxSegmentBytes');
+    throw new ConfigError(
+      `maxSegmentBytes must be from 1 to ${MAX_SEGMENT_BYTES}; got ${maxSegmentBytes}.`,
+      'maxSegmentBytes',
+    );
   }
   const spoolCapBytes = options.spoolCapBytes ?? 10 * 1024 ** 3;
   const keyRing = options.keyRing ?? keyRingFromSettings(settings);
   const codec = usableCodec(options.codec ?? DEFAULT_CODEC);
   if (codec !== (options.codec ?? DEFAULT_CODEC)) {
-    logger.warn({ codec }, `the ${options.codec ?? DEFAULT_CODEC} codec's native module did not load; compressing with ${codec}`);
+    logger.warn(
+      { codec },
+      `the ${options.codec ?? DEFAULT_CODEC} codec's native module did not load; compressing with ${codec}`,
+    );
   }
   const container = options.container ?? cacheContainer(settings);
-  const sender = options.sender ?? createMessageSender(settings, SETTING.serviceBus, changelogQueueName(settings));
-  const lookup = options.credentials ?? new TableCredentialLookup(new StorageClients(SETTING.replicaStorage, settings).table(MACHINES_TABLE));
+  const sender =
+    options.sender ?? createMessageSender(settings, SETTING.serviceBus, changelogQueueName(settings));
+  const lookup =
+    options.credentials ??
+    new TableCredentialLookup(new StorageClients(SETTING.replicaStorage, settings).table(MACHINES_TABLE));
   const tls = await resolveTls(options, host, logger);
 
-  let uploader: Uploader | undefined;
-  const spool = await Spool.open(options.spoolDir, { archivedChecksum: (address) => uploader!.archivedChecksum(address) });
-  uploader = new Uploader({
+  const spool = await Spool.open(options.spoolDir, {
+    archivedChecksum: (address) => cachedChecksum(container, keyRing, address),
+  });
+  const up = new Uploader({
     spool,
     container,
     sender,
@@ -146,14 +168,29 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
     bandwidthBytesPerSecond: options.bandwidthBytesPerSecond,
     retry: options.retry,
   });
-  const up = uploader;
-  if (spool.segments > 0) logger.info({ segments: spool.segments, bytes: spool.bytes }, 'resuming uploads from the spool');
+  if (spool.segments > 0)
+    logger.info({ segments: spool.segments, bytes: spool.bytes }, 'resuming uploads from the spool');
   up.start();
 
   const startedAt = Date.now();
-  const counters: IngestCounters = { created: 0, duplicates: 0, conflicts: 0, rejected: 0, throttled: 0, bytesReceived: 0 };
+  const counters: IngestCounters = {
+    created: 0,
+    duplicates: 0,
+    conflicts: 0,
+    rejected: 0,
+    throttled: 0,
+    bytesReceived: 0,
+  };
   const tlsStatus = { mode: tls.mode, fingerprint256: tls.certificate?.fingerprint256 ?? null };
-  const status = (): ProxyStatus => buildStatus({ startedAt, tls: tlsStatus, spool, capBytes: spoolCapBytes, ingest: counters, uploader: up });
+  const status = (): ProxyStatus =>
+    buildStatus({
+      startedAt,
+      tls: tlsStatus,
+      spool,
+      capBytes: spoolCapBytes,
+      ingest: counters,
+      uploader: up,
+    });
   const handler = createIngestHandler({
     spool,
     uploader: up,
@@ -179,9 +216,13 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
     });
   });
   const port = (server.address() as AddressInfo).port;
-  const shownHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+  const shownHost =
+    host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
   const url = `${tls.certificate ? 'https' : 'http'}://${shownHost}:${port}`;
-  logger.info({ url, tls: tls.mode, fingerprint256: tls.certificate?.fingerprint256, spool: spool.root, codec }, 'proxy listening');
+  logger.info(
+    { url, tls: tls.mode, fingerprint256: tls.certificate?.fingerprint256, spool: spool.root, codec },
+    'proxy listening',
+  );
 
   let stopping: Promise<void> | undefined;
   return {

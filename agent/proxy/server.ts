@@ -31,10 +31,14 @@ export interface IngestServerDeps {
 
 class PayloadTooLargeError extends LifeboatError {
   constructor(limit: number) {
-    super('PayloadTooLarge', `The segment is larger than this proxy's limit of ${limit} bytes; cut smaller segments.`, {
-      status: 413,
-      target: 'body',
-    });
+    super(
+      'PayloadTooLarge',
+      `The segment is larger than this proxy's limit of ${limit} bytes; cut smaller segments.`,
+      {
+        status: 413,
+        target: 'body',
+      },
+    );
   }
 }
 
@@ -52,15 +56,28 @@ class ThrottledError extends LifeboatError {
 function parseCount(value: string, field: 'epoch' | 'seq'): number {
   const n = /^\d{1,16}$/.test(value) ? Number(value) : NaN;
   if (!Number.isSafeInteger(n)) {
-    throw new ValidationError(`${field} must be a non-negative integer (at most 2^53-1); got ${JSON.stringify(value)}.`, field, 'InvalidNumber');
+    throw new ValidationError(
+      `${field} must be a non-negative integer (at most 2^53-1); got ${JSON.stringify(value)}.`,
+      field,
+      'InvalidNumber',
+    );
   }
   return n;
 }
 
-function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+function sendJson(
+  res: ServerResponse,
+  status: number,
+  body: unknown,
+  headers: Record<string, string> = {},
+): void {
   if (res.headersSent) return;
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), ...headers });
+  res.writeHead(status, {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': Buffer.byteLength(text),
+    ...headers,
+  });
   res.end(text);
 }
 
@@ -93,7 +110,9 @@ function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
   });
 }
 
-export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessage, res: ServerResponse) => void {
+export function createIngestHandler(
+  deps: IngestServerDeps,
+): (req: IncomingMessage, res: ServerResponse) => void {
   let inFlight = 0;
   let reservedBytes = 0;
 
@@ -103,20 +122,33 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
     return Math.min(60, Math.max(1, Math.ceil(excess / rate)));
   }
 
-  async function putSegment(req: IncomingMessage, res: ServerResponse, m: string, d: string, e: string, s: string): Promise<void> {
+  async function putSegment(
+    req: IncomingMessage,
+    res: ServerResponse,
+    m: string,
+    d: string,
+    e: string,
+    s: string,
+  ): Promise<void> {
     const owner = await deps.auth.authenticate(req.headers.authorization);
     const machine = validateName(m, 'machine');
     const disk = validateName(d, 'disk');
     const epoch = parseCount(e, 'epoch');
     const seq = parseCount(s, 'seq');
     if (owner !== machine) {
-      throw new LifeboatError('Forbidden', `The credential belongs to machine ${owner}; it cannot send segments for machine ${machine}.`, {
-        status: 403,
-        target: 'machine',
-      });
+      throw new LifeboatError(
+        'Forbidden',
+        `The credential belongs to machine ${owner}; it cannot send segments for machine ${machine}.`,
+        {
+          status: 403,
+          target: 'machine',
+        },
+      );
     }
-    const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
-    if (declared !== undefined && declared > deps.maxSegmentBytes) throw new PayloadTooLargeError(deps.maxSegmentBytes);
+    const declared =
+      req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+    if (declared !== undefined && declared > deps.maxSegmentBytes)
+      throw new PayloadTooLargeError(deps.maxSegmentBytes);
     const reserve = declared ?? deps.maxSegmentBytes;
     if (reservedBytes > 0 && reservedBytes + reserve > deps.maxBufferedBytes) {
       throw new ThrottledError(
@@ -161,7 +193,11 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
     const address = { machine, disk, epoch, seq };
     let result;
     try {
-      result = await deps.spool.accept(address, body, Buffer.from(body.subarray(body.length - TRAILER_BYTES)));
+      result = await deps.spool.accept(
+        address,
+        body,
+        Buffer.from(body.subarray(body.length - TRAILER_BYTES)),
+      );
     } catch (err) {
       if (err instanceof LifeboatError) throw err;
       throw new ThrottledError(
@@ -189,10 +225,14 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
     const machine = validateName(m, 'machine');
     const disk = validateName(d, 'disk');
     if (owner !== machine) {
-      throw new LifeboatError('Forbidden', `The credential belongs to machine ${owner}; it cannot read machine ${machine}.`, {
-        status: 403,
-        target: 'machine',
-      });
+      throw new LifeboatError(
+        'Forbidden',
+        `The credential belongs to machine ${owner}; it cannot read machine ${machine}.`,
+        {
+          status: 403,
+          target: 'machine',
+        },
+      );
     }
     const last = deps.spool.lastAcknowledged(machine, disk);
     const spooled = deps.spool.disk(machine, disk);
@@ -217,7 +257,11 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
     const method = req.method ?? 'GET';
     const allow = (allowed: string): void => {
       if (method !== allowed) {
-        throw new LifeboatError('MethodNotAllowed', `${method} is not supported on ${pathname}; use ${allowed}.`, { status: 405 });
+        throw new LifeboatError(
+          'MethodNotAllowed',
+          `${method} is not supported on ${pathname}; use ${allowed}.`,
+          { status: 405 },
+        );
       }
     };
     if (parts.length === 2 && parts[0] === 'v1' && parts[1] === 'status') {
@@ -249,7 +293,12 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
       sendJson(
         res,
         429,
-        { error: { code: 'TooManyRequests', message: `The proxy is handling ${inFlight} requests already; retry shortly.` } },
+        {
+          error: {
+            code: 'TooManyRequests',
+            message: `The proxy is handling ${inFlight} requests already; retry shortly.`,
+          },
+        },
         { 'retry-after': '1' },
       );
       req.resume();
@@ -279,7 +328,12 @@ export function createIngestHandler(deps: IngestServerDeps): (req: IncomingMessa
         const message = error ? error.message : `Internal error: ${ensureError(err).message}`;
         const log = status >= 500 ? deps.logger.error.bind(deps.logger) : deps.logger.warn.bind(deps.logger);
         log({ status, code: error?.code ?? 'InternalError', url: req.url, method: req.method }, message);
-        sendJson(res, status, { error: { code: error?.code ?? 'InternalError', message, target: error?.target } }, headers);
+        sendJson(
+          res,
+          status,
+          { error: { code: error?.code ?? 'InternalError', message, target: error?.target } },
+          headers,
+        );
       })
       .finally(() => {
         inFlight--;

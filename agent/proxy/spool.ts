@@ -135,7 +135,9 @@ export class Spool {
     const spooled = d.pending[d.pending.length - 1];
     if (!spooled) return d.lastShipped;
     if (!d.lastShipped) return { epoch: spooled.epoch, seq: spooled.seq };
-    return compareAddress(spooled, d.lastShipped) > 0 ? { epoch: spooled.epoch, seq: spooled.seq } : d.lastShipped;
+    return compareAddress(spooled, d.lastShipped) > 0
+      ? { epoch: spooled.epoch, seq: spooled.seq }
+      : d.lastShipped;
   }
 
   private dirs() {
@@ -150,7 +152,15 @@ export class Spool {
     const key = `${machine}/${disk}`;
     let d = this.disks.get(key);
     if (!d) {
-      d = { machine, disk, pending: [], pendingBytes: 0, shipped: new Map(), compacted: false, shippedLogLines: 0 };
+      d = {
+        machine,
+        disk,
+        pending: [],
+        pendingBytes: 0,
+        shipped: new Map(),
+        compacted: false,
+        shippedLogLines: 0,
+      };
       this.disks.set(key, d);
     }
     return d;
@@ -168,7 +178,8 @@ export class Spool {
       if (!isDnsLabel(machine)) continue;
       for (const f of await fs.readdir(path.join(shipped, machine))) {
         const m = /^(.+)\.log$/.exec(f);
-        if (m && isDnsLabel(m[1])) await this.loadShippedLog(this.diskState(machine, m[1]), path.join(shipped, machine, f));
+        if (m && isDnsLabel(m[1]))
+          await this.loadShippedLog(this.diskState(machine, m[1]), path.join(shipped, machine, f));
       }
     }
     for (const machine of await fs.readdir(segments)) {
@@ -193,7 +204,16 @@ export class Spool {
             const { size } = await handle.stat();
             const checksum = Buffer.alloc(32);
             await handle.read(checksum, 0, 32, Math.max(0, size - 32));
-            const entry: SpooledSegment = { machine, disk, epoch, seq, bytes: size, checksum, receivedAt: Date.now(), file };
+            const entry: SpooledSegment = {
+              machine,
+              disk,
+              epoch,
+              seq,
+              bytes: size,
+              checksum,
+              receivedAt: Date.now(),
+              file,
+            };
             this.insertPending(d, entry);
           } finally {
             await handle.close();
@@ -291,7 +311,16 @@ export class Spool {
       const file = path.join(dir, `${epoch}.${seq}.seg`);
       await fs.rename(temp, file);
       await fsyncPath(dir);
-      this.insertPending(d, { machine, disk, epoch, seq, bytes: data.length, checksum, receivedAt: Date.now(), file });
+      this.insertPending(d, {
+        machine,
+        disk,
+        epoch,
+        seq,
+        bytes: data.length,
+        checksum,
+        receivedAt: Date.now(),
+        file,
+      });
       return 'created';
     });
   }
@@ -301,7 +330,12 @@ export class Spool {
     if (pending) return pending.checksum;
     const shipped = d.shipped.get(`${address.epoch}/${address.seq}`);
     if (shipped) return Buffer.from(shipped, 'hex');
-    if (d.compacted && d.lastShipped && compareAddress(address, d.lastShipped) <= 0 && this.options.archivedChecksum) {
+    if (
+      d.compacted &&
+      d.lastShipped &&
+      compareAddress(address, d.lastShipped) <= 0 &&
+      this.options.archivedChecksum
+    ) {
       return this.options.archivedChecksum(address);
     }
     return undefined;

@@ -84,7 +84,9 @@ export function buildStatus(input: {
         backlogSegments: d.pending.length,
         backlogBytes: d.pendingBytes,
         oldestUnshippedAgeSeconds:
-          d.pending.length === 0 ? 0 : Math.max(0, (now - d.pending.reduce((m, p) => Math.min(m, p.receivedAt), now)) / 1000),
+          d.pending.length === 0
+            ? 0
+            : Math.max(0, (now - d.pending.reduce((m, p) => Math.min(m, p.receivedAt), now)) / 1000),
         lastAcknowledged: input.spool.lastAcknowledged(d.machine, d.disk) ?? null,
         lastShipped: d.lastShipped ?? null,
       }))

@@ -42,7 +42,10 @@ export async function loadCertificate(files: CertificateFiles): Promise<LoadedCe
  * A self-signed certificate for local use, made once with the `openssl` command and kept in
  * `dir` (Node has no certificate generator). Resolves undefined when openssl is not installed.
  */
-export async function selfSignedCertificate(dir: string, hostNames: string[] = []): Promise<LoadedCertificate | undefined> {
+export async function selfSignedCertificate(
+  dir: string,
+  hostNames: string[] = [],
+): Promise<LoadedCertificate | undefined> {
   const files = { certFile: path.join(dir, 'proxy-cert.pem'), keyFile: path.join(dir, 'proxy-key.pem') };
   try {
     await fs.access(files.certFile);
@@ -52,10 +55,21 @@ export async function selfSignedCertificate(dir: string, hostNames: string[] = [
     /* make one below */
   }
   await fs.mkdir(dir, { recursive: true });
-  const names = new Set(['localhost', os.hostname(), ...hostNames.filter((h) => !/^[\d.:]+$/.test(h) && h !== '')]);
-  const ips = new Set(['127.0.0.1', '::1', ...hostNames.filter((h) => /^[\d.:]+$/.test(h) && h !== '0.0.0.0' && h !== '::')]);
+  const names = new Set([
+    'localhost',
+    os.hostname(),
+    ...hostNames.filter((h) => !/^[\d.:]+$/.test(h) && h !== ''),
+  ]);
+  const ips = new Set([
+    '127.0.0.1',
+    '::1',
+    ...hostNames.filter((h) => /^[\d.:]+$/.test(h) && h !== '0.0.0.0' && h !== '::'),
+  ]);
   const san = [...[...names].map((n) => `DNS:${n}`), ...[...ips].map((ip) => `IP:${ip}`)].join(',');
-  const temp = { certFile: `${files.certFile}.${process.pid}.tmp`, keyFile: `${files.keyFile}.${process.pid}.tmp` };
+  const temp = {
+    certFile: `${files.certFile}.${process.pid}.tmp`,
+    keyFile: `${files.keyFile}.${process.pid}.tmp`,
+  };
   try {
     await promisify(execFile)('openssl', [
       'req',
@@ -78,7 +92,10 @@ export async function selfSignedCertificate(dir: string, hostNames: string[] = [
     ]);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw new ConfigError(`openssl could not make a self-signed certificate: ${(err as Error).message}`, 'tls');
+    throw new ConfigError(
+      `openssl could not make a self-signed certificate: ${(err as Error).message}`,
+      'tls',
+    );
   }
   await fs.chmod(temp.keyFile, 0o600);
   await fs.rename(temp.keyFile, files.keyFile);

@@ -1,6 +1,13 @@
 import type { ContainerClient } from '@azure/storage-blob';
 import type { Logger } from 'pino';
-import { changelogBlobName, openEnvelope, sealEnvelope, type Codec, type KeyRing, type SegmentAddress } from '../../shared/envelope';
+import {
+  changelogBlobName,
+  openEnvelope,
+  sealEnvelope,
+  type Codec,
+  type KeyRing,
+  type SegmentAddress,
+} from '../../shared/envelope';
 import { LifeboatError, ensureError } from '../../shared/errors';
 import type { MessageSender } from '../../shared/messaging';
 import { TRAILER_BYTES } from '../../shared/segment';
@@ -73,7 +80,10 @@ export class BandwidthLimiter {
   private next = 0;
   constructor(
     private readonly bytesPerSecond: number,
-    private readonly clock: { now(): number; sleep(ms: number, signal: AbortSignal): Promise<void> } = { now: Date.now, sleep },
+    private readonly clock: { now(): number; sleep(ms: number, signal: AbortSignal): Promise<void> } = {
+      now: Date.now,
+      sleep,
+    },
   ) {}
 
   async take(bytes: number, signal: AbortSignal): Promise<void> {
@@ -138,7 +148,13 @@ export class Uploader {
   private readonly maxDelayMs: number;
   private containerReady = false;
   private idleWaiters: (() => void)[] = [];
-  private readonly stats = { segmentsShipped: 0, bytesShipped: 0, bytesUploaded: 0, errors: 0, lastError: undefined as UploadError | undefined };
+  private readonly stats = {
+    segmentsShipped: 0,
+    bytesShipped: 0,
+    bytesUploaded: 0,
+    errors: 0,
+    lastError: undefined as UploadError | undefined,
+  };
 
   constructor(private readonly deps: UploaderDeps) {
     this.concurrency = Math.max(1, deps.concurrency ?? 4);
@@ -247,8 +263,15 @@ export class Uploader {
       });
       this.stats.bytesUploaded += envelope.length;
     });
-    const notice: ChangelogNotice = { machine: entry.machine, disk: entry.disk, epoch: entry.epoch, seq: entry.seq };
-    await this.retry('notify', entry, log, () => this.deps.sender.send({ body: notice, messageId: noticeId(entry) }));
+    const notice: ChangelogNotice = {
+      machine: entry.machine,
+      disk: entry.disk,
+      epoch: entry.epoch,
+      seq: entry.seq,
+    };
+    await this.retry('notify', entry, log, () =>
+      this.deps.sender.send({ body: notice, messageId: noticeId(entry) }),
+    );
     if (signal.aborted) throw new Stopped();
     await this.deps.spool.markShipped(entry);
     this.stats.segmentsShipped++;
@@ -263,7 +286,12 @@ export class Uploader {
     this.containerReady = true;
   }
 
-  private async retry(operation: 'upload' | 'notify', entry: SpooledSegment, log: Logger, fn: () => Promise<void>): Promise<void> {
+  private async retry(
+    operation: 'upload' | 'notify',
+    entry: SpooledSegment,
+    log: Logger,
+    fn: () => Promise<void>,
+  ): Promise<void> {
     const signal = this.controller.signal;
     for (let attempt = 0; ; attempt++) {
       if (signal.aborted) throw new Stopped();
@@ -280,7 +308,13 @@ export class Uploader {
     }
   }
 
-  private recordError(operation: UploadError['operation'], entry: SpooledSegment, err: unknown, log: Logger, attempt = 0): void {
+  private recordError(
+    operation: UploadError['operation'],
+    entry: SpooledSegment,
+    err: unknown,
+    log: Logger,
+    attempt = 0,
+  ): void {
     const message = ensureError(err).message.split('\n')[0];
     this.stats.errors++;
     this.stats.lastError = {
@@ -294,26 +328,29 @@ export class Uploader {
     };
     log.warn({ operation, attempt, err: message }, `${operation} failed; retrying`);
   }
+}
 
-  /**
-   * The checksum (segment trailer) of what the cache holds for `address`, or undefined when
-   * there is no blob: lets the spool recognise a re-sent segment older than its shipped log.
-   */
-  async archivedChecksum(address: SegmentAddress): Promise<Buffer | undefined> {
-    const name = changelogBlobName(address);
-    const blob = this.deps.container.getBlockBlobClient(name);
-    let data: Buffer;
-    try {
-      data = await blob.downloadToBuffer();
-    } catch (err) {
-      if ((err as { statusCode?: number }).statusCode === 404) return undefined;
-      throw new LifeboatError(
-        'CacheUnavailable',
-        `The proxy could not read ${name} from the cache to compare a re-sent segment (${ensureError(err).message.split('\n')[0]}); retry later.`,
-        { status: 503, cause: err },
-      );
-    }
-    const plaintext = openEnvelope(data, { name, keyRing: this.deps.keyRing });
-    return Buffer.from(plaintext.subarray(plaintext.length - TRAILER_BYTES));
+/**
+ * The checksum (segment trailer) of what the cache holds for `address`, or undefined when there is
+ * no blob: lets the spool recognise a re-sent segment older than its shipped log.
+ */
+export async function cachedChecksum(
+  container: ContainerClient,
+  keyRing: KeyRing,
+  address: SegmentAddress,
+): Promise<Buffer | undefined> {
+  const name = changelogBlobName(address);
+  let data: Buffer;
+  try {
+    data = await container.getBlockBlobClient(name).downloadToBuffer();
+  } catch (err) {
+    if ((err as { statusCode?: number }).statusCode === 404) return undefined;
+    throw new LifeboatError(
+      'CacheUnavailable',
+      `The proxy could not read ${name} from the cache to compare a re-sent segment (${ensureError(err).message.split('\n')[0]}); retry later.`,
+      { status: 503, cause: err },
+    );
   }
+  const plaintext = openEnvelope(data, { name, keyRing });
+  return Buffer.from(plaintext.subarray(plaintext.length - TRAILER_BYTES));
 }

@@ -77,17 +77,21 @@ describe('key ring', () => {
 });
 
 describe('codecs', () => {
-  it.each(CODECS.filter((c) => codecAvailable(c)))('%s round-trips and checks the declared length', (codec) => {
-    fc.assert(
-      fc.property(fc.uint8Array({ maxLength: 20000 }), fc.boolean(), (bytes, repetitive) => {
-        const data = repetitive ? diskish(bytes.length) : Buffer.from(bytes);
-        const packed = compressWith(codec as Codec, data);
-        expect(decompressWith(codec as Codec, packed, data.length).equals(data)).toBe(true);
-        if (codec !== 'none') expect(() => decompressWith(codec as Codec, packed, data.length + 1)).toThrow(EnvelopeError);
-      }),
-      { numRuns: 40 },
-    );
-  });
+  it.each(CODECS.filter((c) => codecAvailable(c)))(
+    '%s round-trips and checks the declared length',
+    (codec) => {
+      fc.assert(
+        fc.property(fc.uint8Array({ maxLength: 20000 }), fc.boolean(), (bytes, repetitive) => {
+          const data = repetitive ? diskish(bytes.length) : Buffer.from(bytes);
+          const packed = compressWith(codec as Codec, data);
+          expect(decompressWith(codec as Codec, packed, data.length).equals(data)).toBe(true);
+          if (codec !== 'none')
+            expect(() => decompressWith(codec as Codec, packed, data.length + 1)).toThrow(EnvelopeError);
+        }),
+        { numRuns: 40 },
+      );
+    },
+  );
 
   it('zstd and lz4 load here (they are installed)', () => {
     expect(codecAvailable('zstd')).toBe(true);
@@ -150,7 +154,9 @@ describe('sealEnvelope / openEnvelope', () => {
       expect.objectContaining({ reason: 'authentication-failed' }),
     );
     const other = parseKeyRing(generateEncryptionKey('k9'));
-    expect(() => openEnvelope(blob, { name, keyRing: other })).toThrowError(/key "k1", which is not in LIFEBOAT_ENCRYPTION_KEYS/);
+    expect(() => openEnvelope(blob, { name, keyRing: other })).toThrowError(
+      /key "k1", which is not in LIFEBOAT_ENCRYPTION_KEYS/,
+    );
   });
 
   it('supports rotation: new blobs use the new key, old blobs still open', () => {
@@ -164,7 +170,9 @@ describe('sealEnvelope / openEnvelope', () => {
     expect(readEnvelopeHeader(fresh).keyId).toBe('k2');
     expect(openEnvelope(old, { name, keyRing: after }).equals(data)).toBe(true);
     expect(openEnvelope(fresh, { name, keyRing: after }).equals(data)).toBe(true);
-    expect(() => openEnvelope(fresh, { name, keyRing: before })).toThrowError(expect.objectContaining({ reason: 'unknown-key' }));
+    expect(() => openEnvelope(fresh, { name, keyRing: before })).toThrowError(
+      expect.objectContaining({ reason: 'unknown-key' }),
+    );
   });
 
   it('detects any single flipped bit (header, nonce, ciphertext or tag)', () => {
@@ -186,9 +194,9 @@ describe('sealEnvelope / openEnvelope', () => {
     for (let n = 0; n < 40; n++) {
       expect(() => openEnvelope(blob.subarray(0, n), { name, keyRing: ring1 })).toThrow(EnvelopeError);
     }
-    expect(() => openEnvelope(Buffer.concat([Buffer.from('XXXX'), blob.subarray(4)]), { name, keyRing: ring1 })).toThrowError(
-      expect.objectContaining({ reason: 'bad-magic' }),
-    );
+    expect(() =>
+      openEnvelope(Buffer.concat([Buffer.from('XXXX'), blob.subarray(4)]), { name, keyRing: ring1 }),
+    ).toThrowError(expect.objectContaining({ reason: 'bad-magic' }));
     expect(() => openEnvelope(blob, { name, keyRing: ring1, maxPlaintextBytes: 100 })).toThrowError(
       expect.objectContaining({ reason: 'too-large' }),
     );

@@ -6,7 +6,17 @@ import { afterAll, describe, expect, inject, it } from 'vitest';
 import { startProxy } from '../../../agent/proxy/proxy';
 import { CHANGELOG_CONTAINER, changelogBlobName, openEnvelope, parseKeyRing } from '../../../shared/envelope';
 import { StorageClients } from '../../../shared/storage';
-import { listBlobNames, makeSegment, quietLogger, readNotices, registerMachine, request, segmentPath, testSettings, uniqueName } from './helpers';
+import {
+  listBlobNames,
+  makeSegment,
+  quietLogger,
+  readNotices,
+  registerMachine,
+  request,
+  segmentPath,
+  testSettings,
+  uniqueName,
+} from './helpers';
 
 // SIGKILL a proxy process at random points while agents stream to it, restart it on the same
 // spool, and check that every acknowledged segment ends up in the cache, exactly as sent, with
@@ -47,7 +57,9 @@ function spawnProxy(options: unknown): Promise<{ child: ChildProcess; url: strin
       if (m) resolve({ child, url: m[1] });
     });
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-    child.once('exit', (code) => reject(new Error(`proxy child exited (${code}) before it was ready: ${err}`)));
+    child.once('exit', (code) =>
+      reject(new Error(`proxy child exited (${code}) before it was ready: ${err}`)),
+    );
   });
 }
 
@@ -79,7 +91,12 @@ describe('SIGKILL at random points', () => {
         const address = { machine: stream.machine, disk: stream.disk, epoch: 1, seq: stream.next };
         let status: number;
         try {
-          status = (await request(url, 'PUT', segmentPath(address), { token: stream.token, body: makeSegment(address, 1 + (stream.next % 4)) })).status;
+          status = (
+            await request(url, 'PUT', segmentPath(address), {
+              token: stream.token,
+              body: makeSegment(address, 1 + (stream.next % 4)),
+            })
+          ).status;
         } catch {
           return; // the proxy died: this segment was not acknowledged, send it again later
         }
@@ -110,11 +127,21 @@ describe('SIGKILL at random points', () => {
     }
 
     // A final, in-process proxy on the same spool; the agents resend their unacknowledged segment.
-    const proxy = await startProxy({ spoolDir, host: '127.0.0.1', port: 0, tls: 'none', settings, logger: quietLogger });
+    const proxy = await startProxy({
+      spoolDir,
+      host: '127.0.0.1',
+      port: 0,
+      tls: 'none',
+      settings,
+      logger: quietLogger,
+    });
     try {
       for (const s of streams) {
         const address = { machine: s.machine, disk: s.disk, epoch: 1, seq: s.next };
-        const r = await request(proxy.url, 'PUT', segmentPath(address), { token: s.token, body: makeSegment(address, 1 + (s.next % 4)) });
+        const r = await request(proxy.url, 'PUT', segmentPath(address), {
+          token: s.token,
+          body: makeSegment(address, 1 + (s.next % 4)),
+        });
         expect([200, 201]).toContain(r.status);
         acknowledged.add(changelogBlobName(address));
       }

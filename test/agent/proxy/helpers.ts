@@ -12,7 +12,10 @@ import { StorageClients } from '../../../shared/storage';
 
 export const quietLogger = pino({ level: process.env.LIFEBOAT_TEST_LOG ?? 'silent' });
 
-export function testSettings(connectionString: string, extra: Record<string, string> = {}): Record<string, string> {
+export function testSettings(
+  connectionString: string,
+  extra: Record<string, string> = {},
+): Record<string, string> {
   return {
     CacheStorage: connectionString,
     ReplicaStorage: connectionString,
@@ -41,7 +44,10 @@ export async function registerMachine(replicaConnection: string, machine: string
  * A valid segment whose write data carries a recognisable plaintext pattern (so a test can look
  * for it in blobs): `blocks` 4 KiB writes of text-like, compressible data.
  */
-export function makeSegment(address: { machine: string; disk: string; epoch: number; seq: number }, blocks = 2): Buffer {
+export function makeSegment(
+  address: { machine: string; disk: string; epoch: number; seq: number },
+  blocks = 2,
+): Buffer {
   const builder = new SegmentBuilder(address);
   for (let i = 0; i < blocks; i++) {
     const tag = `${address.machine}/${address.disk}/${address.epoch}/${address.seq}/${i} `;
@@ -59,6 +65,7 @@ export interface Reply {
   status: number;
   headers: http.IncomingHttpHeaders;
   body: Buffer;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any -- replies are checked field by field
   json: any;
 }
 
@@ -67,7 +74,13 @@ export function request(
   base: string,
   method: string,
   path: string,
-  options: { token?: string; body?: Buffer; headers?: Record<string, string>; ca?: Buffer; chunked?: boolean } = {},
+  options: {
+    token?: string;
+    body?: Buffer;
+    headers?: Record<string, string>;
+    ca?: Buffer;
+    chunked?: boolean;
+  } = {},
 ): Promise<Reply> {
   const url = new URL(path, base);
   const headers: Record<string, string> = { ...(options.headers ?? {}) };
@@ -128,7 +141,11 @@ export async function listBlobNames(container: ContainerClient, prefix: string):
 }
 
 /** Waits (polling) until `check` returns true; fails after `ms`. */
-export async function eventually(check: () => Promise<boolean> | boolean, ms = 30_000, what = 'condition'): Promise<void> {
+export async function eventually(
+  check: () => Promise<boolean> | boolean,
+  ms = 30_000,
+  what = 'condition',
+): Promise<void> {
   const deadline = Date.now() + ms;
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);

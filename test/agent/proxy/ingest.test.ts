@@ -9,7 +9,15 @@ import {
   verifyCredential,
 } from '../../../shared/credentials';
 import { startProxy, type RunningProxy } from '../../../agent/proxy/proxy';
-import { makeSegment, quietLogger, registerMachine, request, segmentPath, testSettings, uniqueName } from './helpers';
+import {
+  makeSegment,
+  quietLogger,
+  registerMachine,
+  request,
+  segmentPath,
+  testSettings,
+  uniqueName,
+} from './helpers';
 
 const conn = inject('azuriteConnectionString');
 const MAX = 64 * 1024;
@@ -82,20 +90,35 @@ describe('ingest: accepting segments', () => {
     const again = await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: seg });
     expect(again.status).toBe(200);
     const other = makeSegment(address, 3);
-    const conflict = await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: other });
+    const conflict = await request(proxy.url, 'PUT', segmentPath(address), {
+      token: alphaToken,
+      body: other,
+    });
     expect(conflict.status).toBe(409);
     expect(conflict.json.error.code).toBe('SegmentConflict');
 
     const next = { ...address, seq: 2 };
-    expect((await request(proxy.url, 'PUT', segmentPath(next), { token: alphaToken, body: makeSegment(next), chunked: true })).status).toBe(201);
+    expect(
+      (
+        await request(proxy.url, 'PUT', segmentPath(next), {
+          token: alphaToken,
+          body: makeSegment(next),
+          chunked: true,
+        })
+      ).status,
+    ).toBe(201);
     const disk = await request(proxy.url, 'GET', `/v1/machines/${alpha}/disks/d0`, { token: alphaToken });
     expect(disk.status).toBe(200);
     expect(disk.json).toMatchObject({ machine: alpha, disk: 'd0', epoch: 1, seq: 2 });
 
     // After upload the segment has left the spool, and is still recognised.
     await proxy.drained();
-    expect((await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: seg })).status).toBe(200);
-    expect((await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: other })).status).toBe(409);
+    expect(
+      (await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: seg })).status,
+    ).toBe(200);
+    expect(
+      (await request(proxy.url, 'PUT', segmentPath(address), { token: alphaToken, body: other })).status,
+    ).toBe(409);
     const unknown = await request(proxy.url, 'GET', `/v1/machines/${alpha}/disks/d9`, { token: alphaToken });
     expect(unknown.json).toMatchObject({ epoch: null, seq: null, pendingSegments: 0 });
   });
@@ -141,12 +164,24 @@ describe('ingest: bad input is refused with a clear JSON error and nothing is sp
     const body = makeSegment(a);
     const msg = await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body }), 401, 'Unauthorized');
     expect(msg).toMatch(/Authorization: Bearer/);
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body, headers: { authorization: 'Basic abc' } }), 401, 'Unauthorized');
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body, headers: { authorization: 'Basic abc' } }),
+      401,
+      'Unauthorized',
+    );
     const forged = `${alphaToken.slice(0, -4)}AAAA`;
-    const wrong = await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body, token: forged }), 401, 'Unauthorized');
+    const wrong = await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body, token: forged }),
+      401,
+      'Unauthorized',
+    );
     expect(wrong).toContain(alpha);
     const unregistered = issueCredential(uniqueName('ghost')).token;
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body, token: unregistered }), 401, 'Unauthorized');
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body, token: unregistered }),
+      401,
+      'Unauthorized',
+    );
     await expectRefused(request(proxy.url, 'GET', `/v1/machines/${alpha}/disks/d1`), 401, 'Unauthorized');
   });
 
@@ -159,31 +194,71 @@ describe('ingest: bad input is refused with a clear JSON error and nothing is sp
       'machine',
     );
     expect(msg).toContain(beta);
-    await expectRefused(request(proxy.url, 'GET', `/v1/machines/${alpha}/disks/d1`, { token: betaToken }), 403, 'Forbidden');
+    await expectRefused(
+      request(proxy.url, 'GET', `/v1/machines/${alpha}/disks/d1`, { token: betaToken }),
+      403,
+      'Forbidden',
+    );
   });
 
   it('400 for bad names and numbers, naming the field', async () => {
     const body = makeSegment(address());
-    await expectRefused(request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/D_1/segments/1/7`, { body, token: alphaToken }), 400, 'InvalidName', 'disk');
-    await expectRefused(request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/-d/segments/1/7`, { body, token: alphaToken }), 400, 'InvalidName', 'disk');
-    await expectRefused(request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/x/7`, { body, token: alphaToken }), 400, 'InvalidNumber', 'epoch');
-    await expectRefused(request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/1/-7`, { body, token: alphaToken }), 400, 'InvalidNumber', 'seq');
     await expectRefused(
-      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/1/99999999999999999`, { body, token: alphaToken }),
+      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/D_1/segments/1/7`, { body, token: alphaToken }),
+      400,
+      'InvalidName',
+      'disk',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/-d/segments/1/7`, { body, token: alphaToken }),
+      400,
+      'InvalidName',
+      'disk',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/x/7`, { body, token: alphaToken }),
+      400,
+      'InvalidNumber',
+      'epoch',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/1/-7`, { body, token: alphaToken }),
       400,
       'InvalidNumber',
       'seq',
     );
-    await expectRefused(request(proxy.url, 'PUT', `/v1/machines/Alpha/disks/d1/segments/1/7`, { body, token: alphaToken }), 400, 'InvalidName', 'machine');
+    await expectRefused(
+      request(proxy.url, 'PUT', `/v1/machines/${alpha}/disks/d1/segments/1/99999999999999999`, {
+        body,
+        token: alphaToken,
+      }),
+      400,
+      'InvalidNumber',
+      'seq',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', `/v1/machines/Alpha/disks/d1/segments/1/7`, { body, token: alphaToken }),
+      400,
+      'InvalidName',
+      'machine',
+    );
   });
 
   it('413 for an oversized body, declared or streamed', async () => {
     const a = address();
     const big = Buffer.alloc(MAX + 1, 1);
-    const declared = await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: big, token: alphaToken }), 413, 'PayloadTooLarge');
+    const declared = await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: big, token: alphaToken }),
+      413,
+      'PayloadTooLarge',
+    );
     expect(declared).toContain(String(MAX));
     const huge = Buffer.alloc(4 * MAX, 2);
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: huge, token: alphaToken, chunked: true }), 413, 'PayloadTooLarge');
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: huge, token: alphaToken, chunked: true }),
+      413,
+      'PayloadTooLarge',
+    );
   });
 
   it('400 for a corrupted segment (checksum, truncation, garbage) and for a header that does not match the URL', async () => {
@@ -191,10 +266,27 @@ describe('ingest: bad input is refused with a clear JSON error and nothing is sp
     const seg = makeSegment(a);
     const flipped = Buffer.from(seg);
     flipped[200] ^= 0x10;
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: flipped, token: alphaToken }), 400, 'InvalidSegment', 'segment');
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: seg.subarray(0, seg.length - 1), token: alphaToken }), 400, 'InvalidSegment');
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: Buffer.from('hello'), token: alphaToken }), 400, 'InvalidSegment');
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: Buffer.alloc(0), token: alphaToken }), 400, 'InvalidSegment');
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: flipped, token: alphaToken }),
+      400,
+      'InvalidSegment',
+      'segment',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: seg.subarray(0, seg.length - 1), token: alphaToken }),
+      400,
+      'InvalidSegment',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: Buffer.from('hello'), token: alphaToken }),
+      400,
+      'InvalidSegment',
+    );
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: Buffer.alloc(0), token: alphaToken }),
+      400,
+      'InvalidSegment',
+    );
     for (const [field, wrong] of [
       ['seq', { ...a, seq: 8 }],
       ['epoch', { ...a, epoch: 2 }],
@@ -209,7 +301,12 @@ describe('ingest: bad input is refused with a clear JSON error and nothing is sp
       expect(msg).toContain(field);
     }
     const foreign = makeSegment({ ...a, machine: beta });
-    await expectRefused(request(proxy.url, 'PUT', segmentPath(a), { body: foreign, token: alphaToken }), 400, 'SegmentHeaderMismatch', 'machine');
+    await expectRefused(
+      request(proxy.url, 'PUT', segmentPath(a), { body: foreign, token: alphaToken }),
+      400,
+      'SegmentHeaderMismatch',
+      'machine',
+    );
   });
 
   it('404 for unknown routes and 405 for wrong methods', async () => {
@@ -222,13 +319,23 @@ describe('ingest: bad input is refused with a clear JSON error and nothing is sp
 describe('TLS', () => {
   it('serves HTTPS with a self-signed certificate an agent can pin', async () => {
     const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'lifeboat-proxy-tls-'));
-    const tlsProxy = await startProxy({ spoolDir: dir, host: '127.0.0.1', port: 0, settings: testSettings(conn), logger: quietLogger });
+    const tlsProxy = await startProxy({
+      spoolDir: dir,
+      host: '127.0.0.1',
+      port: 0,
+      settings: testSettings(conn),
+      logger: quietLogger,
+    });
     try {
       expect(tlsProxy.url).toMatch(/^https:/);
       expect(tlsProxy.fingerprint256).toMatch(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/);
       await expect(request(tlsProxy.url, 'GET', '/v1/status')).rejects.toThrow(/self.signed|certificate/i);
       const a = { machine: alpha, disk: 'tls0', epoch: 1, seq: 1 };
-      const r = await request(tlsProxy.url, 'PUT', segmentPath(a), { body: makeSegment(a), token: alphaToken, ca: tlsProxy.certificate });
+      const r = await request(tlsProxy.url, 'PUT', segmentPath(a), {
+        body: makeSegment(a),
+        token: alphaToken,
+        ca: tlsProxy.certificate,
+      });
       expect(r.status).toBe(201);
       const status = await request(tlsProxy.url, 'GET', '/v1/status', { ca: tlsProxy.certificate });
       expect(status.json.tls).toEqual({ mode: 'self-signed', fingerprint256: tlsProxy.fingerprint256 });
@@ -271,18 +378,27 @@ describe('request limits', () => {
       });
       held.write(slowBody.subarray(0, 100));
       const other = { ...slow, seq: 2 };
-      let r = await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) });
+      let r = await request(small.url, 'PUT', segmentPath(other), {
+        token: alphaToken,
+        body: makeSegment(other),
+      });
       for (let i = 0; i < 50 && r.status !== 429; i++) {
         // The held request may not have reached the handler yet.
         await new Promise((res) => setTimeout(res, 20));
-        r = await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) });
+        r = await request(small.url, 'PUT', segmentPath(other), {
+          token: alphaToken,
+          body: makeSegment(other),
+        });
       }
       expect(r.status).toBe(429);
       expect(r.json.error.code).toBe('TooManyRequests');
       expect(Number(r.headers['retry-after'])).toBeGreaterThanOrEqual(1);
       held.end(slowBody.subarray(100));
       expect(await heldReply).toBe(201);
-      expect((await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) })).status).toBe(201);
+      expect(
+        (await request(small.url, 'PUT', segmentPath(other), { token: alphaToken, body: makeSegment(other) }))
+          .status,
+      ).toBe(201);
       await small.drained();
     } finally {
       await small.stop();

@@ -43,7 +43,11 @@ afterAll(async () => {
   await fs.rm(folder, { recursive: true, force: true });
 });
 
-async function startTestProxy(spoolDir: string, settings: Record<string, string>, extra: { spoolCapBytes?: number } = {}): Promise<RunningProxy> {
+async function startTestProxy(
+  spoolDir: string,
+  settings: Record<string, string>,
+  extra: { spoolCapBytes?: number } = {},
+): Promise<RunningProxy> {
   return startProxy({
     spoolDir,
     host: '127.0.0.1',
@@ -56,7 +60,11 @@ async function startTestProxy(spoolDir: string, settings: Record<string, string>
   });
 }
 
-async function verifyCache(settings: Record<string, string>, machine: string, sent: Map<string, Buffer>): Promise<void> {
+async function verifyCache(
+  settings: Record<string, string>,
+  machine: string,
+  sent: Map<string, Buffer>,
+): Promise<void> {
   const clients = StorageClients.fromConnectionString(cache.connectionString);
   const container = clients.blobService().getContainerClient(CHANGELOG_CONTAINER);
   expect((await listBlobNames(container, `${machine}/`)).sort()).toEqual([...sent.keys()].sort());
@@ -66,7 +74,9 @@ async function verifyCache(settings: Record<string, string>, machine: string, se
     expect(openEnvelope(blob, { name, keyRing }).equals(segment)).toBe(true);
   }
   const notices = await readNotices(clients.queueService().getQueueClient(settings.ChangelogQueueName));
-  expect(notices.map((n) => n.messageId).sort()).toEqual([...sent.keys()].map((n) => n.replace(/\/0*(\d+)\.seg$/, '/$1')).sort());
+  expect(notices.map((n) => n.messageId).sort()).toEqual(
+    [...sent.keys()].map((n) => n.replace(/\/0*(\d+)\.seg$/, '/$1')).sort(),
+  );
 }
 
 describe('cache outage', () => {
@@ -85,16 +95,24 @@ describe('cache outage', () => {
       return r.status;
     };
     try {
-      for (let seq = 1; seq <= 4; seq++) for (const disk of ['d0', 'd1']) expect(await put(disk, seq)).toBe(201);
+      for (let seq = 1; seq <= 4; seq++)
+        for (const disk of ['d0', 'd1']) expect(await put(disk, seq)).toBe(201);
       await proxy.drained();
 
       await stopCache();
-      for (let seq = 5; seq <= 16; seq++) for (const disk of ['d0', 'd1']) expect(await put(disk, seq)).toBe(201);
-      await eventually(() => proxy.status().upload.errors > 2, 20_000, 'upload errors while the cache is down');
+      for (let seq = 5; seq <= 16; seq++)
+        for (const disk of ['d0', 'd1']) expect(await put(disk, seq)).toBe(201);
+      await eventually(
+        () => proxy.status().upload.errors > 2,
+        20_000,
+        'upload errors while the cache is down',
+      );
       const status = proxy.status();
       expect(status.spool.segments).toBeGreaterThanOrEqual(22);
       expect(status.upload.lastError?.machine).toBe(machine);
-      expect(status.disks.filter((d) => d.machine === machine).every((d) => d.backlogSegments >= 11)).toBe(true);
+      expect(status.disks.filter((d) => d.machine === machine).every((d) => d.backlogSegments >= 11)).toBe(
+        true,
+      );
 
       await startCache();
       await proxy.drained();
@@ -111,7 +129,9 @@ describe('cache outage', () => {
     const settings = testSettings(cache.connectionString, { ReplicaStorage: replica });
     const segmentSize = makeSegment({ machine, disk: 'd0', epoch: 1, seq: 1 }).length;
     await stopCache();
-    const proxy = await startTestProxy(path.join(folder, 'spool-b'), settings, { spoolCapBytes: 5 * segmentSize + 100 });
+    const proxy = await startTestProxy(path.join(folder, 'spool-b'), settings, {
+      spoolCapBytes: 5 * segmentSize + 100,
+    });
     const sent = new Map<string, Buffer>();
     const refused: number[] = [];
     try {

@@ -28,10 +28,21 @@ async function accept(spool: Spool, address: ReturnType<typeof at>, blocks = 1) 
 describe('Spool', () => {
   it('stores segments durably, in (epoch, seq) order, and finds them again after a restart', async () => {
     const spool = await Spool.open(dir);
-    for (const [epoch, seq] of [[2, 1], [1, 5], [1, 3], [2, 0]]) expect(await accept(spool, at(seq, epoch))).toBe('created');
+    for (const [epoch, seq] of [
+      [2, 1],
+      [1, 5],
+      [1, 3],
+      [2, 0],
+    ])
+      expect(await accept(spool, at(seq, epoch))).toBe('created');
     expect(spool.segments).toBe(4);
     const again = await Spool.open(dir);
-    expect(again.disk('web-1', 'd0')!.pending.map((p) => [p.epoch, p.seq])).toEqual([[1, 3], [1, 5], [2, 0], [2, 1]]);
+    expect(again.disk('web-1', 'd0')!.pending.map((p) => [p.epoch, p.seq])).toEqual([
+      [1, 3],
+      [1, 5],
+      [2, 0],
+      [2, 1],
+    ]);
     expect(again.bytes).toBe(spool.bytes);
     expect(again.lastAcknowledged('web-1', 'd0')).toEqual({ epoch: 2, seq: 1 });
     const entry = again.next('web-1', 'd0')!;
@@ -152,9 +163,15 @@ describe('proxy command options', () => {
     const base = { spool: 'sp', host: '127.0.0.1', port: 0 };
     expect(proxyOptionsFromFlags({ ...base }, {}).tls).toBe('self-signed');
     expect(proxyOptionsFromFlags({ ...base, insecureHttp: true }, {}).tls).toBe('none');
-    expect(proxyOptionsFromFlags({ ...base, tlsCert: 'c.pem', tlsKey: 'k.pem' }, {}).tls).toEqual({ certFile: 'c.pem', keyFile: 'k.pem' });
+    expect(proxyOptionsFromFlags({ ...base, tlsCert: 'c.pem', tlsKey: 'k.pem' }, {}).tls).toEqual({
+      certFile: 'c.pem',
+      keyFile: 'k.pem',
+    });
     expect(() => proxyOptionsFromFlags({ ...base, tlsCert: 'c.pem' }, {})).toThrow(/go together/);
-    expect(proxyOptionsFromFlags({ ...base, spoolCap: 5, bandwidth: 7 }, {})).toMatchObject({ spoolCapBytes: 5, bandwidthBytesPerSecond: 7 });
+    expect(proxyOptionsFromFlags({ ...base, spoolCap: 5, bandwidth: 7 }, {})).toMatchObject({
+      spoolCapBytes: 5,
+      bandwidthBytesPerSecond: 7,
+    });
     expect(path.isAbsolute(proxyOptionsFromFlags({ ...base }, {}).spoolDir)).toBe(true);
   });
 });

@@ -14,7 +14,17 @@ import {
 } from '../../../shared/envelope';
 import { decodeSegment } from '../../../shared/segment';
 import { StorageClients } from '../../../shared/storage';
-import { listBlobNames, makeSegment, quietLogger, readNotices, registerMachine, request, segmentPath, testSettings, uniqueName } from './helpers';
+import {
+  listBlobNames,
+  makeSegment,
+  quietLogger,
+  readNotices,
+  registerMachine,
+  request,
+  segmentPath,
+  testSettings,
+  uniqueName,
+} from './helpers';
 
 const conn = inject('azuriteConnectionString');
 const clients = StorageClients.fromConnectionString(conn);
@@ -58,7 +68,10 @@ describe('uploads from two agents, several disks', () => {
           for (let seq = 1; seq <= 6; seq++) {
             const address = { machine, disk, epoch: 2, seq };
             const body = makeSegment(address, 1 + (seq % 3));
-            const r = await request(proxy.url, 'PUT', segmentPath(address), { token: tokens.get(machine), body });
+            const r = await request(proxy.url, 'PUT', segmentPath(address), {
+              token: tokens.get(machine),
+              body,
+            });
             expect(r.status).toBe(201);
             sent.set(changelogBlobName(address), body);
           }
@@ -76,8 +89,13 @@ describe('uploads from two agents, several disks', () => {
       // No plaintext: neither the recognisable write data nor any 32-byte window of the segment.
       expect(blob.includes(Buffer.from('PLAINTEXT-MARKER'))).toBe(false);
       expect(blob.includes(Buffer.from('lorem ipsum'))).toBe(false);
-      for (let i = 0; i + 32 <= segment.length; i += 512) expect(blob.includes(segment.subarray(i, i + 32))).toBe(false);
-      expect(readEnvelopeHeader(blob)).toMatchObject({ codec: 'zstd', keyId: 'k1', plaintextLength: segment.length });
+      for (let i = 0; i + 32 <= segment.length; i += 512)
+        expect(blob.includes(segment.subarray(i, i + 32))).toBe(false);
+      expect(readEnvelopeHeader(blob)).toMatchObject({
+        codec: 'zstd',
+        keyId: 'k1',
+        plaintextLength: segment.length,
+      });
       const plain = openEnvelope(blob, { name, keyRing });
       expect(plain.equals(segment)).toBe(true);
       expect(decodeSegment(plain).header.seq).toBe(Number(name.slice(-16, -4)));
@@ -87,9 +105,13 @@ describe('uploads from two agents, several disks', () => {
     const ids = notices.map((n) => n.messageId).sort();
     const expected = [...sent.keys()].map((n) => n.replace(/\/0*(\d+)\.seg$/, '/$1')).sort();
     expect(ids).toEqual(expected);
+    const lastSeq = new Map<string, number>();
     for (const n of notices) {
       const [machine, disk, epoch, seq] = n.messageId.split('/');
       expect(n.body).toEqual({ machine, disk, epoch: Number(epoch), seq: Number(seq) });
+      // Within a disk, notifications go out in sequence order.
+      expect(Number(seq)).toBeGreaterThan(lastSeq.get(`${machine}/${disk}`) ?? 0);
+      lastSeq.set(`${machine}/${disk}`, Number(seq));
     }
   });
 
