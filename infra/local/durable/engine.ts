@@ -73,6 +73,7 @@ export interface DurableEngineOptions {
 const LOCAL_TIMER_WINDOW_MS = 10 * 60_000;
 const MAX_QUEUE_DELAY_S = 6 * 24 * 3600;
 const HISTORY_CACHE_SIZE = 256;
+const WAKE_SAFETY_DELAY_S = 5;
 
 interface ActivityMessage {
   i: string;
@@ -131,6 +132,9 @@ export class DurableEngine implements ManagementApi {
   private readonly turns = new Map<string, { running?: Promise<void>; queued?: Promise<void>; recover: boolean }>();
   private readonly turnSlots: Semaphore;
   private readonly historyCache = new Map<string, { executionId: string; events: HistoryEvent[] }>();
+  private readonly runningActivities = new Set<string>();
+  /** Instances whose committed outbox (at this ETag) this process already handed out. */
+  private readonly dispatched = new Map<string, string>();
   private readonly localTimers = new Map<string, NodeJS.Timeout>();
   private readonly background = new Set<Promise<unknown>>();
   private rpcServer?: http.Server;
@@ -449,9 +453,16 @@ export class DurableEngine implements ManagementApi {
 
   // ---------------------------------------------------------------- turns
 
+  /**
+   * Nudges an instance: a control-queue message, delayed so it is only a safety net (it retries
+   * the turn if the in-process one fails), and a turn right away in this process.
+   */
   private async wake(instanceId: string): Promise<void> {
-    await this.store.control.sendMessage(JSON.stringify({ i: instanceId } satisfies ControlMessage), { messageTimeToLive: -1 });
-    this.control.kick();
+    await this.store.control.sendMessage(JSON.stringify({ i: instanceId } satisfies ControlMessage), {
+      messageTimeToLive: -1,
+      visibilityTimeout: WAKE_SAFETY_DELAY_S,
+    });
+    if (this.started && !this.stopping) this.track(this.scheduleTurn(instanceId));
   }
 
   /** Records an event for an instance and nudges it. */
@@ -521,13 +532,13 @@ export class DurableEngine implements ManagementApi {
    * A crash anywhere repeats only idempotent steps.
    */
   private async turn(instanceId: string, recover: boolean): Promise<void> {
-    let rec = await this.store.getInstance(instanceId);
+    let [rec, inbox] = await Promise.all([this.store.getInstance(instanceId), this.store.newInbox(instanceId)]);
     if (!rec) return;
-    if (rec.outbox.length || rec.consumed.length) {
-      rec = await this.finish(rec);
+    if ((rec.outbox.length || rec.consumed.length) && this.dispatched.get(instanceId) !== rec.etag) {
+      rec = await this.finish(rec, true);
       if (!rec) return;
+      inbox = await this.store.newInbox(instanceId);
     }
-    const inbox = await this.store.newInbox(instanceId);
     if (TERMINAL.has(rec.status)) {
       if (inbox.length) await this.store.markConsumed(instanceId, inbox.map((r) => r.key));
       return;
@@ -630,10 +641,22 @@ export class DurableEngine implements ManagementApi {
     await this.finish(rec);
   }
 
-  /** Hands out a committed turn's outbox, flags its inbox rows and clears both. */
-  private async finish(rec: InstanceRecord): Promise<InstanceRecord | undefined> {
-    for (const item of rec.outbox) await this.dispatch(rec, item);
-    if (rec.consumed.length) await this.store.markConsumed(rec.instanceId, rec.consumed);
+  /**
+   * Hands out a committed turn's outbox and flags its inbox rows (all idempotent, so in
+   * parallel). The row keeps the outbox until the next commit replaces it: this process
+   * remembers it handed it out (by ETag), while a process that starts after a crash hands it out
+   * again. A finished instance gets no next commit, so its outbox is cleared here.
+   */
+  private async finish(rec: InstanceRecord, clear = TERMINAL.has(rec.status)): Promise<InstanceRecord | undefined> {
+    await Promise.all([
+      ...rec.outbox.map((item) => this.dispatch(rec, item)),
+      rec.consumed.length ? this.store.markConsumed(rec.instanceId, rec.consumed) : undefined,
+    ]);
+    if (!clear) {
+      this.dispatched.set(rec.instanceId, rec.etag!);
+      return rec;
+    }
+    this.dispatched.delete(rec.instanceId);
     rec.outbox = [];
     rec.consumed = [];
     if (await this.store.replaceInstance(rec)) return rec;
@@ -766,14 +789,30 @@ export class DurableEngine implements ManagementApi {
 
   private async runActivity(msg: ActivityMessage): Promise<void> {
     const key = `task-${msg.e}-${msg.t}`;
-    if (await this.store.hasInbox(msg.i, key)) {
+    const running = `${msg.i}|${key}`;
+    // A second message for a task this process is running (handed out again after a restart)
+    // is dropped: the running one records the completion.
+    if (this.runningActivities.has(running)) return;
+    this.runningActivities.add(running);
+    try {
+      await this.executeActivity(msg, key);
+    } finally {
+      this.runningActivities.delete(running);
+    }
+  }
+
+  private async executeActivity(msg: ActivityMessage, key: string): Promise<void> {
+    const [recorded, rec, scheduled] = await Promise.all([
+      this.store.hasInbox(msg.i, key),
+      this.store.getInstance(msg.i),
+      this.store.readHistoryEvent(msg.i, msg.e, msg.s),
+    ]);
+    if (recorded) {
       // Its completion is recorded: never run it again; just make sure the instance heard.
       await this.wake(msg.i);
       return;
     }
-    const rec = await this.store.getInstance(msg.i);
     if (!rec || rec.executionId !== msg.e || TERMINAL.has(rec.status)) return;
-    const scheduled = await this.store.readHistoryEvent(msg.i, msg.e, msg.s);
     if (!scheduled || scheduled.EventType !== EventType.TaskScheduled || scheduled.EventId !== msg.t) return;
     const name = scheduled.Name ?? '';
     let completion: HistoryEvent;

@@ -71,10 +71,10 @@ export class LibraryInvoker implements DurableFunctionInvoker {
 }
 
 /** A durable client exactly as a function with a durableClient input gets it. */
-export function clientFor(engine: DurableEngine): DurableClient {
+export function clientFor(engine: DurableEngine | Record<string, unknown>): DurableClient {
   const clientInput = df.input.durableClient();
   const context = new InvocationContext({ functionName: 'starter', options: { extraInputs: [clientInput] } });
-  context.extraInputs.set(clientInput, engine.clientBindingData());
+  context.extraInputs.set(clientInput, engine instanceof DurableEngine ? engine.clientBindingData() : engine);
   return df.getClient(context);
 }
 
