@@ -199,8 +199,8 @@ export function checkTime(value: unknown, ctx: CheckContext): number {
   return value;
 }
 
-export function checkHeader(header: SegmentHeader, at?: number): void {
-  const ctx = (what: string): CheckContext => ({ byteOffset: at, what });
+export function checkHeader(header: SegmentHeader): void {
+  const ctx = (what: string): CheckContext => ({ what });
   if (header === null || typeof header !== 'object') {
     throw formatError('invalid-record', 'is missing', ctx('the header'));
   }

@@ -1,6 +1,41 @@
 // The segment codec: the one binary format for change data, agent → proxy → cache → apply.
 // docs/segment-format.md describes the bytes.
-export * from './format';
+export {
+  encodedHeaderSize,
+  encodedRecordSize,
+  HEADER_FIXED_BYTES,
+  isMarkerId,
+  MARKER_KIND_CODE,
+  MARKER_KINDS,
+  MARKER_RECORD_HEADER_BYTES,
+  MAX_DISK_BYTES,
+  MAX_MARKER_ID_LENGTH,
+  MAX_RECORDS,
+  MAX_SEGMENT_BYTES,
+  MAX_TAG_BYTES,
+  MAX_TIME_MS,
+  MAX_WRITE_BYTES,
+  MIN_RECORD_BYTES,
+  RANGE_RECORD_BYTES,
+  RECORD_TYPE,
+  SECTOR_BYTES,
+  SEGMENT_FORMAT_REASONS,
+  SEGMENT_MAGIC,
+  SEGMENT_VERSION,
+  SegmentFormatError,
+  TRAILER_BYTES,
+  WRITE_RECORD_HEADER_BYTES,
+  type MarkerKind,
+  type MarkerRecord,
+  type RangeRecord,
+  type Segment,
+  type SegmentFormatReason,
+  type SegmentHeader,
+  type SegmentRecord,
+  type TrimRecord,
+  type WriteRecord,
+  type ZeroRecord,
+} from './format';
 export { encodeSegment, SegmentBuilder, type SegmentBuilderOptions, type SegmentIdentity } from './encode';
 export {
   decodeSegment,
