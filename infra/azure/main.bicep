@@ -59,6 +59,28 @@ param instanceMemoryMB int = 2048
 
 param keyVaultPurgeProtection bool = false
 
+// Apply and timer tuning. The defaults are the code's own (shared/replication/context.ts).
+@description('Apply time budget per run, seconds (LIFEBOAT_APPLY_BUDGET_SECONDS); keep it under host.json functionTimeout.')
+@minValue(1)
+@maxValue(3600)
+param applyBudgetSeconds int = 240
+
+@description('Seed-blob lease while applying, seconds (LIFEBOAT_APPLY_LEASE_SECONDS).')
+@minValue(15)
+@maxValue(60)
+param applyLeaseSeconds int = 30
+
+@description('Page writes in flight per disk (LIFEBOAT_APPLY_WRITE_CONCURRENCY).')
+@minValue(1)
+@maxValue(64)
+param applyWriteConcurrency int = 8
+
+@description('NCRONTAB schedule of the retention timer (LIFEBOAT_RETENTION_SCHEDULE).')
+param retentionSchedule string = '0 */15 * * * *'
+
+@description('NCRONTAB schedule of the RPO monitor (LIFEBOAT_RPO_SCHEDULE).')
+param rpoSchedule string = '0 * * * * *'
+
 param tags object = {}
 
 // ---------------------------------------------------------------------------------------------
@@ -147,7 +169,8 @@ module cacheStorage 'modules/storage-account.bicep' = {
     name: names.cacheStorage
     location: location
     tags: allTags
-    containers: [changelogContainer]
+    // quarantine: change logs that failed authentication or their checksum (kept, never applied)
+    containers: [changelogContainer, 'quarantine']
     deleteAfterDays: changeLogRetentionDays
     deletePrefixes: ['${changelogContainer}/']
   }
@@ -216,6 +239,11 @@ var appSettings = {
   LIFEBOAT_COMPUTE: compute
   LIFEBOAT_LOG_LEVEL: logLevel
   LIFEBOAT_TELEMETRY: telemetry
+  LIFEBOAT_APPLY_BUDGET_SECONDS: string(applyBudgetSeconds)
+  LIFEBOAT_APPLY_LEASE_SECONDS: string(applyLeaseSeconds)
+  LIFEBOAT_APPLY_WRITE_CONCURRENCY: string(applyWriteConcurrency)
+  LIFEBOAT_RETENTION_SCHEDULE: retentionSchedule
+  LIFEBOAT_RPO_SCHEDULE: rpoSchedule
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${appIdentity.properties.clientId};Authorization=AAD'
 }
@@ -306,20 +334,25 @@ resource appInsightsScope 'Microsoft.Insights/components@2020-02-02' existing = 
   name: names.appInsights
 }
 
-// There is no built-in role that can write blobs without reading, listing or deleting them.
+// What the proxy does in the changelogs container (agent/proxy): create it if missing (an
+// existing container answers 409, which needs containers/write to be allowed to ask), upload
+// change logs, and read one back to compare a re-sent segment. No built-in role stops there:
+// Storage Blob Data Contributor would add delete, move and container delete.
 resource changeLogWriter 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(resourceGroup().id, 'lifeboat-change-log-writer')
   properties: {
     roleName: 'Lifeboat change-log writer (${resourceGroup().name}, ${token})'
-    description: 'Create and overwrite blobs only: no read, list or delete. Site proxies hold it on the changelogs container.'
+    description: 'Upload and read back blobs in one container, and create that container; no list, no delete. Site proxies hold it on the changelogs container.'
     type: 'CustomRole'
     permissions: [
       {
-        actions: []
+        actions: [
+          'Microsoft.Storage/storageAccounts/blobServices/containers/write'
+        ]
         notActions: []
         dataActions: [
+          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'
           'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'
-          'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action'
         ]
         notDataActions: []
       }
@@ -456,7 +489,7 @@ resource appTelemetry 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 // Role assignments: the site proxy (managed identity, and the service principal when given)
 // ---------------------------------------------------------------------------------------------
 
-// Upload encrypted change logs: write only, on the changelogs container only.
+// Upload encrypted change logs (and read one back): on the changelogs container only.
 resource proxyIdentityWritesChangeLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(changelogsContainer.id, proxyIdentity.id, 'lifeboat-change-log-writer')
   scope: changelogsContainer

@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { MACHINES_TABLE } from '../../../shared/credentials';
+import { CHANGELOG_CONTAINER } from '../../../shared/envelope';
 import {
   objectEntries,
   parseBicep,
@@ -11,7 +12,13 @@ import {
   type BicepFile,
   type BicepResource,
 } from './bicep';
-import { ROOT, type CodeSettings, type RegisteredBinding } from './code';
+import {
+  ROOT,
+  proxyStorageOperations,
+  type CodeSettings,
+  type RegisteredBinding,
+  type StorageOperations,
+} from './code';
 
 export const INFRA_DIR = 'infra/azure';
 
@@ -33,11 +40,10 @@ export const BUILT_IN_ROLES: Record<string, string> = {
   'b24988ac-6180-42a0-ab88-20f7382dd24c': 'Contributor',
 };
 
-/** The custom role the site proxy gets on the changelogs container: write blobs, nothing else. */
-export const CHANGE_LOG_WRITER = 'custom: blobs/add/action, blobs/write';
-
-/** Change logs live in this container of the cache account (DESIGN §2, storage layout). */
-export const CHANGELOG_CONTAINER = 'changelogs';
+/** How a custom role reads back: its permissions relative to `…/storageAccounts/blobServices/`. */
+export function customRole(permissions: Iterable<string>): string {
+  return `custom: ${[...permissions].sort().join(', ')}`;
+}
 
 type StorageService = 'blob' | 'queue' | 'table';
 
@@ -126,28 +132,38 @@ export const APP_NEEDS: Need[] = [
   },
 ];
 
-export const PROXY_NEEDS: Need[] = [
-  {
-    setting: 'CacheStorage',
-    role: CHANGE_LOG_WRITER,
-    on: { container: CHANGELOG_CONTAINER },
-    service: 'blob',
-    why: 'upload encrypted change logs',
-  },
-  {
-    setting: 'ServiceBusConnection',
-    role: 'Azure Service Bus Data Sender',
-    on: 'queue',
-    why: 'send changelog-ready',
-  },
-  {
-    setting: 'ReplicaStorage',
-    role: 'Storage Table Data Reader',
-    on: { table: MACHINES_TABLE },
-    service: 'table',
-    why: 'read credential hashes to authenticate agents',
-  },
-];
+/**
+ * The proxy's grants follow from the storage calls in agent/proxy (proxyStorageOperations): today
+ * it creates the changelogs container if missing, uploads change logs and reads one back to
+ * compare a re-sent segment, and reads the machines table — no delete, no list, no table writes.
+ */
+export function proxyNeeds(proxy: StorageOperations = proxyStorageOperations()): Need[] {
+  const needs: Need[] = [
+    {
+      setting: 'CacheStorage',
+      role: customRole(proxy.blob),
+      on: { container: CHANGELOG_CONTAINER },
+      service: 'blob',
+      why: 'upload encrypted change logs, and read one back to compare a re-sent segment',
+    },
+    {
+      setting: 'ServiceBusConnection',
+      role: 'Azure Service Bus Data Sender',
+      on: 'queue',
+      why: 'send changelog-ready',
+    },
+  ];
+  if (proxy.table.size > 0) {
+    needs.push({
+      setting: 'ReplicaStorage',
+      role: proxy.table.has('write') ? 'Storage Table Data Contributor' : 'Storage Table Data Reader',
+      on: { table: MACHINES_TABLE },
+      service: 'table',
+      why: 'read credential hashes to authenticate agents',
+    });
+  }
+  return needs;
+}
 
 /** Settings the Functions host itself reads (not our code). */
 export const HOST_READ_SETTINGS = new Set([
@@ -323,15 +339,10 @@ export function grantsIn(infra: Infra): Grant[] {
     } else if (custom) {
       const def = resourceBySymbol(infra, custom[1]);
       const perms = objectEntries(def.props.properties ?? '{}').permissions ?? '[]';
-      const actions = [
-        ...perms.matchAll(/'Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/([^']+)'/g),
-      ]
-        .map((m) => m[1])
-        .sort();
-      const other = /'(?!Microsoft\.Storage\/storageAccounts\/blobServices\/containers\/)[^']*\/[^']*'/.exec(
-        perms,
-      );
-      role = other ? `custom with ${other[0]}` : `custom: ${actions.join(', ')}`;
+      const prefix = 'Microsoft.Storage/storageAccounts/blobServices/';
+      const all = [...perms.matchAll(/'([^']*\/[^']*)'/g)].map((m) => m[1]);
+      const other = all.find((p) => !p.startsWith(prefix));
+      role = other ? `custom with ${other}` : customRole(all.map((p) => p.slice(prefix.length)));
     } else {
       throw new Error(`${r.symbol}: cannot read roleDefinitionId ${definition}`);
     }
@@ -467,7 +478,7 @@ function needKey(principal: string, role: string, target: string): string {
   return `${principal} has ${role} on ${target}`;
 }
 
-export function checkRoles(infra: Infra): string[] {
+export function checkRoles(infra: Infra, proxy: StorageOperations = proxyStorageOperations()): string[] {
   const problems: string[] = [];
   const settings = appSettingsOf(infra);
   let grants: Grant[];
@@ -498,7 +509,7 @@ export function checkRoles(infra: Infra): string[] {
   const proxyParam = proxies.find((p) => p.startsWith('param '));
   if (!proxyParam)
     problems.push('main.bicep must grant the proxy service principal (a parameter) its access.');
-  for (const p of [proxyIdentity, proxyParam]) if (p) add(p, PROXY_NEEDS);
+  for (const p of [proxyIdentity, proxyParam]) if (p) add(p, proxyNeeds(proxy));
 
   const actual = new Map(grants.map((g) => [needKey(g.principal, g.role, g.target), g.symbol]));
   for (const [key, why] of expected)

@@ -98,14 +98,37 @@ function blankStrings(text: string): string {
 
 const SETTING_VALUES: Record<string, string> = SETTING;
 
-function settingFromExpr(expr: string, where: string): string | undefined {
+/**
+ * Setting-name constants declared in the sources: objects named like `SETTING` /
+ * `REPLICATION_SETTING` (`{ key: 'NAME' }`) and strings named like `TELEMETRY_SETTING`.
+ */
+export type SettingConstants = Map<string, string | Record<string, string>>;
+
+export function settingConstants(sources: string[]): SettingConstants {
+  const constants: SettingConstants = new Map([['SETTING', SETTING_VALUES]]);
+  for (const text of sources) {
+    for (const m of text.matchAll(/\bexport\s+const\s+([A-Z0-9_]*SETTINGS?)\s*=\s*\{([^}]*)\}/g)) {
+      const values: Record<string, string> = {};
+      for (const e of stripTsComments(m[2]).matchAll(/(\w+)\s*:\s*(['"])([^'"]+)\2/g)) values[e[1]] = e[3];
+      constants.set(m[1], values);
+    }
+    for (const m of text.matchAll(/\bexport\s+const\s+([A-Z0-9_]*SETTINGS?)\s*=\s*(['"])([^'"]+)\2/g))
+      constants.set(m[1], m[3]);
+  }
+  return constants;
+}
+
+function settingFromExpr(expr: string, where: string, constants: SettingConstants): string | undefined {
   const t = expr.trim();
   const literal = /^(['"`])([A-Za-z_][\w]*)\1$/.exec(t);
   if (literal) return literal[2];
-  const constant = /^SETTING\.(\w+)$/.exec(t);
-  if (constant) {
-    const name = SETTING_VALUES[constant[1]];
-    if (!name) throw new Error(`${where}: SETTING.${constant[1]} is not in shared/config.ts`);
+  const member = /^([A-Z0-9_]*SETTINGS?)(?:\.(\w+))?$/.exec(t);
+  const constant = member ? constants.get(member[1]) : undefined;
+  if (member && constant !== undefined) {
+    if (typeof constant === 'string') return member[2] ? undefined : constant;
+    if (!member[2]) return undefined; // the whole table (Object.values(SETTING), its declaration)
+    const name = constant[member[2]];
+    if (!name) throw new Error(`${where}: ${t} does not name a setting`);
     return name;
   }
   return undefined; // a variable: a generic helper (storage.ts, messaging.ts), resolved by its callers
@@ -123,8 +146,14 @@ export function scanSettings(files: string[], contents: Record<string, string> =
   // The declared names are the contract (DESIGN §2), read or not yet.
   for (const name of Object.values(SETTING_VALUES)) add(result.reads, name, 'shared/config.ts: SETTING');
 
-  for (const file of files) {
-    const text = stripTsComments(contents[file] ?? readFileSync(path.join(ROOT, file), 'utf8'));
+  const texts = new Map(
+    files.map((file) => [
+      file,
+      stripTsComments(contents[file] ?? readFileSync(path.join(ROOT, file), 'utf8')),
+    ]),
+  );
+  const constants = settingConstants([...texts.values()]);
+  for (const [file, text] of texts) {
     const at = (how: string) => `${file}: ${how}`;
     const code = blankStrings(text);
     // [pattern, the setting it names, whether it looks at string literals (else at code only)]
@@ -134,7 +163,11 @@ export function scanSettings(files: string[], contents: Record<string, string> =
       [/\b(?:settings|env)\.([A-Za-z_]\w*)\b(?!\s*\()/g, (m) => m[1], false],
       [/\b(?:settings|env)\[\s*(['"])([^'"]+)\1\s*\]/g, (m) => m[2], true],
       [/\brequireSetting\(\s*[^,()]+,\s*(['"])([^'"]+)\1/g, (m) => m[2], true],
-      [/\bSETTING\.(\w+)/g, (m) => settingFromExpr(m[0], file), false],
+      [
+        /\b[A-Z0-9_]*SETTINGS?\b(?:\.\w+)?/g,
+        (m) => (constants.has(m[0].split('.')[0]) ? settingFromExpr(m[0], file, constants) : undefined),
+        false,
+      ],
       // Binding expressions (`queueName: '%ChangelogQueueName%'`) and binding connections.
       [/(['"`])%([A-Za-z_]\w*)%\1/g, (m) => m[2], true],
       [/\bconnection\s*:\s*(['"])([A-Za-z_]\w*)\1/g, (m) => m[2], true],
@@ -160,7 +193,7 @@ export function scanSettings(files: string[], contents: Record<string, string> =
         const groups = m.slice(1);
         if (groups.includes('{')) continue;
         const expr = groups.filter((g) => g !== undefined).pop()!;
-        const setting = settingFromExpr(re.source.includes('StorageClients') ? m[1] : expr, file);
+        const setting = settingFromExpr(re.source.includes('StorageClients') ? m[1] : expr, file, constants);
         if (setting) add(result.connections, setting, at(m[0].trim()));
       }
     }
@@ -240,4 +273,56 @@ export function registeredBindings(): RegisteredBinding[] {
     }
   }
   return bindings;
+}
+
+/** The site proxy's code (what the proxy identity's grants must cover). */
+export const PROXY_SOURCE_DIR = 'agent/proxy';
+
+export interface StorageOperations {
+  /** Storage permissions relative to `Microsoft.Storage/storageAccounts/blobServices/`. */
+  blob: Set<string>;
+  table: Set<'read' | 'write'>;
+  /** Where each permission comes from. */
+  at: Map<string, string[]>;
+}
+
+/** Which blob and table permissions the calls in these files need (SDK method → permission). */
+export function storageOperations(files: string[], contents: Record<string, string> = {}): StorageOperations {
+  const ops: StorageOperations = { blob: new Set(), table: new Set(), at: new Map() };
+  const rules: Array<[RegExp, 'blob' | 'table', string]> = [
+    [/\.createIfNotExists\(/g, 'blob', 'containers/write'],
+    [
+      /\.(?:download|downloadToBuffer|downloadToFile|getProperties|exists|listBlobsFlat|listBlobsByHierarchy)\(/g,
+      'blob',
+      'containers/blobs/read',
+    ],
+    [
+      /\.(?:upload|uploadData|uploadFile|uploadStream|stageBlock|commitBlockList|setMetadata|setHTTPHeaders|syncCopyFromURL|beginCopyFromURL)\(/g,
+      'blob',
+      'containers/blobs/write',
+    ],
+    [/\.appendBlock\(/g, 'blob', 'containers/blobs/add/action'],
+    [/\.deleteIfExists\(/g, 'blob', 'containers/blobs/delete'],
+    [/\.(?:getEntity|listEntities)\b/g, 'table', 'read'],
+    [
+      /\.(?:createEntity|upsertEntity|updateEntity|deleteEntity|submitTransaction|createTable)\b/g,
+      'table',
+      'write',
+    ],
+  ];
+  for (const file of files) {
+    const text = blankStrings(stripTsComments(contents[file] ?? readFileSync(path.join(ROOT, file), 'utf8')));
+    for (const [re, service, permission] of rules) {
+      for (const m of text.matchAll(re)) {
+        if (service === 'blob') ops.blob.add(permission);
+        else ops.table.add(permission as 'read' | 'write');
+        add(ops.at, `${service} ${permission}`, `${file}: ${m[0]}`);
+      }
+    }
+  }
+  return ops;
+}
+
+export function proxyStorageOperations(): StorageOperations {
+  return storageOperations(listTsFiles(PROXY_SOURCE_DIR));
 }

@@ -16,9 +16,11 @@ import {
 } from './checks';
 import {
   ROOT,
+  proxyStorageOperations,
+  registeredBindings,
   scanAppSources,
   scanSettings,
-  registeredBindings,
+  storageOperations,
   type CodeSettings,
   type RegisteredBinding,
 } from './code';
@@ -63,6 +65,16 @@ describe('infra/azure against the code', () => {
   it('declares a need for every connection the code uses', () => {
     const declared = new Set(APP_NEEDS.map((n) => n.setting));
     for (const connection of connectionsUsed(code, bindings).keys()) expect(declared).toContain(connection);
+  });
+
+  it('derives the proxy grants from the storage calls in agent/proxy', () => {
+    const proxy = proxyStorageOperations();
+    expect([...proxy.blob].sort()).toEqual([
+      'containers/blobs/read',
+      'containers/blobs/write',
+      'containers/write',
+    ]);
+    expect([...proxy.table]).toEqual(['read']);
   });
 
   it('names each built-in role by the id Azure gives it', () => {
@@ -128,7 +140,7 @@ describe('infra/azure against the code', () => {
     expect(stringLiteral(infra.main.vars.changelogQueueName)).toBe('changelog-ready');
 
     const modules = Object.fromEntries(infra.main.modules.map((m) => [m.symbol, m.params]));
-    expect(modules.cacheStorage.containers).toBe('[changelogContainer]');
+    expect(modules.cacheStorage.containers).toBe("[changelogContainer, 'quarantine']");
     expect(modules.cacheStorage.deleteAfterDays).toBe('changeLogRetentionDays');
     expect(modules.replicaStorage.containers).toBe("['seed-disks', 'failover-disks']");
     expect(infra.main.vars.stateTables).toBe(
@@ -147,7 +159,7 @@ describe('infra/azure against the code', () => {
     );
     expect(grants).toContain("proxyIdentity | Storage Table Data Reader | table 'stlbrepl${token}'/machines");
     expect(grants).toContain(
-      "param proxyServicePrincipalId | custom: blobs/add/action, blobs/write | container 'stlbcache${token}'/changelogs",
+      "param proxyServicePrincipalId | custom: containers/blobs/read, containers/blobs/write, containers/write | container 'stlbcache${token}'/changelogs",
     );
     expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(6);
   });
@@ -239,7 +251,7 @@ describe('the checks catch mistakes', () => {
     );
     const problems = checkRoles(wide).join('\n');
     expect(problems).toMatch(
-      /proxyIdentityWritesChangeLogs grants more than the code needs: proxyIdentity has custom: blobs\/add\/action, blobs\/write on storageAccount/,
+      /proxyIdentityWritesChangeLogs grants more than the code needs: proxyIdentity has custom: [^\n]* on storageAccount/,
     );
     const owner = mutated(
       '// Role assignments: the site proxy',
@@ -263,6 +275,23 @@ describe('the checks catch mistakes', () => {
     expect(problems).toMatch(/declare what it needs/);
     expect(problems).toMatch(/apply-elsewhere is triggered by Service Bus through OtherBus/);
     expect(problems).toMatch(/listens on other/);
+  });
+
+  it('a proxy that starts deleting change logs, or writing the machines table', () => {
+    const deleting = storageOperations(['agent/proxy/uploader.ts'], {
+      'agent/proxy/uploader.ts':
+        'await container.getBlockBlobClient(name).uploadData(b); await blob.deleteIfExists();',
+    });
+    const problems = checkRoles(loadInfra(), deleting).join('\n');
+    expect(problems).toMatch(
+      /Missing role assignment: proxyIdentity has custom: containers\/blobs\/delete, containers\/blobs\/write on container/,
+    );
+    const writing = storageOperations(['agent/proxy/auth.ts'], {
+      'agent/proxy/auth.ts': 'await this.table.upsertEntity(row);',
+    });
+    expect(checkRoles(loadInfra(), writing).join('\n')).toMatch(
+      /Missing role assignment: proxyIdentity has Storage Table Data Contributor on table/,
+    );
   });
 
   it('shared keys left on in a storage account', () => {
