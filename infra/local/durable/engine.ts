@@ -4,7 +4,13 @@ import type { AddressInfo } from 'node:net';
 import { ConflictError, ValidationError, ensureError } from '../../../shared/errors';
 import type { StorageClients } from '../../../shared/storage';
 import { EventType, event, failureOf, friendlyHistory, type HistoryEvent } from './history';
-import { serveDurableHttp, WEBHOOK_PREFIX, RPC_PREFIX, type ManagementApi, type StatusQuery } from './http-api';
+import {
+  serveDurableHttp,
+  WEBHOOK_PREFIX,
+  RPC_PREFIX,
+  type ManagementApi,
+  type StatusQuery,
+} from './http-api';
 import { QueuePump, type Log } from './pump';
 import {
   DurableStore,
@@ -129,7 +135,10 @@ export class DurableEngine implements ManagementApi {
   private readonly control: QueuePump;
   private readonly activityPump: QueuePump;
   private readonly timerPump: QueuePump;
-  private readonly turns = new Map<string, { running?: Promise<void>; queued?: Promise<void>; recover: boolean }>();
+  private readonly turns = new Map<
+    string,
+    { running?: Promise<void>; queued?: Promise<void>; recover: boolean }
+  >();
   private readonly turnSlots: Semaphore;
   private readonly historyCache = new Map<string, { executionId: string; events: HistoryEvent[] }>();
   private readonly runningActivities = new Set<string>();
@@ -144,7 +153,10 @@ export class DurableEngine implements ManagementApi {
 
   constructor(private readonly options: DurableEngineOptions) {
     if (!options.hubName || !/[A-Za-z0-9]/.test(options.hubName)) {
-      throw new ValidationError(`The task hub name '${options.hubName}' is not usable; give letters and digits.`, 'hubName');
+      throw new ValidationError(
+        `The task hub name '${options.hubName}' is not usable; give letters and digits.`,
+        'hubName',
+      );
     }
     this.store = new DurableStore(options.storage, options.hubName);
     this.log = options.log ?? (() => undefined);
@@ -192,7 +204,9 @@ export class DurableEngine implements ManagementApi {
         void serveDurableHttp(this, req, res, RPC_PREFIX).then((handled) => {
           if (!handled) {
             res.writeHead(404, { 'content-type': 'application/json' });
-            res.end(JSON.stringify({ error: { code: 'NotFound', message: `No Durable API serves ${req.url}.` } }));
+            res.end(
+              JSON.stringify({ error: { code: 'NotFound', message: `No Durable API serves ${req.url}.` } }),
+            );
           }
         });
       });
@@ -232,7 +246,9 @@ export class DurableEngine implements ManagementApi {
   }
 
   private track<T>(promise: Promise<T>): void {
-    const p = promise.catch((err) => this.log('error', 'A Durable background task failed.', { error: String(err) }));
+    const p = promise.catch((err) =>
+      this.log('error', 'A Durable background task failed.', { error: String(err) }),
+    );
     this.background.add(p);
     void p.finally(() => this.background.delete(p));
   }
@@ -283,7 +299,8 @@ export class DurableEngine implements ManagementApi {
   managementPayload(instanceId: string): Record<string, string> {
     const urls = this.clientBindingData().managementUrls as Record<string, string>;
     const out: Record<string, string> = {};
-    for (const [k, v] of Object.entries(urls)) out[k] = v.replace('INSTANCEID', encodeURIComponent(instanceId));
+    for (const [k, v] of Object.entries(urls))
+      out[k] = v.replace('INSTANCEID', encodeURIComponent(instanceId));
     out.id = instanceId;
     return out;
   }
@@ -292,7 +309,10 @@ export class DurableEngine implements ManagementApi {
 
   async startNew(name: string, options: { instanceId?: string; input?: string } = {}): Promise<string> {
     if (!this.invoker.has('orchestration', name)) {
-      throw new ValidationError(`The function '${name}' doesn't exist, is disabled, or is not an orchestrator function.`, 'functionName');
+      throw new ValidationError(
+        `The function '${name}' doesn't exist, is disabled, or is not an orchestrator function.`,
+        'functionName',
+      );
     }
     const instanceId = options.instanceId ?? randomUUID().replace(/-/g, '');
     const problem = instanceIdProblem(instanceId);
@@ -314,16 +334,25 @@ export class DurableEngine implements ManagementApi {
     if (!(await this.store.insertInstance(rec))) {
       const existing = await this.store.getInstance(instanceId);
       if (existing && !TERMINAL.has(existing.status)) {
-        throw new ConflictError(`An orchestration with instance ID '${instanceId}' already exists and is ${existing.status}.`, 'instanceId');
+        throw new ConflictError(
+          `An orchestration with instance ID '${instanceId}' already exists and is ${existing.status}.`,
+          'instanceId',
+        );
       }
       if (existing) {
         await this.store.deleteHistory(instanceId);
         rec.etag = existing.etag;
         if (!(await this.store.replaceInstance(rec))) {
-          throw new ConflictError(`The orchestration instance '${instanceId}' changed while it was being restarted; try again.`, 'instanceId');
+          throw new ConflictError(
+            `The orchestration instance '${instanceId}' changed while it was being restarted; try again.`,
+            'instanceId',
+          );
         }
       } else if (!(await this.store.insertInstance(rec))) {
-        throw new ConflictError(`An orchestration with instance ID '${instanceId}' was just created by another request.`, 'instanceId');
+        throw new ConflictError(
+          `An orchestration with instance ID '${instanceId}' was just created by another request.`,
+          'instanceId',
+        );
       }
       this.historyCache.delete(instanceId);
     }
@@ -332,7 +361,12 @@ export class DurableEngine implements ManagementApi {
     return instanceId;
   }
 
-  private newRecord(instanceId: string, name: string, input: string | undefined, now: string): InstanceRecord {
+  private newRecord(
+    instanceId: string,
+    name: string,
+    input: string | undefined,
+    now: string,
+  ): InstanceRecord {
     return {
       instanceId,
       name,
@@ -386,13 +420,18 @@ export class DurableEngine implements ManagementApi {
 
   private filterOf(query: StatusQuery): string | undefined {
     const parts: string[] = [];
-    if (query.runtimeStatus?.length) parts.push(`(${query.runtimeStatus.map((s) => `status eq '${s.replace(/'/g, "''")}'`).join(' or ')})`);
+    if (query.runtimeStatus?.length)
+      parts.push(`(${query.runtimeStatus.map((s) => `status eq '${s.replace(/'/g, "''")}'`).join(' or ')})`);
     if (query.createdTimeFrom) parts.push(`createdTime ge '${query.createdTimeFrom.toISOString()}'`);
     if (query.createdTimeTo) parts.push(`createdTime le '${query.createdTimeTo.toISOString()}'`);
     return parts.length ? parts.join(' and ') : undefined;
   }
 
-  async raiseEvent(instanceId: string, eventName: string, data: string | undefined): Promise<'accepted' | 'notFound' | 'gone'> {
+  async raiseEvent(
+    instanceId: string,
+    eventName: string,
+    data: string | undefined,
+  ): Promise<'accepted' | 'notFound' | 'gone'> {
     if (data !== undefined) {
       try {
         JSON.parse(data);
@@ -405,22 +444,42 @@ export class DurableEngine implements ManagementApi {
         throw new ValidationError((err as Error).message, 'body');
       }
     }
-    return this.request(instanceId, `event-${randomUUID()}`, event(EventType.EventRaised, { Name: eventName, Input: data ?? null }));
+    return this.request(
+      instanceId,
+      `event-${randomUUID()}`,
+      event(EventType.EventRaised, { Name: eventName, Input: data ?? null }),
+    );
   }
 
   terminate(instanceId: string, reason: string | undefined): Promise<'accepted' | 'notFound' | 'gone'> {
-    return this.request(instanceId, `terminate-${randomUUID()}`, event(EventType.ExecutionTerminated, { Input: reason ?? '' }));
+    return this.request(
+      instanceId,
+      `terminate-${randomUUID()}`,
+      event(EventType.ExecutionTerminated, { Input: reason ?? '' }),
+    );
   }
 
   suspend(instanceId: string, reason: string | undefined): Promise<'accepted' | 'notFound' | 'gone'> {
-    return this.request(instanceId, `suspend-${randomUUID()}`, event(EventType.ExecutionSuspended, { Reason: reason ?? '' }));
+    return this.request(
+      instanceId,
+      `suspend-${randomUUID()}`,
+      event(EventType.ExecutionSuspended, { Reason: reason ?? '' }),
+    );
   }
 
   resume(instanceId: string, reason: string | undefined): Promise<'accepted' | 'notFound' | 'gone'> {
-    return this.request(instanceId, `resume-${randomUUID()}`, event(EventType.ExecutionResumed, { Reason: reason ?? '' }));
+    return this.request(
+      instanceId,
+      `resume-${randomUUID()}`,
+      event(EventType.ExecutionResumed, { Reason: reason ?? '' }),
+    );
   }
 
-  private async request(instanceId: string, key: string, ev: HistoryEvent): Promise<'accepted' | 'notFound' | 'gone'> {
+  private async request(
+    instanceId: string,
+    key: string,
+    ev: HistoryEvent,
+  ): Promise<'accepted' | 'notFound' | 'gone'> {
     if (instanceIdProblem(instanceId)) return 'notFound';
     const rec = await this.store.getInstance(instanceId);
     if (!rec) return 'notFound';
@@ -435,7 +494,10 @@ export class DurableEngine implements ManagementApi {
     const rec = await this.store.getInstance(instanceId);
     if (!rec) return 0;
     if (!TERMINAL.has(rec.status)) {
-      throw new ConflictError(`The orchestration instance '${instanceId}' is ${rec.status}; terminate it before purging its history.`, 'instanceId');
+      throw new ConflictError(
+        `The orchestration instance '${instanceId}' is ${rec.status}; terminate it before purging its history.`,
+        'instanceId',
+      );
     }
     await this.store.deleteHistory(instanceId);
     await this.store.deleteInbox(instanceId);
@@ -506,7 +568,12 @@ export class DurableEngine implements ManagementApi {
     const cached = this.historyCache.get(rec.instanceId);
     let events: HistoryEvent[];
     if (cached && cached.executionId === rec.executionId && cached.events.length <= rec.historyCount) {
-      const rest = await this.store.readHistory(rec.instanceId, rec.executionId, cached.events.length, rec.historyCount);
+      const rest = await this.store.readHistory(
+        rec.instanceId,
+        rec.executionId,
+        cached.events.length,
+        rec.historyCount,
+      );
       events = rest.length ? [...cached.events, ...rest] : cached.events;
     } else {
       events = await this.store.readHistory(rec.instanceId, rec.executionId, 0, rec.historyCount);
@@ -532,7 +599,10 @@ export class DurableEngine implements ManagementApi {
    * A crash anywhere repeats only idempotent steps.
    */
   private async turn(instanceId: string, recover: boolean): Promise<void> {
-    let [rec, inbox] = await Promise.all([this.store.getInstance(instanceId), this.store.newInbox(instanceId)]);
+    let [rec, inbox] = await Promise.all([
+      this.store.getInstance(instanceId),
+      this.store.newInbox(instanceId),
+    ]);
     if (!rec) return;
     if ((rec.outbox.length || rec.consumed.length) && this.dispatched.get(instanceId) !== rec.etag) {
       rec = await this.finish(rec, true);
@@ -540,10 +610,15 @@ export class DurableEngine implements ManagementApi {
       inbox = await this.store.newInbox(instanceId);
     }
     if (TERMINAL.has(rec.status)) {
-      if (inbox.length) await this.store.markConsumed(instanceId, inbox.map((r) => r.key));
+      if (inbox.length)
+        await this.store.markConsumed(
+          instanceId,
+          inbox.map((r) => r.key),
+        );
       return;
     }
-    const history = rec.status === 'ContinuedAsNew' && rec.historyCount === 0 ? [] : await this.loadHistory(rec);
+    const history =
+      rec.status === 'ContinuedAsNew' && rec.historyCount === 0 ? [] : await this.loadHistory(rec);
     const seen = new Set(history.map((e) => e._key).filter((k): k is string => !!k));
     const relevant: InboxRow[] = [];
     const stale: string[] = [];
@@ -578,7 +653,11 @@ export class DurableEngine implements ManagementApi {
     }
     if (suspended) {
       if (rec.status !== 'Suspended' || controls.length) {
-        const events = [event(EventType.OrchestratorStarted, {}, now), ...controls.map(keyed), event(EventType.OrchestratorCompleted, {}, now)];
+        const events = [
+          event(EventType.OrchestratorStarted, {}, now),
+          ...controls.map(keyed),
+          event(EventType.OrchestratorCompleted, {}, now),
+        ];
         const record: InstanceRecord = {
           ...rec,
           status: 'Suspended',
@@ -608,7 +687,9 @@ export class DurableEngine implements ManagementApi {
       outcome = { ok: false, message, details: { ErrorType: 'Error', ErrorMessage: message } };
     } else {
       try {
-        outcome = interpretInvocation(await this.invoker.orchestrator(rec.name, triggerInput(rec, history, prepared)));
+        outcome = interpretInvocation(
+          await this.invoker.orchestrator(rec.name, triggerInput(rec, history, prepared)),
+        );
       } catch (err) {
         outcome = interpretInvocationError(err);
       }
@@ -618,23 +699,36 @@ export class DurableEngine implements ManagementApi {
       result = completeTurn(rec, history, prepared, outcome, has);
     } catch (err) {
       const e = ensureError(err);
-      result = completeTurn(rec, history, prepared, { ok: false, message: e.message, details: failureOf(e) }, has);
+      result = completeTurn(
+        rec,
+        history,
+        prepared,
+        { ok: false, message: e.message, details: failureOf(e) },
+        has,
+      );
     }
     result.record.consumed = [...relevant.map((r) => r.key), ...stale];
     if (result.record.status === 'Failed') {
-      this.log('warn', `Orchestration ${rec.name} failed.`, { instanceId, output: parseJson(result.record.output) });
+      this.log('warn', `Orchestration ${rec.name} failed.`, {
+        instanceId,
+        output: parseJson(result.record.output),
+      });
     }
     await this.commit(rec, history, result);
-    if (recover && result.record.status === 'Running') await this.redispatch(result.record, [...history, ...result.history]);
+    if (recover && result.record.status === 'Running')
+      await this.redispatch(result.record, [...history, ...result.history]);
   }
 
   private async commit(before: InstanceRecord, history: HistoryEvent[], result: TurnResult): Promise<void> {
     const rec = result.record;
-    if (result.history.length) await this.store.writeHistory(rec.instanceId, before.executionId, before.historyCount, result.history);
+    if (result.history.length)
+      await this.store.writeHistory(rec.instanceId, before.executionId, before.historyCount, result.history);
     rec.etag = before.etag;
     if (!(await this.store.replaceInstance(rec))) {
       this.historyCache.delete(rec.instanceId);
-      throw new Error(`Orchestration instance ${rec.instanceId} changed during a turn; the turn will be retried.`);
+      throw new Error(
+        `Orchestration instance ${rec.instanceId} changed during a turn; the turn will be retried.`,
+      );
     }
     if (result.continuedAsNew) this.historyCache.delete(rec.instanceId);
     else this.remember(rec.instanceId, rec.executionId, [...history, ...result.history]);
@@ -647,7 +741,10 @@ export class DurableEngine implements ManagementApi {
    * remembers it handed it out (by ETag), while a process that starts after a crash hands it out
    * again. A finished instance gets no next commit, so its outbox is cleared here.
    */
-  private async finish(rec: InstanceRecord, clear = TERMINAL.has(rec.status)): Promise<InstanceRecord | undefined> {
+  private async finish(
+    rec: InstanceRecord,
+    clear = TERMINAL.has(rec.status),
+  ): Promise<InstanceRecord | undefined> {
     await Promise.all([
       ...rec.outbox.map((item) => this.dispatch(rec, item)),
       rec.consumed.length ? this.store.markConsumed(rec.instanceId, rec.consumed) : undefined,
@@ -702,7 +799,10 @@ export class DurableEngine implements ManagementApi {
           key: `sub-${item.parentExecutionId}-${item.taskId}`,
           executionId: item.parentExecutionId,
           event: item.ok
-            ? event(EventType.SubOrchestrationInstanceCompleted, { TaskScheduledId: item.taskId, Result: rec.output ?? 'null' })
+            ? event(EventType.SubOrchestrationInstanceCompleted, {
+                TaskScheduledId: item.taskId,
+                Result: rec.output ?? 'null',
+              })
             : event(EventType.SubOrchestrationInstanceFailed, {
                 TaskScheduledId: item.taskId,
                 Reason: message,
@@ -744,7 +844,13 @@ export class DurableEngine implements ManagementApi {
         break; // created by an earlier hand-out of this same outbox item
       } else if (!TERMINAL.has(existing.status)) {
         const message = `An orchestration with instance ID '${item.childId}' already exists and is ${existing.status}.`;
-        await this.dispatch(parent, { k: 'fail', taskId: item.taskId, sub: true, message, errorType: 'Error' });
+        await this.dispatch(parent, {
+          k: 'fail',
+          taskId: item.taskId,
+          sub: true,
+          message,
+          errorType: 'Error',
+        });
         return;
       } else {
         await this.store.deleteHistory(item.childId, existing.executionId);
@@ -763,18 +869,26 @@ export class DurableEngine implements ManagementApi {
    *  with no recorded completion). Duplicates are harmless: a recorded completion is never redone. */
   private async redispatch(rec: InstanceRecord, history: HistoryEvent[]): Promise<void> {
     const { activities, timers } = outstanding(history);
-    for (const [taskId, seq] of activities) await this.sendActivity({ i: rec.instanceId, e: rec.executionId, t: taskId, s: seq });
-    for (const [timerId, fireAt] of timers) await this.scheduleTimer({ i: rec.instanceId, e: rec.executionId, t: timerId, f: fireAt });
+    for (const [taskId, seq] of activities)
+      await this.sendActivity({ i: rec.instanceId, e: rec.executionId, t: taskId, s: seq });
+    for (const [timerId, fireAt] of timers)
+      await this.scheduleTimer({ i: rec.instanceId, e: rec.executionId, t: timerId, f: fireAt });
   }
 
   private async recoverAll(): Promise<void> {
-    const filter = ["'Pending'", "'Running'", "'ContinuedAsNew'", "'Suspended'"].map((s) => `status eq ${s}`).join(' or ') + ' or hasOutbox eq true';
+    const filter =
+      ["'Pending'", "'Running'", "'ContinuedAsNew'", "'Suspended'"]
+        .map((s) => `status eq ${s}`)
+        .join(' or ') + ' or hasOutbox eq true';
     const rows = await this.store.listInstances(filter);
     if (rows.length) this.log('info', `Resuming ${rows.length} unfinished orchestration(s).`);
     await Promise.all(
       rows.map((r) =>
         this.scheduleTurn(r.instanceId, true).catch((err) =>
-          this.log('error', 'Could not resume an orchestration.', { instanceId: r.instanceId, error: String(err) }),
+          this.log('error', 'Could not resume an orchestration.', {
+            instanceId: r.instanceId,
+            error: String(err),
+          }),
         ),
       ),
     );
@@ -817,11 +931,14 @@ export class DurableEngine implements ManagementApi {
     const name = scheduled.Name ?? '';
     let completion: HistoryEvent;
     try {
-      const input = scheduled.Input === null || scheduled.Input === undefined ? undefined : JSON.parse(scheduled.Input);
+      const input =
+        scheduled.Input === null || scheduled.Input === undefined ? undefined : JSON.parse(scheduled.Input);
       let result: unknown;
       if (name === HTTP_ACTIVITY) result = await callHttp(input as HttpRequestSpec);
       else if (!this.invoker.has('activity', name)) {
-        throw new Error(`The activity function '${name}' doesn't exist, is disabled, or is not an activity function.`);
+        throw new Error(
+          `The activity function '${name}' doesn't exist, is disabled, or is not an activity function.`,
+        );
       } else result = await this.invoker.activity(name, input);
       const text = result === undefined ? 'null' : JSON.stringify(result);
       checkPayload(`The result of activity ${name}`, text);
@@ -903,14 +1020,31 @@ interface HttpRequestSpec {
 
 /** The built-in HTTP activity behind context.df.callHttp: the request, and with the
  *  asynchronous pattern, polling of a 202's Location until the answer is final. */
-async function callHttp(spec: HttpRequestSpec): Promise<{ statusCode: number; headers: Record<string, string>; content: string }> {
+async function callHttp(
+  spec: HttpRequestSpec,
+): Promise<{ statusCode: number; headers: Record<string, string>; content: string }> {
   if (spec.tokenSource) {
-    throw new Error('callHttp with a managed-identity token source is not supported by the local Durable engine.');
+    throw new Error(
+      'callHttp with a managed-identity token source is not supported by the local Durable engine.',
+    );
   }
-  let res = await fetch(spec.uri, { method: spec.method ?? 'GET', headers: spec.headers, body: spec.content });
-  for (let polls = 0; res.status === 202 && spec.asynchronousPatternEnabled !== false && res.headers.get('location') && polls < 10_000; polls++) {
+  let res = await fetch(spec.uri, {
+    method: spec.method ?? 'GET',
+    headers: spec.headers,
+    body: spec.content,
+  });
+  for (
+    let polls = 0;
+    res.status === 202 &&
+    spec.asynchronousPatternEnabled !== false &&
+    res.headers.get('location') &&
+    polls < 10_000;
+    polls++
+  ) {
     const retryAfter = Number(res.headers.get('retry-after') ?? '1');
-    await new Promise((r) => setTimeout(r, Math.min(Math.max(Number.isFinite(retryAfter) ? retryAfter : 1, 0), 60) * 1000));
+    await new Promise((r) =>
+      setTimeout(r, Math.min(Math.max(Number.isFinite(retryAfter) ? retryAfter : 1, 0), 60) * 1000),
+    );
     const location = new URL(res.headers.get('location')!, spec.uri).href;
     await res.body?.cancel();
     res = await fetch(location, { method: 'GET', headers: spec.headers });

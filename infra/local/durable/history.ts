@@ -84,7 +84,12 @@ export function failureOf(err: unknown): FailureDetails {
   } catch {
     // Not a serialised payload: an ordinary error.
   }
-  return { ErrorType: error.name || 'Error', ErrorMessage: error.message, StackTrace: error.stack, IsNonRetriable: false };
+  return {
+    ErrorType: error.name || 'Error',
+    ErrorMessage: error.message,
+    StackTrace: error.stack,
+    IsNonRetriable: false,
+  };
 }
 
 function parseJson(text: string | null | undefined): unknown {
@@ -105,7 +110,11 @@ export function friendlyHistory(events: HistoryEvent[], showOutput: boolean): Re
   const scheduled = new Map<number, HistoryEvent>();
   const completed = new Set<number>();
   for (const e of events) {
-    if (e.EventType === EventType.TaskScheduled || e.EventType === EventType.SubOrchestrationInstanceCreated || e.EventType === EventType.TimerCreated) {
+    if (
+      e.EventType === EventType.TaskScheduled ||
+      e.EventType === EventType.SubOrchestrationInstanceCreated ||
+      e.EventType === EventType.TimerCreated
+    ) {
       scheduled.set(e.EventId, e);
     }
     if (e.TaskScheduledId !== undefined) completed.add(e.TaskScheduledId);
@@ -134,14 +143,20 @@ export function friendlyHistory(events: HistoryEvent[], showOutput: boolean): Re
         }
         break;
       case EventType.ExecutionStarted:
-        out.push({ EventType: type, Timestamp: e.Timestamp, FunctionName: e.Name, ...(showOutput ? { Input: parseJson(e.Input) } : {}) });
+        out.push({
+          EventType: type,
+          Timestamp: e.Timestamp,
+          FunctionName: e.Name,
+          ...(showOutput ? { Input: parseJson(e.Input) } : {}),
+        });
         break;
       case EventType.TaskCompleted:
       case EventType.SubOrchestrationInstanceCompleted:
       case EventType.TaskFailed:
       case EventType.SubOrchestrationInstanceFailed: {
         const source = scheduled.get(e.TaskScheduledId ?? -1);
-        const failed = e.EventType === EventType.TaskFailed || e.EventType === EventType.SubOrchestrationInstanceFailed;
+        const failed =
+          e.EventType === EventType.TaskFailed || e.EventType === EventType.SubOrchestrationInstanceFailed;
         out.push({
           EventType: type,
           Timestamp: e.Timestamp,
@@ -158,7 +173,12 @@ export function friendlyHistory(events: HistoryEvent[], showOutput: boolean): Re
         out.push({ EventType: type, Timestamp: e.Timestamp, TimerId: e.TimerId, FireAt: e.FireAt });
         break;
       case EventType.EventRaised:
-        out.push({ EventType: type, Timestamp: e.Timestamp, Name: e.Name, ...(showOutput ? { Input: parseJson(e.Input) } : {}) });
+        out.push({
+          EventType: type,
+          Timestamp: e.Timestamp,
+          Name: e.Name,
+          ...(showOutput ? { Input: parseJson(e.Input) } : {}),
+        });
         break;
       case EventType.ExecutionCompleted:
         out.push({

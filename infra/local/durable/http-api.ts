@@ -43,7 +43,12 @@ export interface ManagementApi {
   managementPayload(instanceId: string): Record<string, string>;
 }
 
-function send(res: http.ServerResponse, status: number, body?: unknown, headers: http.OutgoingHttpHeaders = {}): void {
+function send(
+  res: http.ServerResponse,
+  status: number,
+  body?: unknown,
+  headers: http.OutgoingHttpHeaders = {},
+): void {
   if (body === undefined) {
     res.writeHead(status, headers);
     res.end();
@@ -78,7 +83,8 @@ function date(url: URL, name: string): Date | undefined {
   const v = url.searchParams.get(name);
   if (!v) return undefined;
   const d = new Date(v);
-  if (Number.isNaN(d.getTime())) throw new HttpProblem(400, 'InvalidInput', `${name} must be an ISO-8601 time.`);
+  if (Number.isNaN(d.getTime()))
+    throw new HttpProblem(400, 'InvalidInput', `${name} must be an ISO-8601 time.`);
   return d;
 }
 
@@ -118,7 +124,12 @@ function decode(segment: string): string {
 const RUNNING: ReadonlySet<string> = new Set(['Pending', 'Running', 'ContinuedAsNew', 'Suspended']);
 
 /** Serves one request if its path is under `prefix`; false otherwise. */
-export async function serveDurableHttp(api: ManagementApi, req: http.IncomingMessage, res: http.ServerResponse, prefix: string): Promise<boolean> {
+export async function serveDurableHttp(
+  api: ManagementApi,
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  prefix: string,
+): Promise<boolean> {
   const url = new URL(req.url ?? '/', 'http://local');
   if (url.pathname !== prefix && !url.pathname.startsWith(`${prefix}/`)) return false;
   const parts = url.pathname.slice(prefix.length).split('/').filter(Boolean);
@@ -133,22 +144,39 @@ export async function serveDurableHttp(api: ManagementApi, req: http.IncomingMes
     } else if (err instanceof LifeboatError && err.status < 500) {
       error(res, err.status, err.code, err.message);
     } else {
-      error(res, 500, 'InternalError', `The Durable engine could not serve ${method} ${url.pathname}: ${(err as Error).message}`);
+      error(
+        res,
+        500,
+        'InternalError',
+        `The Durable engine could not serve ${method} ${url.pathname}: ${(err as Error).message}`,
+      );
     }
   }
   return true;
 }
 
-async function route(api: ManagementApi, req: http.IncomingMessage, res: http.ServerResponse, url: URL, method: string, parts: string[]): Promise<void> {
+async function route(
+  api: ManagementApi,
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  url: URL,
+  method: string,
+  parts: string[],
+): Promise<void> {
   const [collection, ...rest] = parts;
   const notAllowed = (allowed: string) => {
-    throw new HttpProblem(405, 'MethodNotAllowed', `${method} is not allowed on ${url.pathname}; use ${allowed}.`);
+    throw new HttpProblem(
+      405,
+      'MethodNotAllowed',
+      `${method} is not allowed on ${url.pathname}; use ${allowed}.`,
+    );
   };
 
   if (collection === 'orchestrators' && (rest.length === 1 || rest.length === 2)) {
     if (method !== 'POST') return notAllowed('POST');
     const body = await readBody(req);
-    if (body === 'too-large') throw new HttpProblem(413, 'PayloadTooLarge', 'The orchestration input is too large.');
+    if (body === 'too-large')
+      throw new HttpProblem(413, 'PayloadTooLarge', 'The orchestration input is too large.');
     const name = decode(rest[0]);
     const instanceId = await api.startNew(name, {
       instanceId: rest[1] !== undefined ? decode(rest[1]) : undefined,
@@ -172,7 +200,12 @@ async function route(api: ManagementApi, req: http.IncomingMessage, res: http.Se
   }
 
   if (collection !== 'instances') {
-    if (collection === 'entities') throw new HttpProblem(501, 'NotSupported', 'Durable entities are not supported by the local Durable engine.');
+    if (collection === 'entities')
+      throw new HttpProblem(
+        501,
+        'NotSupported',
+        'Durable entities are not supported by the local Durable engine.',
+      );
     throw new HttpProblem(404, 'NotFound', `No Durable API serves ${url.pathname}.`);
   }
 
@@ -185,14 +218,17 @@ async function route(api: ManagementApi, req: http.IncomingMessage, res: http.Se
       const offset = typeof token === 'string' && /^\d+$/.test(token) ? Number(token) : 0;
       if (Number.isInteger(top) && top > 0) {
         const page = all.slice(offset, offset + top);
-        const headers = offset + top < all.length ? { 'x-ms-continuation-token': String(offset + top) } : undefined;
+        const headers =
+          offset + top < all.length ? { 'x-ms-continuation-token': String(offset + top) } : undefined;
         return send(res, 200, page, headers);
       }
       return send(res, 200, all.slice(offset));
     }
     if (method === 'DELETE') {
       const deleted = await api.purgeBy(query);
-      return deleted > 0 ? send(res, 200, { instancesDeleted: deleted }) : send(res, 404, { instancesDeleted: 0 });
+      return deleted > 0
+        ? send(res, 200, { instancesDeleted: deleted })
+        : send(res, 404, { instancesDeleted: 0 });
     }
     return notAllowed('GET, DELETE');
   }
@@ -201,7 +237,8 @@ async function route(api: ManagementApi, req: http.IncomingMessage, res: http.Se
   if (rest.length === 1) {
     if (method === 'GET') {
       const status = await api.getStatus(instanceId, queryOf(url));
-      if (!status) throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
+      if (!status)
+        throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
       const runtime = String(status.runtimeStatus);
       if (RUNNING.has(runtime)) {
         const location = api.managementPayload(instanceId).statusQueryGetUri;
@@ -212,7 +249,8 @@ async function route(api: ManagementApi, req: http.IncomingMessage, res: http.Se
     }
     if (method === 'DELETE') {
       const deleted = await api.purge(instanceId);
-      if (deleted === 0) throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
+      if (deleted === 0)
+        throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
       return send(res, 200, { instancesDeleted: deleted });
     }
     return notAllowed('GET, DELETE');
@@ -237,7 +275,9 @@ async function route(api: ManagementApi, req: http.IncomingMessage, res: http.Se
   } else {
     throw new HttpProblem(404, 'NotFound', `No Durable API serves ${url.pathname}.`);
   }
-  if (outcome === 'notFound') throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
-  if (outcome === 'gone') throw new HttpProblem(410, 'Gone', `The orchestration instance '${instanceId}' has already finished.`);
+  if (outcome === 'notFound')
+    throw new HttpProblem(404, 'NotFound', `No orchestration instance with ID '${instanceId}' exists.`);
+  if (outcome === 'gone')
+    throw new HttpProblem(410, 'Gone', `The orchestration instance '${instanceId}' has already finished.`);
   return send(res, 202);
 }

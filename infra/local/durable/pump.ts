@@ -81,7 +81,8 @@ export class QueuePump {
         });
         messages = res.receivedMessageItems;
       } catch (err) {
-        if (this.running) log('warn', `Could not read queue ${queue.name}; retrying.`, { error: String(err) });
+        if (this.running)
+          log('warn', `Could not read queue ${queue.name}; retrying.`, { error: String(err) });
         await this.sleep(maxPollMs);
         continue;
       }
@@ -111,18 +112,30 @@ export class QueuePump {
       chain = next.catch(() => undefined);
       return next;
     };
-    const renew = setInterval(() => {
-      void serial(async () => {
-        const res = await queue.updateMessage(message.messageId, popReceipt, undefined, Math.ceil(visibilityMs / 1000));
-        popReceipt = res.popReceipt!;
-      }).catch((err) => log('warn', `Could not extend the lease of a message on ${queue.name}.`, { error: String(err) }));
-    }, Math.max(250, visibilityMs / 3));
+    const renew = setInterval(
+      () => {
+        void serial(async () => {
+          const res = await queue.updateMessage(
+            message.messageId,
+            popReceipt,
+            undefined,
+            Math.ceil(visibilityMs / 1000),
+          );
+          popReceipt = res.popReceipt!;
+        }).catch((err) =>
+          log('warn', `Could not extend the lease of a message on ${queue.name}.`, { error: String(err) }),
+        );
+      },
+      Math.max(250, visibilityMs / 3),
+    );
     try {
       let body: unknown;
       try {
         body = JSON.parse(message.messageText);
       } catch {
-        log('error', `Dropping a malformed message on ${queue.name}.`, { text: message.messageText.slice(0, 200) });
+        log('error', `Dropping a malformed message on ${queue.name}.`, {
+          text: message.messageText.slice(0, 200),
+        });
         body = undefined;
       }
       if (body !== undefined) await this.options.handle(body);
@@ -140,7 +153,9 @@ export class QueuePump {
       }
       log('warn', `Handling a message on ${queue.name} failed; it will be retried.`, { error: String(err) });
       const backoff = Math.min(2 ** message.dequeueCount, 30);
-      await serial(() => queue.updateMessage(message.messageId, popReceipt, undefined, backoff)).catch(() => undefined);
+      await serial(() => queue.updateMessage(message.messageId, popReceipt, undefined, backoff)).catch(
+        () => undefined,
+      );
     } finally {
       clearInterval(renew);
     }

@@ -25,7 +25,8 @@ export const PAYLOAD_LIMIT = 200_000;
 export const CUSTOM_STATUS_LIMIT = 16_000;
 const CHUNK = 30_000;
 
-export type RuntimeStatus = 'Pending' | 'Running' | 'Completed' | 'ContinuedAsNew' | 'Failed' | 'Terminated' | 'Suspended';
+export type RuntimeStatus =
+  'Pending' | 'Running' | 'Completed' | 'ContinuedAsNew' | 'Failed' | 'Terminated' | 'Suspended';
 export const TERMINAL: ReadonlySet<RuntimeStatus> = new Set(['Completed', 'Failed', 'Terminated']);
 
 export interface RetryPolicy {
@@ -55,7 +56,15 @@ export type OutboxItem =
   | { k: 'timer'; timerId: number; fireAt: string }
   | { k: 'sub'; taskId: number; seq: number; childId: string; childExecutionId: string }
   | { k: 'fail'; taskId: number; sub: boolean; message: string; errorType: string }
-  | { k: 'parent'; parentId: string; parentExecutionId: string; taskId: number; ok: boolean; result?: string; message?: string }
+  | {
+      k: 'parent';
+      parentId: string;
+      parentExecutionId: string;
+      taskId: number;
+      ok: boolean;
+      result?: string;
+      message?: string;
+    }
   | { k: 'wake' }
   | { k: 'cleanup'; executionId: string };
 
@@ -115,7 +124,8 @@ export function instanceIdProblem(id: string): string | undefined {
   if (id.length === 0) return 'an instance id must not be empty';
   if (id.length > 256) return 'an instance id must be at most 256 characters';
   // eslint-disable-next-line no-control-regex
-  if (/[/\\#?\u0000-\u001f\u007f-\u009f]/.test(id)) return "an instance id must not contain '/', '\\', '#', '?' or control characters";
+  if (/[/\\#?\u0000-\u001f\u007f-\u009f]/.test(id))
+    return "an instance id must not contain '/', '\\', '#', '?' or control characters";
   if (id.startsWith('@')) return "an instance id must not start with '@' (reserved for entities)";
   return undefined;
 }
@@ -130,7 +140,8 @@ function putText(entity: Record<string, unknown>, name: string, text: string | u
   }
   const parts = Math.ceil(text.length / CHUNK);
   entity[`${name}__n`] = parts;
-  for (let i = 0; i < parts; i++) entity[i === 0 ? name : `${name}__${i}`] = text.slice(i * CHUNK, (i + 1) * CHUNK);
+  for (let i = 0; i < parts; i++)
+    entity[i === 0 ? name : `${name}__${i}`] = text.slice(i * CHUNK, (i + 1) * CHUNK);
 }
 
 function getText(entity: Record<string, unknown>, name: string): string | undefined {
@@ -155,9 +166,13 @@ function odataString(value: string): string {
   return `'${value.replace(/'/g, "''")}'`;
 }
 
-async function listAll(table: TableClient, filter: string): Promise<TableEntityResult<Record<string, unknown>>[]> {
+async function listAll(
+  table: TableClient,
+  filter: string,
+): Promise<TableEntityResult<Record<string, unknown>>[]> {
   const rows: TableEntityResult<Record<string, unknown>>[] = [];
-  for await (const row of table.listEntities<Record<string, unknown>>({ queryOptions: { filter } })) rows.push(row);
+  for await (const row of table.listEntities<Record<string, unknown>>({ queryOptions: { filter } }))
+    rows.push(row);
   return rows;
 }
 
@@ -235,7 +250,16 @@ export class DurableStore {
     putText(entity, 'input', rec.input);
     putText(entity, 'output', rec.output);
     putText(entity, 'customStatus', rec.customStatus);
-    putText(entity, 'state', JSON.stringify({ parent: rec.parent, retries: rec.retries, outbox: rec.outbox, consumed: rec.consumed }));
+    putText(
+      entity,
+      'state',
+      JSON.stringify({
+        parent: rec.parent,
+        retries: rec.retries,
+        outbox: rec.outbox,
+        consumed: rec.consumed,
+      }),
+    );
     return entity;
   }
 
@@ -264,7 +288,9 @@ export class DurableStore {
   /** Replaces the row if its ETag still matches; false when someone else changed it. */
   async replaceInstance(rec: InstanceRecord): Promise<boolean> {
     try {
-      const res = await this.instances.updateEntity(this.fromInstance(rec), 'Replace', { etag: rec.etag ?? '*' });
+      const res = await this.instances.updateEntity(this.fromInstance(rec), 'Replace', {
+        etag: rec.etag ?? '*',
+      });
       rec.etag = res.etag;
       return true;
     } catch (err) {
@@ -283,7 +309,9 @@ export class DurableStore {
 
   async listInstances(filter?: string): Promise<InstanceRecord[]> {
     const rows: InstanceRecord[] = [];
-    for await (const row of this.instances.listEntities<Record<string, unknown>>(filter ? { queryOptions: { filter } } : {})) {
+    for await (const row of this.instances.listEntities<Record<string, unknown>>(
+      filter ? { queryOptions: { filter } } : {},
+    )) {
       rows.push(this.toInstance(row));
     }
     return rows;
@@ -293,13 +321,18 @@ export class DurableStore {
 
   /** Writes events at `from`, `from+1`, … of the execution (upsert: rows past the committed
    *  count are leftovers of an uncommitted turn and are overwritten). */
-  async writeHistory(instanceId: string, executionId: string, from: number, events: HistoryEvent[]): Promise<void> {
+  async writeHistory(
+    instanceId: string,
+    executionId: string,
+    from: number,
+    events: HistoryEvent[],
+  ): Promise<void> {
     const actions = events.map((event, i) => {
       const entity: Entity = { partitionKey: instanceId, rowKey: historyKey(executionId, from + i) };
       putText(entity, 'event', JSON.stringify(event));
       return ['upsert', entity, 'Replace'] as const;
     });
-    for (let i = 0; i < actions.length; ) {
+    for (let i = 0; i < actions.length;) {
       // A transaction holds at most 100 operations and 4 MB.
       let size = 0;
       let j = i;
@@ -314,7 +347,12 @@ export class DurableStore {
     }
   }
 
-  async readHistory(instanceId: string, executionId: string, from: number, to: number): Promise<HistoryEvent[]> {
+  async readHistory(
+    instanceId: string,
+    executionId: string,
+    from: number,
+    to: number,
+  ): Promise<HistoryEvent[]> {
     if (to <= from) return [];
     const filter =
       `PartitionKey eq ${odataString(instanceId)} and RowKey ge ${odataString(historyKey(executionId, from))}` +
@@ -322,14 +360,23 @@ export class DurableStore {
     const rows = await listAll(this.history, filter);
     rows.sort((a, b) => (a.rowKey! < b.rowKey! ? -1 : 1));
     if (rows.length !== to - from) {
-      throw new Error(`History of ${instanceId} is incomplete: expected ${to - from} events from ${from}, found ${rows.length}.`);
+      throw new Error(
+        `History of ${instanceId} is incomplete: expected ${to - from} events from ${from}, found ${rows.length}.`,
+      );
     }
     return rows.map((r) => JSON.parse(getText(r, 'event') ?? 'null') as HistoryEvent);
   }
 
-  async readHistoryEvent(instanceId: string, executionId: string, seq: number): Promise<HistoryEvent | undefined> {
+  async readHistoryEvent(
+    instanceId: string,
+    executionId: string,
+    seq: number,
+  ): Promise<HistoryEvent | undefined> {
     try {
-      const row = await this.history.getEntity<Record<string, unknown>>(instanceId, historyKey(executionId, seq));
+      const row = await this.history.getEntity<Record<string, unknown>>(
+        instanceId,
+        historyKey(executionId, seq),
+      );
       return JSON.parse(getText(row, 'event') ?? 'null') as HistoryEvent;
     } catch (err) {
       if (isStatus(err, 404)) return undefined;
@@ -349,7 +396,9 @@ export class DurableStore {
   private async deleteRows(table: TableClient, partitionKey: string, filter: string): Promise<void> {
     const rows = await listAll(table, filter);
     for (let i = 0; i < rows.length; i += 100) {
-      const batch = rows.slice(i, i + 100).map((r) => ['delete', { partitionKey, rowKey: r.rowKey! }] as ['delete', Entity]);
+      const batch = rows
+        .slice(i, i + 100)
+        .map((r) => ['delete', { partitionKey, rowKey: r.rowKey! }] as ['delete', Entity]);
       try {
         await table.submitTransaction(batch);
       } catch (err) {
@@ -368,7 +417,8 @@ export class DurableStore {
   /** Records an event for an instance; false when an event with that key was already recorded. */
   async addInbox(instanceId: string, row: Omit<InboxRow, 'consumed' | 'arrivedAt'>): Promise<boolean> {
     const text = JSON.stringify(row.event);
-    if (text.length > PAYLOAD_LIMIT * 2) throw new PayloadTooLargeError(`The event for ${instanceId} is too large to store.`);
+    if (text.length > PAYLOAD_LIMIT * 2)
+      throw new PayloadTooLargeError(`The event for ${instanceId} is too large to store.`);
     const entity: Entity = {
       partitionKey: instanceId,
       rowKey: row.key,
@@ -397,7 +447,10 @@ export class DurableStore {
   }
 
   async newInbox(instanceId: string): Promise<InboxRow[]> {
-    const rows = await listAll(this.inbox, `PartitionKey eq ${odataString(instanceId)} and consumed eq false`);
+    const rows = await listAll(
+      this.inbox,
+      `PartitionKey eq ${odataString(instanceId)} and consumed eq false`,
+    );
     const result = rows.map((r) => ({
       key: r.rowKey!,
       executionId: typeof r.executionId === 'string' ? r.executionId : undefined,
@@ -405,7 +458,9 @@ export class DurableStore {
       consumed: false,
       event: JSON.parse(getText(r, 'event') ?? 'null') as HistoryEvent,
     }));
-    result.sort((a, b) => (a.arrivedAt < b.arrivedAt ? -1 : a.arrivedAt > b.arrivedAt ? 1 : a.key < b.key ? -1 : 1));
+    result.sort((a, b) =>
+      a.arrivedAt < b.arrivedAt ? -1 : a.arrivedAt > b.arrivedAt ? 1 : a.key < b.key ? -1 : 1,
+    );
     return result;
   }
 
@@ -413,7 +468,14 @@ export class DurableStore {
     for (let i = 0; i < keys.length; i += 100) {
       const batch = keys
         .slice(i, i + 100)
-        .map((rowKey) => ['update', { partitionKey: instanceId, rowKey, consumed: true }, 'Merge'] as ['update', Entity, 'Merge']);
+        .map(
+          (rowKey) =>
+            ['update', { partitionKey: instanceId, rowKey, consumed: true }, 'Merge'] as [
+              'update',
+              Entity,
+              'Merge',
+            ],
+        );
       try {
         await this.inbox.submitTransaction(batch);
       } catch (err) {

@@ -122,7 +122,13 @@ function isFinalRetry(state: RetryState): boolean {
   return state.attempt >= state.policy.maxNumberOfAttempts;
 }
 
-export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incoming: HistoryEvent[], now: Date, has: Has): PreparedTurn {
+export function prepareTurn(
+  rec: InstanceRecord,
+  history: HistoryEvent[],
+  incoming: HistoryEvent[],
+  now: Date,
+  has: Has,
+): PreparedTurn {
   const retries: Record<string, RetryState> = structuredClone(rec.retries);
   let nextEventId = rec.nextEventId;
   const events: HistoryEvent[] = [event(EventType.OrchestratorStarted, {}, now)];
@@ -135,7 +141,14 @@ export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incomi
           Input: rec.input ?? null,
           OrchestrationInstance: { InstanceId: rec.instanceId, ExecutionId: rec.executionId },
           ...(rec.parent
-            ? { ParentInstance: { InstanceId: rec.parent.instanceId, ExecutionId: rec.parent.executionId, TaskScheduleId: rec.parent.taskId, Name: '' } }
+            ? {
+                ParentInstance: {
+                  InstanceId: rec.parent.instanceId,
+                  ExecutionId: rec.parent.executionId,
+                  TaskScheduleId: rec.parent.taskId,
+                  Name: '',
+                },
+              }
             : {}),
         },
         now,
@@ -147,10 +160,13 @@ export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incomi
   const middle: HistoryEvent[] = [];
   const last: HistoryEvent[] = [];
   for (const e of incoming) {
-    const failed = e.EventType === EventType.TaskFailed || e.EventType === EventType.SubOrchestrationInstanceFailed;
-    const succeeded = e.EventType === EventType.TaskCompleted || e.EventType === EventType.SubOrchestrationInstanceCompleted;
+    const failed =
+      e.EventType === EventType.TaskFailed || e.EventType === EventType.SubOrchestrationInstanceFailed;
+    const succeeded =
+      e.EventType === EventType.TaskCompleted || e.EventType === EventType.SubOrchestrationInstanceCompleted;
     const taskRetry = e.TaskScheduledId !== undefined ? retries[e.TaskScheduledId] : undefined;
-    const timerRetry = e.EventType === EventType.TimerFired && e.TimerId !== undefined ? retries[e.TimerId] : undefined;
+    const timerRetry =
+      e.EventType === EventType.TimerFired && e.TimerId !== undefined ? retries[e.TimerId] : undefined;
     if (failed && taskRetry && !taskRetry.waitingOnTimer) first.push(e);
     else if (succeeded && taskRetry && !taskRetry.waitingOnTimer) {
       delete retries[e.TaskScheduledId!];
@@ -170,9 +186,13 @@ export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incomi
       const next: RetryState = { ...state, attempt: state.attempt + 1, waitingOnTimer: false };
       retries[id] = next;
       const timeout = state.policy.retryTimeoutInMilliseconds;
-      const expired = timeout !== undefined && timeout > 0 && now.getTime() - Date.parse(state.firstAttemptAt) >= timeout;
+      const expired =
+        timeout !== undefined && timeout > 0 && now.getTime() - Date.parse(state.firstAttemptAt) >= timeout;
       const name = source?.Name ?? '';
-      const registered = state.kind === 'activity' ? name === HTTP_ACTIVITY || has('activity', name) : has('orchestration', name);
+      const registered =
+        state.kind === 'activity'
+          ? name === HTTP_ACTIVITY || has('activity', name)
+          : has('orchestration', name);
       const failure = expired
         ? `The retry timeout (${timeout} ms) of ${name} expired before attempt ${next.attempt}.`
         : !registered
@@ -180,17 +200,29 @@ export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incomi
           : undefined;
       if (state.kind === 'activity') {
         scheduled.push({
-          event: event(EventType.TaskScheduled, { EventId: id, Name: name, Input: source?.Input ?? null }, now),
+          event: event(
+            EventType.TaskScheduled,
+            { EventId: id, Name: name, Input: source?.Input ?? null },
+            now,
+          ),
           outbox: (seq) =>
-            failure ? { k: 'fail', taskId: id, sub: false, message: failure, errorType: 'Error' } : { k: 'activity', taskId: id, seq },
+            failure
+              ? { k: 'fail', taskId: id, sub: false, message: failure, errorType: 'Error' }
+              : { k: 'activity', taskId: id, seq },
         });
       } else {
         const childId = source?.InstanceId ?? `${rec.instanceId}:${id}`;
         const childExecutionId = randomUUID().replace(/-/g, '');
         scheduled.push({
-          event: event(EventType.SubOrchestrationInstanceCreated, { EventId: id, Name: name, InstanceId: childId, Input: source?.Input ?? null }, now),
+          event: event(
+            EventType.SubOrchestrationInstanceCreated,
+            { EventId: id, Name: name, InstanceId: childId, Input: source?.Input ?? null },
+            now,
+          ),
           outbox: (seq) =>
-            failure ? { k: 'fail', taskId: id, sub: true, message: failure, errorType: 'Error' } : { k: 'sub', taskId: id, seq, childId, childExecutionId },
+            failure
+              ? { k: 'fail', taskId: id, sub: true, message: failure, errorType: 'Error' }
+              : { k: 'sub', taskId: id, seq, childId, childExecutionId },
         });
       }
     } else {
@@ -208,12 +240,17 @@ export function prepareTurn(rec: InstanceRecord, history: HistoryEvent[], incomi
   }
   for (const e of last) delete retries[e.TimerId!];
 
-  const status: RuntimeStatus = rec.status === 'Pending' || rec.status === 'ContinuedAsNew' ? 'Running' : rec.status;
+  const status: RuntimeStatus =
+    rec.status === 'Pending' || rec.status === 'ContinuedAsNew' ? 'Running' : rec.status;
   return { now, events: [...events, ...first, ...middle, ...last], scheduled, nextEventId, retries, status };
 }
 
 /** The orchestration trigger's value: DurableOrchestrationBindingInfo as the extension sends it. */
-export function triggerInput(rec: InstanceRecord, history: HistoryEvent[], turn: PreparedTurn): Record<string, unknown> {
+export function triggerInput(
+  rec: InstanceRecord,
+  history: HistoryEvent[],
+  turn: PreparedTurn,
+): Record<string, unknown> {
   const strip = (e: HistoryEvent, played: boolean) => {
     const { _key, ...rest } = e;
     void _key;
@@ -241,7 +278,9 @@ function notRegistered(kind: 'activity' | 'orchestration', name: string): string
 const OUT_OF_PROC_LABEL = '\n\n$OutOfProcData$:';
 
 /** What the orchestrator call produced: a state, or a failure with the library's state attached. */
-export type InvocationOutcome = { ok: true; state: OrchestratorState } | { ok: false; message: string; details: FailureDetails; state?: OrchestratorState };
+export type InvocationOutcome =
+  | { ok: true; state: OrchestratorState }
+  | { ok: false; message: string; details: FailureDetails; state?: OrchestratorState };
 
 export function interpretInvocation(result: unknown): InvocationOutcome {
   const value = typeof result === 'string' ? (JSON.parse(result) as unknown) : result;
@@ -251,7 +290,12 @@ export function interpretInvocation(result: unknown): InvocationOutcome {
     return { ok: false, message, details: { ErrorType: 'Error', ErrorMessage: message } };
   }
   if (state.error !== undefined && state.error !== null) {
-    return { ok: false, message: String(state.error), details: { ErrorType: 'Error', ErrorMessage: String(state.error) }, state };
+    return {
+      ok: false,
+      message: String(state.error),
+      details: { ErrorType: 'Error', ErrorMessage: String(state.error) },
+      state,
+    };
   }
   return { ok: true, state };
 }
@@ -271,14 +315,21 @@ export function interpretInvocationError(err: unknown): InvocationOutcome {
   }
   // The library passes a flag, not the error, as the first part of the message (it reads
   // "false"); the orchestrator's own error message is the state's `error`.
-  const message = state?.error !== undefined && state.error !== null ? String(state.error) : text.slice(0, at);
+  const message =
+    state?.error !== undefined && state.error !== null ? String(state.error) : text.slice(0, at);
   const failure = (state as { failureDetails?: FailureDetails } | undefined)?.failureDetails;
   return { ok: false, message, details: failure ?? { ...details, ErrorMessage: message }, state };
 }
 
 class UnsupportedAction extends Error {}
 
-export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn: PreparedTurn, outcome: InvocationOutcome, has: Has): TurnResult {
+export function completeTurn(
+  rec: InstanceRecord,
+  history: HistoryEvent[],
+  turn: PreparedTurn,
+  outcome: InvocationOutcome,
+  has: Has,
+): TurnResult {
   const now = turn.now;
   let nextEventId = turn.nextEventId;
   const retries = turn.retries;
@@ -288,7 +339,8 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
   let customStatus = rec.customStatus;
   let actionCount = rec.actionCount;
 
-  if (outcome.state?.customStatus !== undefined) customStatus = valueText(outcome.state.customStatus) ?? undefined;
+  if (outcome.state?.customStatus !== undefined)
+    customStatus = valueText(outcome.state.customStatus) ?? undefined;
 
   if (!outcome.ok) {
     failure = { message: outcome.message, details: outcome.details };
@@ -330,7 +382,9 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
               event: event(EventType.TaskScheduled, { EventId: id, Name: name, Input: input }, now),
               outbox: (seq) => {
                 if (retries[id] && retries[id].firstSeq === -1) retries[id].firstSeq = seq;
-                return missing ? { k: 'fail', taskId: id, sub: false, message: missing, errorType: 'Error' } : { k: 'activity', taskId: id, seq };
+                return missing
+                  ? { k: 'fail', taskId: id, sub: false, message: missing, errorType: 'Error' }
+                  : { k: 'activity', taskId: id, seq };
               },
             });
             return;
@@ -355,7 +409,11 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
             }
             const missing = !has('orchestration', name) ? notRegistered('orchestration', name) : undefined;
             scheduled.push({
-              event: event(EventType.SubOrchestrationInstanceCreated, { EventId: id, Name: name, InstanceId: childId, Input: input }, now),
+              event: event(
+                EventType.SubOrchestrationInstanceCreated,
+                { EventId: id, Name: name, InstanceId: childId, Input: input },
+                now,
+              ),
               outbox: (seq) => {
                 if (retries[id] && retries[id].firstSeq === -1) retries[id].firstSeq = seq;
                 return missing
@@ -378,9 +436,13 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
           case ActionType.SignalEntity:
           case ActionType.LockEntities:
           case ActionType.ReleaseEntities:
-            throw new UnsupportedAction('Durable entities (callEntity, signalEntity, lock) are not supported by the local Durable engine.');
+            throw new UnsupportedAction(
+              'Durable entities (callEntity, signalEntity, lock) are not supported by the local Durable engine.',
+            );
           default:
-            throw new UnsupportedAction(`The orchestrator returned an action of unknown type ${String(action.actionType)}.`);
+            throw new UnsupportedAction(
+              `The orchestrator returned an action of unknown type ${String(action.actionType)}.`,
+            );
         }
       };
       const fresh = actions.slice(actionCount);
@@ -409,7 +471,10 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
     nextEventId,
     actionCount,
     retries,
-    customStatus: customStatus !== undefined && customStatus.length <= CUSTOM_STATUS_LIMIT ? customStatus : rec.customStatus,
+    customStatus:
+      customStatus !== undefined && customStatus.length <= CUSTOM_STATUS_LIMIT
+        ? customStatus
+        : rec.customStatus,
     outbox: [],
     consumed: [],
   };
@@ -442,12 +507,18 @@ export function completeTurn(rec: InstanceRecord, history: HistoryEvent[], turn:
     record.status = 'Failed';
     record.output = JSON.stringify(message);
     newHistory.push(
-      event(EventType.ExecutionCompleted, { OrchestrationStatus: 'Failed', Result: record.output, FailureDetails: failure.details }, now),
+      event(
+        EventType.ExecutionCompleted,
+        { OrchestrationStatus: 'Failed', Result: record.output, FailureDetails: failure.details },
+        now,
+      ),
     );
   } else if (done && outcome.ok) {
     record.status = 'Completed';
     record.output = valueText(outcome.state.output) ?? 'null';
-    newHistory.push(event(EventType.ExecutionCompleted, { OrchestrationStatus: 'Completed', Result: record.output }, now));
+    newHistory.push(
+      event(EventType.ExecutionCompleted, { OrchestrationStatus: 'Completed', Result: record.output }, now),
+    );
   }
   newHistory.push(event(EventType.OrchestratorCompleted, {}, now));
   if (done) {
@@ -490,7 +561,15 @@ export function terminateTurn(rec: InstanceRecord, reason: string | null, now: D
     historyCount: rec.historyCount + history.length,
     retries: {},
     outbox: rec.parent
-      ? [{ k: 'parent', parentId: rec.parent.instanceId, parentExecutionId: rec.parent.executionId, taskId: rec.parent.taskId, ok: false }]
+      ? [
+          {
+            k: 'parent',
+            parentId: rec.parent.instanceId,
+            parentExecutionId: rec.parent.executionId,
+            taskId: rec.parent.taskId,
+            ok: false,
+          },
+        ]
       : [],
     consumed: [],
   };
@@ -498,7 +577,11 @@ export function terminateTurn(rec: InstanceRecord, reason: string | null, now: D
 }
 
 /** Ids of tasks and timers scheduled in `history` that have no completion in it. */
-export function outstanding(history: HistoryEvent[]): { activities: Map<number, number>; timers: Map<number, string>; subs: Map<number, number> } {
+export function outstanding(history: HistoryEvent[]): {
+  activities: Map<number, number>;
+  timers: Map<number, string>;
+  subs: Map<number, number>;
+} {
   const activities = new Map<number, number>();
   const timers = new Map<number, string>();
   const subs = new Map<number, number>();

@@ -15,7 +15,10 @@ import { LibraryInvoker } from './harness';
 
 const [connectionString, hubName, dir] = process.argv.slice(2);
 const log = (file: string, line: string) => appendFileSync(path.join(dir, file), `${line}\n`);
-const lines = (file: string) => (existsSync(path.join(dir, file)) ? readFileSync(path.join(dir, file), 'utf8').split('\n').filter(Boolean) : []);
+const lines = (file: string) =>
+  existsSync(path.join(dir, file))
+    ? readFileSync(path.join(dir, file), 'utf8').split('\n').filter(Boolean)
+    : [];
 
 const invoker = new LibraryInvoker()
   .addActivity('step', {
@@ -39,8 +42,14 @@ const invoker = new LibraryInvoker()
   .addOrchestration('pipeline', function* (context: OrchestrationContext) {
     const durations = context.df.getInput() as number[];
     context.df.setCustomStatus('fan-out');
-    const steps: string[] = yield context.df.Task.all(durations.map((ms, i) => context.df.callActivity('step', { key: `step-${i}`, ms })));
-    const flaky: string = yield context.df.callActivityWithRetry('flaky', new df.RetryOptions(100, 5), 'flaky');
+    const steps: string[] = yield context.df.Task.all(
+      durations.map((ms, i) => context.df.callActivity('step', { key: `step-${i}`, ms })),
+    );
+    const flaky: string = yield context.df.callActivityWithRetry(
+      'flaky',
+      new df.RetryOptions(100, 5),
+      'flaky',
+    );
     context.df.setCustomStatus('timer');
     yield context.df.createTimer(new Date(context.df.currentUtcDateTime.getTime() + 2500));
     context.df.setCustomStatus('waiting-for-go');

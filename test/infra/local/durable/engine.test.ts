@@ -37,7 +37,9 @@ invoker
   .addOrchestration('fanOut', function* (context: OrchestrationContext) {
     const items = context.df.getInput() as number[];
     const first: number = yield context.df.callActivity('double', items[0]);
-    const doubled: number[] = yield context.df.Task.all(items.map((n) => context.df.callActivity('double', n)));
+    const doubled: number[] = yield context.df.Task.all(
+      items.map((n) => context.df.callActivity('double', n)),
+    );
     return { first, doubled, sum: doubled.reduce((a, b) => a + b, 0) };
   })
   .addOrchestration('payloads', function* (context: OrchestrationContext) {
@@ -101,16 +103,31 @@ invoker
     return { doubled, parent: context.df.parentInstanceId ?? null, me: context.df.instanceId };
   })
   .addOrchestration('parent', function* (context: OrchestrationContext) {
-    const plain: { doubled: number; parent: string; me: string } = yield context.df.callSubOrchestrator('child', { n: 5 });
-    const named: { doubled: number } = yield context.df.callSubOrchestrator('child', { n: 6 }, `${context.df.instanceId}-named`);
-    const retried: { doubled: number } = yield context.df.callSubOrchestratorWithRetry('child', new df.RetryOptions(20, 3), {
-      n: 7,
-      failUntil: 2,
-      key: `${context.df.instanceId}-retry`,
-    });
+    const plain: { doubled: number; parent: string; me: string } = yield context.df.callSubOrchestrator(
+      'child',
+      { n: 5 },
+    );
+    const named: { doubled: number } = yield context.df.callSubOrchestrator(
+      'child',
+      { n: 6 },
+      `${context.df.instanceId}-named`,
+    );
+    const retried: { doubled: number } = yield context.df.callSubOrchestratorWithRetry(
+      'child',
+      new df.RetryOptions(20, 3),
+      {
+        n: 7,
+        failUntil: 2,
+        key: `${context.df.instanceId}-retry`,
+      },
+    );
     let failure = '';
     try {
-      yield context.df.callSubOrchestrator('child', { n: 1, failUntil: 99, key: `${context.df.instanceId}-fail` });
+      yield context.df.callSubOrchestrator('child', {
+        n: 1,
+        failUntil: 99,
+        key: `${context.df.instanceId}-fail`,
+      });
     } catch (err) {
       failure = (err as Error).message;
     }
@@ -175,9 +192,9 @@ describe('local Durable engine: orchestrations through the durable-functions lib
     const status = await waitForDone(host.client, id);
     expect(status.runtimeStatus).toBe('Completed');
     expect(status.output).toEqual({ first: 2, doubled: [2, 4, 6, 8, 10], sum: 30 });
-    const completed = (status.history as { EventType: string; FunctionName?: string; Result?: unknown }[]).filter(
-      (e) => e.EventType === 'TaskCompleted',
-    );
+    const completed = (
+      status.history as { EventType: string; FunctionName?: string; Result?: unknown }[]
+    ).filter((e) => e.EventType === 'TaskCompleted');
     expect(completed).toHaveLength(6);
     expect(completed.every((e) => e.FunctionName === 'double')).toBe(true);
   });
@@ -185,7 +202,12 @@ describe('local Durable engine: orchestrations through the durable-functions lib
   it('passes strings, objects and undefined through activities unchanged', async () => {
     const id = await host.client.startNew('payloads', { input: 'a "string" input' });
     const status = await waitForDone(host.client, id);
-    expect(status.output).toEqual({ text: 'plain "quoted" text', obj: { a: [1, 2], b: null }, none: null, input: 'a "string" input' });
+    expect(status.output).toEqual({
+      text: 'plain "quoted" text',
+      obj: { a: [1, 2], b: null },
+      none: null,
+      input: 'a "string" input',
+    });
     expect(status.input).toBe('a "string" input');
   });
 
@@ -244,13 +266,20 @@ describe('local Durable engine: orchestrations through the durable-functions lib
     const id = await host.client.startNew('parent');
     const status = await waitForDone(host.client, id);
     expect(status.runtimeStatus).toBe('Completed');
-    const out = status.output as { plain: { doubled: number; parent: string; me: string }; named: number; retried: number; failure: string };
+    const out = status.output as {
+      plain: { doubled: number; parent: string; me: string };
+      named: number;
+      retried: number;
+      failure: string;
+    };
     expect(out.plain.doubled).toBe(10);
     expect(out.plain.parent).toBe(id);
     expect(out.plain.me).toBe(`${id}:0`);
     expect(out.named).toBe(12);
     expect(out.retried).toBe(14);
-    const failures = (status.history as { EventType: string }[]).filter((e) => e.EventType === 'SubOrchestrationInstanceFailed');
+    const failures = (status.history as { EventType: string }[]).filter(
+      (e) => e.EventType === 'SubOrchestrationInstanceFailed',
+    );
     expect(failures).toHaveLength(2); // one retried attempt, one failure that propagated
     expect(out.failure).toContain('child says no');
     const named = await host.client.getStatus(`${id}-named`);
@@ -262,7 +291,9 @@ describe('local Durable engine: orchestrations through the durable-functions lib
     const status = await waitForDone(host.client, id);
     expect(status.output).toEqual({ n: 3, doubled: 6 });
     expect(status.input).toBe(3);
-    const started = (status.history as { EventType: string }[]).filter((e) => e.EventType === 'ExecutionStarted');
+    const started = (status.history as { EventType: string }[]).filter(
+      (e) => e.EventType === 'ExecutionStarted',
+    );
     expect(started).toHaveLength(1);
   });
 
@@ -336,7 +367,9 @@ describe('local Durable engine: orchestrations through the durable-functions lib
 
   it('rejects unknown orchestrators and bad instance ids', async () => {
     await expect(host.client.startNew('noSuchOrchestrator')).rejects.toThrow(/400/);
-    await expect(host.client.startNew('fanOut', { instanceId: 'x'.repeat(300), input: [1] })).rejects.toThrow(/400/);
+    await expect(host.client.startNew('fanOut', { instanceId: 'x'.repeat(300), input: [1] })).rejects.toThrow(
+      /400/,
+    );
   });
 
   it('shows status with and without history, input and history output', async () => {
@@ -364,7 +397,9 @@ describe('local Durable engine: orchestrations through the durable-functions lib
     const running = await host.client.getStatusBy({ runtimeStatus: [df.OrchestrationRuntimeStatus.Running] });
     expect(running.every((s) => s.runtimeStatus === 'Running')).toBe(true);
     expect(running.some((s) => s.instanceId === waiting)).toBe(true);
-    const completed = await host.client.getStatusBy({ runtimeStatus: [df.OrchestrationRuntimeStatus.Completed] });
+    const completed = await host.client.getStatusBy({
+      runtimeStatus: [df.OrchestrationRuntimeStatus.Completed],
+    });
     expect(completed.length).toBeGreaterThan(0);
     expect(completed.every((s) => s.runtimeStatus === 'Completed')).toBe(true);
     await host.client.terminate(waiting, 'done');

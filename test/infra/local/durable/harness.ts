@@ -5,7 +5,11 @@ import { HttpRequest, InvocationContext, type HttpResponse } from '@azure/functi
 import * as df from 'durable-functions';
 import type { ActivityHandler, DurableClient, OrchestrationHandler } from 'durable-functions';
 import { StorageClients } from '../../../../shared/storage';
-import { DurableEngine, type DurableEngineOptions, type DurableFunctionInvoker } from '../../../../infra/local/durable/engine';
+import {
+  DurableEngine,
+  type DurableEngineOptions,
+  type DurableFunctionInvoker,
+} from '../../../../infra/local/durable/engine';
 
 /*
  * Test wiring without the local Functions host: the handlers are wrapped exactly as
@@ -15,10 +19,14 @@ import { DurableEngine, type DurableEngineOptions, type DurableFunctionInvoker }
 
 const load = createRequire(__filename);
 const { createOrchestrator } = load('durable-functions/lib/src/util/testingUtils') as {
-  createOrchestrator: (fn: OrchestrationHandler) => (trigger: unknown, context: InvocationContext) => Promise<unknown>;
+  createOrchestrator: (
+    fn: OrchestrationHandler,
+  ) => (trigger: unknown, context: InvocationContext) => Promise<unknown>;
 };
 const { wrapActivityHandler } = load('durable-functions/lib/src/app') as {
-  wrapActivityHandler: (fn: ActivityHandler) => (input: unknown, context: InvocationContext) => Promise<unknown>;
+  wrapActivityHandler: (
+    fn: ActivityHandler,
+  ) => (input: unknown, context: InvocationContext) => Promise<unknown>;
 };
 
 type Wrapped = (input: unknown, context: InvocationContext) => Promise<unknown>;
@@ -127,7 +135,12 @@ export async function startTestHost(
         const chunks: Buffer[] = [];
         for await (const c of req) chunks.push(c as Buffer);
         const body = Buffer.concat(chunks).toString('utf8');
-        const request = new HttpRequest({ method: 'POST', url: url.href, body: { string: body }, headers: { 'content-type': 'application/json' } });
+        const request = new HttpRequest({
+          method: 'POST',
+          url: url.href,
+          body: { string: body },
+          headers: { 'content-type': 'application/json' },
+        });
         const client = clientFor(engine);
         const instanceId = await client.startNew(match[1], { input: body ? JSON.parse(body) : undefined });
         const response: HttpResponse = client.createCheckStatusResponse(request, instanceId);
@@ -152,7 +165,10 @@ export async function startTestHost(
     baseUrl,
     key,
     async startViaHttp(name, input) {
-      const res = await fetch(`${baseUrl}/api/start/${name}`, { method: 'POST', body: JSON.stringify(input) });
+      const res = await fetch(`${baseUrl}/api/start/${name}`, {
+        method: 'POST',
+        body: JSON.stringify(input),
+      });
       return { status: res.status, body: (await res.json()) as Record<string, string> };
     },
     async stop() {
@@ -164,17 +180,28 @@ export async function startTestHost(
 }
 
 /** Polls the client until the instance reaches a final state. */
-export async function waitForDone(client: DurableClient, instanceId: string, timeoutMs = 30_000): Promise<df.DurableOrchestrationStatus> {
+export async function waitForDone(
+  client: DurableClient,
+  instanceId: string,
+  timeoutMs = 30_000,
+): Promise<df.DurableOrchestrationStatus> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const status = await client.getStatus(instanceId, { showHistory: true, showHistoryOutput: true });
     if (['Completed', 'Failed', 'Terminated'].includes(status.runtimeStatus)) return status;
-    if (Date.now() > deadline) throw new Error(`Instance ${instanceId} still ${status.runtimeStatus} after ${timeoutMs} ms: ${JSON.stringify(status)}`);
+    if (Date.now() > deadline)
+      throw new Error(
+        `Instance ${instanceId} still ${status.runtimeStatus} after ${timeoutMs} ms: ${JSON.stringify(status)}`,
+      );
     await new Promise((r) => setTimeout(r, 25));
   }
 }
 
-export async function waitFor<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 20_000): Promise<T> {
+export async function waitFor<T>(
+  what: string,
+  probe: () => Promise<T | undefined | false>,
+  timeoutMs = 20_000,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await probe();

@@ -15,24 +15,31 @@ const dir = mkdtempSync(path.join(os.tmpdir(), 'lifeboat-durable-crash-'));
 const children: ChildProcess[] = [];
 
 afterAll(() => {
-  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  for (const child of children)
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
 });
 
 /** Starts a host process; resolves with a client for it once it is ready. */
 async function startHost(): Promise<{ child: ChildProcess; client: DurableClient }> {
   const script = path.join(__dirname, 'crash-host.ts');
-  const child = spawn(process.execPath, ['--import', 'tsx', script, inject('azuriteConnectionString'), HUB, dir], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    cwd: path.resolve(__dirname, '../../../..'),
-  });
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', script, inject('azuriteConnectionString'), HUB, dir],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      cwd: path.resolve(__dirname, '../../../..'),
+    },
+  );
   children.push(child);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
   const line = await new Promise<string>((resolve, reject) => {
     const rl = createInterface({ input: child.stdout! });
     rl.once('line', resolve);
-    child.once('exit', (code) => reject(new Error(`crash-host exited with ${code} before it was ready: ${stderr}`)));
+    child.once('exit', (code) =>
+      reject(new Error(`crash-host exited with ${code} before it was ready: ${stderr}`)),
+    );
   });
   const ready = JSON.parse(line) as { client: Record<string, unknown> };
   return { child, client: clientFor(ready.client) };
@@ -54,7 +61,9 @@ const starts = (log: string[], key: string) => log.filter((l) => l === `start ${
 /** Activity keys whose completion (or failure) the engine has recorded, read from storage. */
 async function recordedCompletions(store: DurableStore, instanceId: string): Promise<Map<string, number>> {
   const inputs = new Map<number, string>();
-  for await (const row of store.history.listEntities<Record<string, unknown>>({ queryOptions: { filter: `PartitionKey eq '${instanceId}'` } })) {
+  for await (const row of store.history.listEntities<Record<string, unknown>>({
+    queryOptions: { filter: `PartitionKey eq '${instanceId}'` },
+  })) {
     const e = JSON.parse(String(row.event)) as { EventType: number; EventId: number; Input?: string };
     if (e.EventType === EventType.TaskScheduled && e.Input) {
       const input = JSON.parse(e.Input) as { key?: string } | string;
@@ -62,9 +71,14 @@ async function recordedCompletions(store: DurableStore, instanceId: string): Pro
     }
   }
   const recorded = new Map<string, number>();
-  for await (const row of store.inbox.listEntities<Record<string, unknown>>({ queryOptions: { filter: `PartitionKey eq '${instanceId}'` } })) {
+  for await (const row of store.inbox.listEntities<Record<string, unknown>>({
+    queryOptions: { filter: `PartitionKey eq '${instanceId}'` },
+  })) {
     const e = JSON.parse(String(row.event)) as { EventType: number; TaskScheduledId?: number };
-    if ((e.EventType === EventType.TaskCompleted || e.EventType === EventType.TaskFailed) && e.TaskScheduledId !== undefined) {
+    if (
+      (e.EventType === EventType.TaskCompleted || e.EventType === EventType.TaskFailed) &&
+      e.TaskScheduledId !== undefined
+    ) {
       const key = inputs.get(e.TaskScheduledId);
       if (key) recorded.set(key, (recorded.get(key) ?? 0) + 1);
     }
@@ -74,7 +88,10 @@ async function recordedCompletions(store: DurableStore, instanceId: string): Pro
 
 describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
   it('resumes on restart, completes once, and never re-runs an activity whose completion was recorded', async () => {
-    const store = new DurableStore(StorageClients.fromConnectionString(inject('azuriteConnectionString')), HUB);
+    const store = new DurableStore(
+      StorageClients.fromConnectionString(inject('azuriteConnectionString')),
+      HUB,
+    );
 
     // 1. Start the pipeline; kill the host while the slow fan-out steps run.
     let host = await startHost();
@@ -82,10 +99,17 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
     const instanceId = await host.client.startNew('pipeline', { input: durations });
     await waitFor('fast steps done and slow ones started', async () => {
       const log = runs();
-      return ['step-0', 'step-1', 'step-2'].every((k) => log.includes(`done ${k}`)) && log.includes('start step-3') && log.includes('start step-4');
+      return (
+        ['step-0', 'step-1', 'step-2'].every((k) => log.includes(`done ${k}`)) &&
+        log.includes('start step-3') &&
+        log.includes('start step-4')
+      );
     });
     // Let the fast completions be recorded (the slow steps are still sleeping).
-    await waitFor('fast completions recorded', async () => (await recordedCompletions(store, instanceId)).size >= 3);
+    await waitFor(
+      'fast completions recorded',
+      async () => (await recordedCompletions(store, instanceId)).size >= 3,
+    );
     await kill(host.child);
     const recordedAtFirstKill = await recordedCompletions(store, instanceId);
     const runsAtFirstKill = runs();
@@ -93,14 +117,22 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
 
     // 2. Restart; kill again while the orchestration waits on its durable timer.
     host = await startHost();
-    await waitFor('the timer stage', async () => (await host.client.getStatus(instanceId)).customStatus === 'timer', 30_000);
+    await waitFor(
+      'the timer stage',
+      async () => (await host.client.getStatus(instanceId)).customStatus === 'timer',
+      30_000,
+    );
     await kill(host.child);
     const recordedAtSecondKill = await recordedCompletions(store, instanceId);
     const runsAtSecondKill = runs();
 
     // 3. Restart; the timer fires, the orchestration waits for the event, which we raise.
     host = await startHost();
-    await waitFor('waiting for go', async () => (await host.client.getStatus(instanceId)).customStatus === 'waiting-for-go', 30_000);
+    await waitFor(
+      'waiting for go',
+      async () => (await host.client.getStatus(instanceId)).customStatus === 'waiting-for-go',
+      30_000,
+    );
     await host.client.raiseEvent(instanceId, 'go', 'go!');
     const status = await waitFor(
       'completion',
@@ -130,7 +162,9 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
     ] as const) {
       for (const key of recorded.keys()) {
         if (key === 'flaky') continue; // one key, several attempts: checked below
-        expect(starts(finalRuns, key), `${key} re-ran after its completion was recorded`).toBe(starts(snapshot, key));
+        expect(starts(finalRuns, key), `${key} re-ran after its completion was recorded`).toBe(
+          starts(snapshot, key),
+        );
       }
     }
     expect(recordedAtFirstKill.has('step-3')).toBe(false);
