@@ -109,7 +109,9 @@ var changelogContainer = 'changelogs'
 var deploymentContainer = 'app-package'
 var encryptionKeysSecretName = 'lifeboat-encryption-keys'
 var machinesTable = 'machines'
-var stateTables = [machinesTable, 'disks', 'recoverypoints', 'groups', 'plans', 'failovers', 'events']
+// The code creates the state tables it uses on first use; `machines` is made here because the
+// proxy's read grant is scoped to it, and a role assignment needs its scope to exist.
+var replicaTables = [machinesTable]
 
 // Built-in role definition ids (test/infra/azure checks each against its name).
 var roles = {
@@ -185,7 +187,7 @@ module replicaStorage 'modules/storage-account.bicep' = {
     tags: allTags
     sku: replicaStorageSku
     containers: ['seed-disks', 'failover-disks']
-    tables: stateTables
+    tables: replicaTables
   }
 }
 
@@ -425,7 +427,7 @@ resource appReplicaBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
   dependsOn: [replicaStorage]
 }
 
-// State tables: machines, disks, recoverypoints, groups, plans, failovers, events.
+// State tables: machines, disks, recovery points, marker arrivals, events, apply nudges …
 resource appReplicaTables 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(replicaAccount.id, appIdentity.id, roles.storageTableDataContributor)
   scope: replicaAccount

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { MACHINES_TABLE } from '../../../shared/credentials';
 import { objectEntries, parseBicep, stringLiteral } from './bicep';
 import {
   APP_NEEDS,
@@ -143,9 +144,8 @@ describe('infra/azure against the code', () => {
     expect(modules.cacheStorage.containers).toBe("[changelogContainer, 'quarantine']");
     expect(modules.cacheStorage.deleteAfterDays).toBe('changeLogRetentionDays');
     expect(modules.replicaStorage.containers).toBe("['seed-disks', 'failover-disks']");
-    expect(infra.main.vars.stateTables).toBe(
-      "[machinesTable, 'disks', 'recoverypoints', 'groups', 'plans', 'failovers', 'events']",
-    );
+    expect(infra.main.vars.replicaTables).toBe('[machinesTable]');
+    expect(stringLiteral(infra.main.vars.machinesTable)).toBe(MACHINES_TABLE);
     expect(infra.main.params.encryptionKeys.decorators).toContain('@secure()');
     expect(appSettingsOf(infra).LIFEBOAT_ENCRYPTION_KEYS).toBe(
       "'@Microsoft.KeyVault(SecretUri=${keyVault.outputs.secretUri})'",
