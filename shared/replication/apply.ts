@@ -544,18 +544,20 @@ async function switchEpoch(deps: ReplicationDeps, log: Logger, cursor: DiskCurso
 
 /**
  * When the lease is busy: the holder re-checks for new work after letting go, so normally nothing
- * is needed; but a holder that died keeps the lease until it expires. One delayed nudge per lease
- * period per disk covers that without multiplying messages.
+ * is needed; but a holder that died keeps the lease until it expires. One delayed nudge per third
+ * of a lease period per disk covers that without multiplying messages.
  */
 async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: string): Promise<void> {
   const table = await deps.tables.get(TABLES.nudges);
   const now = Date.now();
   const row = await readEntity<NudgeEntity>(table, machine, disk);
   if (row && Date.parse(row.notBefore) > now) return;
+  // A dead holder's lease lapses within leaseSeconds of its last renewal: check a few times per period.
+  const delaySeconds = Math.ceil(deps.tuning.leaseSeconds / 3);
   const entity: NudgeEntity = {
     partitionKey: machine,
     rowKey: disk,
-    notBefore: new Date(now + deps.tuning.leaseSeconds * 1000).toISOString(),
+    notBefore: new Date(now + delaySeconds * 1000).toISOString(),
   };
   try {
     if (row) await table.updateEntity(entity, 'Replace', { etag: row.etag });
@@ -564,6 +566,6 @@ async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: strin
     if (isConflict(err) || isPreconditionFailed(err)) return;
     throw err;
   }
-  await deps.nudge({ machine, disk }, deps.tuning.leaseSeconds + 1);
+  await deps.nudge({ machine, disk }, delaySeconds);
 }
 
