@@ -503,6 +503,7 @@ export class DurableEngine implements ManagementApi {
     await this.store.deleteInbox(instanceId);
     await this.store.deleteInstance(instanceId);
     this.historyCache.delete(instanceId);
+    this.dispatched.delete(instanceId);
     return 1;
   }
 
@@ -995,6 +996,8 @@ export class DurableEngine implements ManagementApi {
       });
       return;
     }
+    // Queue visibility has one-second granularity: never fire before the due time.
+    if (remaining > 0) await new Promise((r) => setTimeout(r, remaining));
     await this.fireTimer(msg);
   }
 

@@ -1,3 +1,5 @@
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import * as df from 'durable-functions';
 import type { OrchestrationContext } from 'durable-functions';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -170,6 +172,15 @@ invoker
     yield context.df.waitForExternalEvent('never');
     return 'done';
   })
+  .addOrchestration('fetcher', function* (context: OrchestrationContext) {
+    const url = context.df.getInput() as string;
+    const res: df.DurableHttpResponse = yield context.df.callHttp({
+      method: 'POST',
+      url,
+      body: { ask: 'status' },
+    });
+    return { status: res.statusCode, content: res.content };
+  })
   .addOrchestration('entityUser', function* (context: OrchestrationContext) {
     context.df.signalEntity(new df.EntityId('counter', 'k'), 'add', 1);
     yield context.df.callActivity('double', 1);
@@ -328,6 +339,43 @@ describe('local Durable engine: orchestrations through the durable-functions lib
     const status = await waitForDone(host.client, id);
     expect(status.runtimeStatus).toBe('Failed');
     expect(status.output).toContain('Durable entities');
+  });
+
+  it('suspends and resumes: events wait while suspended', async () => {
+    const id = await host.client.startNew('approval');
+    await waitFor('running', async () => (await host.client.getStatus(id)).runtimeStatus === 'Running');
+    await host.client.suspend(id, 'maintenance');
+    await waitFor('suspended', async () => (await host.client.getStatus(id)).runtimeStatus === 'Suspended');
+    await host.client.raiseEvent(id, 'approve', 1);
+    await host.client.raiseEvent(id, 'approve', 2);
+    await new Promise((r) => setTimeout(r, 300));
+    expect((await host.client.getStatus(id)).runtimeStatus).toBe('Suspended');
+    await host.client.resume(id, 'back');
+    const status = await waitForDone(host.client, id);
+    expect(status.output).toEqual({ first: 1, second: 2 });
+  });
+
+  it('makes HTTP calls with callHttp, following a 202 Location until the answer is final', async () => {
+    let polls = 0;
+    const server = http.createServer((req, res) => {
+      if (req.url === '/start' && req.method === 'POST') {
+        res.writeHead(202, { location: '/poll', 'retry-after': '0' }).end();
+      } else if (req.url === '/poll') {
+        polls++;
+        if (polls < 2) res.writeHead(202, { location: '/poll', 'retry-after': '0' }).end();
+        else res.writeHead(200, { 'content-type': 'application/json' }).end('{"state":"ready"}');
+      } else res.writeHead(404).end();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/start`;
+      const id = await host.client.startNew('fetcher', { input: url });
+      const status = await waitForDone(host.client, id);
+      expect(status.output).toEqual({ status: 200, content: '{"state":"ready"}' });
+      expect(polls).toBe(2);
+    } finally {
+      server.close();
+    }
   });
 
   it('terminates a waiting instance; later events are refused as gone', async () => {
