@@ -306,12 +306,17 @@ export class MachineAgent extends EventEmitter {
     if (state.mode === 'resync') this.log.warn({ disk: spec.id, reason: state.resyncReason }, 'disk needs a resync');
 
     const segmenter = new DiskSegmenter({ journal, state, logger: this.log, ...this.options.segment });
+    const shipper = new DiskShipper(segmenter, this.client, this.log, this.options.retry);
     segmenter.on('mode', (mode: DiskMode) => {
+      // Catch-up starts only once the proxy has taken a segment (or answered) after this.
+      if (mode === 'bitmap') {
+        shipper.stats.reachable = undefined;
+        shipper.kick();
+      }
       this.emit('mode', { disk: spec.id, mode });
       this.wakeDisk(spec.id);
     });
     segmenter.on('fault', (err: Error) => this.emit('fault', { disk: spec.id, error: err }));
-    const shipper = new DiskShipper(segmenter, this.client, this.log, this.options.retry);
     shipper.on('acked', () => this.onAcked());
     shipper.on('idle', () => this.wakeDisk(spec.id));
     shipper.on('conflict', (err: Error) => void this.onConflict(spec.id, err));
@@ -446,7 +451,9 @@ export class MachineAgent extends EventEmitter {
     const d = this.get(disk);
     try {
       const pos = await this.client.getDisk(this.machine, disk);
-      const next = Math.max((pos.seq ?? 0) + 1, d.segmenter.state.nextSeq);
+      // Nothing after the conflicting seq was shipped (segments go in order), so the stream
+      // continues right after what the proxy holds; the resync re-sends whatever differs.
+      const next = (pos.seq ?? 0) + 1;
       await this.resetStream(d, Math.max(pos.epoch ?? 0, d.segmenter.state.epoch), next, `the proxy holds other bytes for a segment this agent sent (${err.message})`);
       d.shipper.unhalt();
     } catch (e) {
@@ -512,7 +519,7 @@ export class MachineAgent extends EventEmitter {
           if (seg.state.resyncReason) await seg.startResync(seg.state.resyncReason);
           else await seg.finishSync();
           this.log.info({ disk: d.id, shippedBytes: p.shippedBytes }, 'catch-up complete');
-        } else if (mode === 'bitmap' && d.shipper.stats.reachable === true && d.journal.count === 0) {
+        } else if (mode === 'bitmap' && d.shipper.stats.reachable === true && d.journal.count === 0 && seg.backlogBytes === 0) {
           await seg.startCatchup();
         } else {
           await this.waitWake(d, 1000);

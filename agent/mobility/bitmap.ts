@@ -160,8 +160,10 @@ function popcount(x: number): number {
 
 
 /** Replaces `file` atomically and durably with `data`. */
+let tmpCounter = 0;
+
 export async function writeFileDurably(file: string, data: Buffer | string): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
+  const tmp = `${file}.tmp-${process.pid}-${++tmpCounter}`;
   const handle = await fs.promises.open(tmp, 'w');
   try {
     await handle.writeFile(data);

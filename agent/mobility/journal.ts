@@ -76,6 +76,7 @@ export function bootId(): string | undefined {
 export class SegmentJournal {
   private readonly entries = new Map<string, JournalEntry>();
   private totalBytes = 0;
+  private stateChain: Promise<void> = Promise.resolve();
   readonly segmentsDir: string;
 
   private constructor(readonly dir: string) {
@@ -172,8 +173,13 @@ export class SegmentJournal {
     }
   }
 
-  async saveState(state: DiskState): Promise<void> {
-    await writeFileDurably(this.statePath(), JSON.stringify({ ...state, updatedAt: new Date().toISOString() }, null, 2));
+  /** Saves the state durably; saves run one after another, each writing the state as it is then. */
+  saveState(state: DiskState): Promise<void> {
+    const run = this.stateChain.then(() =>
+      writeFileDurably(this.statePath(), JSON.stringify({ ...state, updatedAt: new Date().toISOString() }, null, 2)),
+    );
+    this.stateChain = run.catch(() => undefined);
+    return run;
   }
 
   /** WAL files left by an earlier run, oldest first. */

@@ -186,9 +186,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     open.records.push(record);
     open.bytes += size;
     open.lastTime = now;
-    const wal = open.wal as WalWriter;
-    wal.append(change);
-    if (wal.pendingBytes > this.walHighWater) return wal.waitWritten(wal.bytes - this.walHighWater);
+    const wal = open.wal;
+    // (Only right after a stream reset is there briefly no WAL; the reset writes the records to the new one.)
+    wal?.append(change);
+    if (wal && wal.pendingBytes > this.walHighWater) return wal.waitWritten(wal.bytes - this.walHighWater);
   }
 
   /** Resolves once every change appended before the call is durable. */
@@ -398,13 +399,31 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     await this.journal.saveState(this.state);
   }
 
-  /** Drops the open segment and every journalled segment (the stream restarts at `nextSeq`). */
-  async resetStream(nextSeq: number): Promise<void> {
-    await this.chain;
-    await this.open.wal?.discard();
-    await this.journal.clear();
+  /**
+   * Drops the open segment and every journalled segment; the stream restarts at `nextSeq`. The
+   * swap is synchronous and the clean-up runs in the cut chain, so no segment numbered before the
+   * reset can land in the journal after it. Call it with the export paused.
+   */
+  resetStream(nextSeq: number): Promise<void> {
+    const old = this.open;
+    if (this.ageTimer) clearTimeout(this.ageTimer);
+    this.ageTimer = undefined;
+    this.open = { seq: nextSeq, records: [], bytes: this.newOpenBytes(), firstTime: 0, lastTime: 0, wal: undefined };
     this.state.nextSeq = nextSeq;
-    this.open = this.newOpen(nextSeq, this.state.mode !== 'bitmap');
+    const done = this.chain.then(async () => {
+      await old.wal?.discard();
+      await this.journal.clear();
+      const open = this.open;
+      if (this.state.mode !== 'bitmap' && !open.wal) {
+        open.wal = WalWriter.create(path.join(this.journal.dir, walName(this.state.epoch, open.seq)));
+        for (const r of open.records) {
+          if (r.type === 'write') open.wal.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
+          else if (r.type !== 'marker') open.wal.append({ kind: r.type, offset: r.offset, length: r.length });
+        }
+      }
+    });
+    this.chain = done.catch(() => undefined);
+    return done;
   }
 }
 
