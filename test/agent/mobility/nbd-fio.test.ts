@@ -31,6 +31,7 @@ describe('NBD server with fio', () => {
       '--verify=crc32c',
       '--do_verify=1',
       '--verify_fatal=1',
+      '--verify_state_save=0', // no state file in the working directory
       '--randrepeat=1',
       '--random_generator=tausworthe64',
       '--output-format=json',
