@@ -4,7 +4,8 @@ import { z } from 'zod';
 import { changelogBlobName, EnvelopeError, openEnvelope } from '../envelope';
 import type { Logger } from '../logger';
 import { isDnsLabel } from '../names';
-import { coalesceRecords, decodeSegment, SegmentFormatError, type MarkerRecord, type Segment } from '../segment';
+import { Readable } from 'node:stream';
+import { coalesceRecords, decodeSegment, SegmentFormatError, type MarkerRecord, type Segment, type SegmentRecord } from '../segment';
 import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { readPolicy } from './policy';
@@ -220,6 +221,62 @@ function openChangelog(deps: ReplicationDeps, name: string, bytes: Buffer, expec
   return segment;
 }
 
+type ChangeRecord = Exclude<SegmentRecord, MarkerRecord>;
+
+/** One put-pages (write) or clear-pages call. */
+export interface PageOp {
+  kind: 'write' | 'clear';
+  offset: number;
+  length: number;
+  /** The data of a write, as views of the segment (not copied). */
+  pieces: Buffer[];
+}
+
+function recordEnd(r: ChangeRecord): number {
+  return r.offset + (r.type === 'write' ? r.data.length : r.length);
+}
+
+/**
+ * The page calls for a marker-free run of records. Overlapping records are resolved by the codec's
+ * coalescer (later wins); otherwise order does not matter and the records are only sorted. Adjacent
+ * writes within one 4 MiB-aligned window become one put-pages call whose body is the list of the
+ * records' buffers (no copy); adjacent zero/trim ranges become one clear-pages call.
+ */
+export function planPageOps(run: readonly ChangeRecord[]): PageOp[] {
+  const sorted = [...run].sort((a, b) => a.offset - b.offset);
+  let maxEnd = 0;
+  let overlapping = false;
+  for (const r of sorted) {
+    if (r.offset < maxEnd) overlapping = true;
+    maxEnd = Math.max(maxEnd, recordEnd(r));
+  }
+  const records = overlapping
+    ? (coalesceRecords(run as SegmentRecord[], { maxWriteBytes: PAGE_WRITE_BYTES }) as ChangeRecord[])
+    : sorted;
+  const ops: PageOp[] = [];
+  for (const r of records) {
+    const last = ops[ops.length - 1];
+    if (r.type === 'write') {
+      for (const [at, length] of alignedChunks(r.offset, r.data.length)) {
+        const piece = r.data.subarray(at - r.offset, at - r.offset + length);
+        const window = Math.floor(at / PAGE_WRITE_BYTES);
+        const tail = ops[ops.length - 1];
+        if (tail && tail.kind === 'write' && tail.offset + tail.length === at && Math.floor(tail.offset / PAGE_WRITE_BYTES) === window) {
+          tail.pieces.push(piece);
+          tail.length += length;
+        } else {
+          ops.push({ kind: 'write', offset: at, length, pieces: [piece] });
+        }
+      }
+    } else if (last && last.kind === 'clear' && last.offset + last.length === r.offset) {
+      last.length += r.length;
+    } else {
+      ops.push({ kind: 'clear', offset: r.offset, length: r.length, pieces: [] });
+    }
+  }
+  return ops;
+}
+
 /** The first byte past every change of the segment (0 when it has none). */
 function segmentExtent(segment: Segment): number {
   let end = 0;
@@ -372,23 +429,31 @@ async function runApply(
 
     let bytesApplied = 0;
     let sawMarker = false;
-    for (const record of coalesceRecords(segment.records, { maxWriteBytes: PAGE_WRITE_BYTES })) {
-      if (record.type === 'write') {
-        for (const [at, length] of alignedChunks(record.offset, record.data.length)) {
-          const data = record.data.subarray(at - record.offset, at - record.offset + length);
-          await writer.submit(at, at + length, () => blob.uploadPages(data, at, length, { conditions: { leaseId } }));
-        }
-        bytesApplied += record.data.length;
-      } else if (record.type === 'zero' || record.type === 'trim') {
-        const { offset, length } = record;
-        await writer.submit(offset, offset + length, () => blob.clearPages(offset, length, { conditions: { leaseId } }));
+    let run: ChangeRecord[] = [];
+    const flush = async () => {
+      for (const op of planPageOps(run)) {
+        const { offset, length, pieces } = op;
+        const body = pieces.length === 1 ? pieces[0] : () => Readable.from(pieces);
+        await writer.submit(offset, offset + length, () =>
+          op.kind === 'write'
+            ? blob.uploadPages(body, offset, length, { conditions: { leaseId } })
+            : blob.clearPages(offset, length, { conditions: { leaseId } }),
+        );
         bytesApplied += length;
-      } else {
-        await writer.drain();
-        await arriveAtMarker(deps, log, blob, leaseId, cursor, record, { epoch, seq }, report);
-        sawMarker = true;
       }
+      run = [];
+    };
+    for (const record of segment.records) {
+      if (record.type !== 'marker') {
+        run.push(record);
+        continue;
+      }
+      await flush();
+      await writer.drain();
+      await arriveAtMarker(deps, log, blob, leaseId, cursor, record, { epoch, seq }, report);
+      sawMarker = true;
     }
+    await flush();
     const applied = seq;
     const written = writer.settled();
     written.catch(() => undefined);
