@@ -83,8 +83,8 @@ describe('Durable Functions on the local host', () => {
     expect(runs.filter((r) => r.activity === 'flaky')).toHaveLength(3);
     expect(runs.filter((r) => r.activity === 'double' && r.phase === 'end').map((r) => r.input).sort()).toEqual([1, 2, 3, 4, 5]);
 
-    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { historyEvents: HistoryEvent[] };
-    const types = history.historyEvents.map((e) => e.EventType);
+    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
+    const types = history.history.map((e) => e.EventType);
     expect(types[0]).toBe('ExecutionStarted');
     expect(types.at(-1)).toBe('ExecutionCompleted');
     expect(types.filter((t) => t === 'TaskCompleted')).toHaveLength(6);
@@ -103,10 +103,10 @@ describe('Durable Functions on the local host', () => {
       const ended = readJsonLines<Run>(path.join(outDir, 'runs.jsonl')).filter((r) => r.phase === 'end');
       return ended.length >= 3 ? ended : undefined;
     }, 'a few activities to finish');
-    const before = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { historyEvents: HistoryEvent[] };
+    const before = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
     await host.kill();
     const recorded = new Set(
-      before.historyEvents.filter((e) => e.EventType === 'TaskCompleted').map((e) => (e.Result as number) / 2),
+      before.history.filter((e) => e.EventType === 'TaskCompleted').map((e) => (e.Result as number) / 2),
     );
     expect(recorded.size).toBeGreaterThan(0);
 
@@ -133,7 +133,7 @@ describe('Durable Functions on the local host', () => {
     expect(rerunAfterRestart).toEqual([]);
     const ends = runs.filter((r) => r.activity === 'double' && r.phase === 'end').map((r) => r.input as number);
     expect(new Set(ends)).toEqual(new Set([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]));
-    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { historyEvents: HistoryEvent[] };
-    expect(history.historyEvents.filter((e) => e.EventType === 'ExecutionCompleted')).toHaveLength(1);
+    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
+    expect(history.history.filter((e) => e.EventType === 'ExecutionCompleted')).toHaveLength(1);
   });
 });
