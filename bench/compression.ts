@@ -1,19 +1,11 @@
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { compressWith, codecAvailable, decompressWith, type Codec } from '../shared/envelope';
+import type { BenchResult } from './types';
 
 // Which codec should seal cache blobs? Compresses disk-like data (real files from this machine's
 // /usr — executables, libraries, text — interleaved with zero blocks, as on a used file system)
 // with each codec, and prints MB/s and ratio against a plain memory copy of the same bytes.
-
-export interface BenchResult {
-  name: string;
-  value: number;
-  unit: string;
-  reference: string;
-  referenceValue: number;
-  ratio: number;
-}
 
 /** Disk-like test data: 4 KiB blocks of real files, one in five blocks zero, deterministic. */
 export function diskLikeData(bytes: number): Buffer {

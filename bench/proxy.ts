@@ -9,7 +9,8 @@ import { DEFAULT_CODEC, generateEncryptionKey, CODECS, type Codec } from '../sha
 import { SegmentBuilder } from '../shared/segment';
 import { StorageClients } from '../shared/storage';
 import { startAzurite } from '../infra/local/azurite';
-import { diskLikeData, type BenchResult } from './compression';
+import { diskLikeData } from './compression';
+import type { BenchResult } from './types';
 
 // Proxy throughput — segments in over HTTP, to encrypted blobs and notifications out — against the
 // limit measured in the same run: plain block-blob uploads of the same sizes, with the same
