@@ -2,7 +2,13 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startAzurite } from '../infra/local/azurite';
-import { changelogBlobName, generateEncryptionKey, parseKeyRing, sealEnvelope, type KeyRing } from '../shared/envelope';
+import {
+  changelogBlobName,
+  generateEncryptionKey,
+  parseKeyRing,
+  sealEnvelope,
+  type KeyRing,
+} from '../shared/envelope';
 import { createLogger } from '../shared/logger';
 import {
   applyChangelogs,
@@ -31,7 +37,15 @@ interface Stream {
 }
 
 /** Segments of `segmentBytes`, made of 1 MiB writes marching through the disk, disk-like data. */
-function makeStream(machine: string, disk: string, diskBytes: number, totalBytes: number, segmentBytes: number, firstSeq = 1, startAt = 0): Stream {
+function makeStream(
+  machine: string,
+  disk: string,
+  diskBytes: number,
+  totalBytes: number,
+  segmentBytes: number,
+  firstSeq = 1,
+  startAt = 0,
+): Stream {
   const source = diskLikeData(Math.min(64 * MiB, totalBytes));
   const writeBytes = Math.min(MiB, segmentBytes);
   const segments: Segment[] = [];
@@ -53,7 +67,9 @@ function makeStream(machine: string, disk: string, diskBytes: number, totalBytes
 
 async function upload(deps: ReplicationDeps, ring: KeyRing, segment: Segment): Promise<void> {
   const name = changelogBlobName(segment.header);
-  await deps.changelogs.getBlockBlobClient(name).uploadData(sealEnvelope(encodeSegment(segment), { name, keyRing: ring }));
+  await deps.changelogs
+    .getBlockBlobClient(name)
+    .uploadData(sealEnvelope(encodeSegment(segment), { name, keyRing: ring }));
 }
 
 /** The page writes apply makes for a stream, in order (the same planning, the same sizes). */
@@ -61,12 +77,18 @@ function pageWrites(stream: Stream): [number, Buffer][] {
   const out: [number, Buffer][] = [];
   for (const s of stream.segments) {
     const run = s.records.filter((r) => r.type !== 'marker');
-    for (const op of planPageOps(run)) if (op.kind === 'write') out.push([op.offset, Buffer.concat(op.pieces)]);
+    for (const op of planPageOps(run))
+      if (op.kind === 'write') out.push([op.offset, Buffer.concat(op.pieces)]);
   }
   return out;
 }
 
-async function rawUploadPages(deps: ReplicationDeps, name: string, diskBytes: number, writes: [number, Buffer][]): Promise<number> {
+async function rawUploadPages(
+  deps: ReplicationDeps,
+  name: string,
+  diskBytes: number,
+  writes: [number, Buffer][],
+): Promise<number> {
   const blob = deps.seed.getPageBlobClient(name);
   await blob.create(diskBytes);
   const start = process.hrtime.bigint();
@@ -91,7 +113,16 @@ function percentile(values: number[], p: number): number {
  * A producer uploads one segment every segmentBytes/churn seconds (and nudges); the applier runs
  * whenever nudged, as the trigger would. Lag = time from a segment's upload to the cursor passing it.
  */
-async function churn(deps: ReplicationDeps, ring: KeyRing, machine: string, disk: string, diskBytes: number, mbPerSecond: number, seconds: number, segmentBytes: number) {
+async function churn(
+  deps: ReplicationDeps,
+  ring: KeyRing,
+  machine: string,
+  disk: string,
+  diskBytes: number,
+  mbPerSecond: number,
+  seconds: number,
+  segmentBytes: number,
+) {
   const stream = makeStream(machine, disk, diskBytes, mbPerSecond * 1e6 * seconds, segmentBytes);
   const uploadedAt = new Map<number, number>();
   const lags: number[] = [];
@@ -127,7 +158,13 @@ async function churn(deps: ReplicationDeps, ring: KeyRing, machine: string, disk
   const offeredSeconds = (Date.now() - start) / 1000;
   while (uploadedAt.size > 0) await applying;
   const totalSeconds = (Date.now() - start) / 1000;
-  return { offered: produced / 1e6 / offeredSeconds, applied: produced / 1e6 / totalSeconds, p50: percentile(lags, 50), p95: percentile(lags, 95), max: Math.max(...lags) };
+  return {
+    offered: produced / 1e6 / offeredSeconds,
+    applied: produced / 1e6 / totalSeconds,
+    p50: percentile(lags, 50),
+    p95: percentile(lags, 95),
+    max: Math.max(...lags),
+  };
 }
 
 export async function run(options: { quick?: boolean } = {}): Promise<BenchResult[]> {
@@ -144,7 +181,12 @@ export async function run(options: { quick?: boolean } = {}): Promise<BenchResul
     const keys = generateEncryptionKey('bench');
     const ring = parseKeyRing(keys);
     const base = replicationDepsFromSettings(
-      { CacheStorage: conn, ReplicaStorage: conn, ServiceBusConnection: conn, LIFEBOAT_ENCRYPTION_KEYS: keys },
+      {
+        CacheStorage: conn,
+        ReplicaStorage: conn,
+        ServiceBusConnection: conn,
+        LIFEBOAT_ENCRYPTION_KEYS: keys,
+      },
       createLogger('bench-apply'),
     );
     const deps: ReplicationDeps = {
@@ -170,7 +212,8 @@ export async function run(options: { quick?: boolean } = {}): Promise<BenchResul
     const t0 = process.hrtime.bigint();
     const report = await applyChangelogs(deps, { machine, disk: 'd0' });
     const applySeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    if (report.appliedSeq !== stream.segments.length) throw new Error(`apply stopped at ${report.appliedSeq} (${report.outcome})`);
+    if (report.appliedSeq !== stream.segments.length)
+      throw new Error(`apply stopped at ${report.appliedSeq} (${report.outcome})`);
     const rawSecond = await rawUploadPages(deps, 'raw/r2.img', diskBytes, writes);
     const rawRate = stream.bytes / 1e6 / Math.min(rawFirst, rawSecond);
     const applyRate = stream.bytes / 1e6 / applySeconds;
@@ -222,7 +265,9 @@ export async function run(options: { quick?: boolean } = {}): Promise<BenchResul
 if (require.main === module) {
   void run({ quick: process.argv.includes('--quick') }).then((rows) => {
     for (const r of rows) {
-      console.log(`${r.name}: ${r.value.toFixed(2)} ${r.unit} vs ${r.reference} ${r.referenceValue.toFixed(2)} ${r.unit} → ratio ${r.ratio.toFixed(2)}`);
+      console.log(
+        `${r.name}: ${r.value.toFixed(2)} ${r.unit} vs ${r.reference} ${r.referenceValue.toFixed(2)} ${r.unit} → ratio ${r.ratio.toFixed(2)}`,
+      );
     }
   });
 }

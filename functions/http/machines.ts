@@ -15,7 +15,11 @@ app.http('machines-register', {
   methods: ['PUT'],
   authLevel: 'function',
   handler: withErrors(async (request) => {
-    const result = await registerMachine(defaultReplicationDeps(), request.params.machine, await jsonBody(request));
+    const result = await registerMachine(
+      defaultReplicationDeps(),
+      request.params.machine,
+      await jsonBody(request),
+    );
     return { status: result.created ? 201 : 200, jsonBody: result };
   }),
 });
@@ -24,14 +28,18 @@ app.http('machines-list', {
   route: 'machines',
   methods: ['GET'],
   authLevel: 'function',
-  handler: withErrors(async () => ({ jsonBody: { value: await listMachineStatuses(defaultReplicationDeps()) } })),
+  handler: withErrors(async () => ({
+    jsonBody: { value: await listMachineStatuses(defaultReplicationDeps()) },
+  })),
 });
 
 app.http('machines-get', {
   route: 'machines/{machine}',
   methods: ['GET'],
   authLevel: 'function',
-  handler: withErrors(async (request) => ({ jsonBody: await getMachineStatus(defaultReplicationDeps(), request.params.machine) })),
+  handler: withErrors(async (request) => ({
+    jsonBody: await getMachineStatus(defaultReplicationDeps(), request.params.machine),
+  })),
 });
 
 app.http('machines-recovery-points', {

@@ -7,7 +7,9 @@ type Handler = (request: HttpRequest, context: InvocationContext) => Promise<Htt
 export function errorResponse(err: LifeboatError): HttpResponseInit {
   return {
     status: err.status,
-    jsonBody: { error: { code: err.code, message: err.message, ...(err.target ? { target: err.target } : {}) } },
+    jsonBody: {
+      error: { code: err.code, message: err.message, ...(err.target ? { target: err.target } : {}) },
+    },
   };
 }
 
@@ -43,7 +45,10 @@ export function intQuery(request: HttpRequest, name: string, min: number, max: n
   if (raw === null || raw === '') return undefined;
   const value = Number(raw);
   if (!Number.isSafeInteger(value) || value < min || value > max) {
-    throw new ValidationError(`${name} must be a whole number from ${min} to ${max}; got ${JSON.stringify(raw)}.`, name);
+    throw new ValidationError(
+      `${name} must be a whole number from ${min} to ${max}; got ${JSON.stringify(raw)}.`,
+      name,
+    );
   }
   return value;
 }
@@ -52,6 +57,9 @@ export function intQuery(request: HttpRequest, name: string, min: number, max: n
 export function pageResponse<T>(page: { value: T[]; continuationToken?: string }): HttpResponseInit {
   return {
     status: 200,
-    jsonBody: { value: page.value, ...(page.continuationToken ? { continuationToken: page.continuationToken } : {}) },
+    jsonBody: {
+      value: page.value,
+      ...(page.continuationToken ? { continuationToken: page.continuationToken } : {}),
+    },
   };
 }

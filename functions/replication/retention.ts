@@ -1,5 +1,10 @@
 import { app } from '@azure/functions';
-import { applyRetention, defaultReplicationDeps, DEFAULT_RETENTION_SCHEDULE, REPLICATION_SETTING } from '../../shared/replication';
+import {
+  applyRetention,
+  defaultReplicationDeps,
+  DEFAULT_RETENTION_SCHEDULE,
+  REPLICATION_SETTING,
+} from '../../shared/replication';
 
 // Prune recovery points and their snapshots by each machine's policy (every 15 minutes).
 app.timer('retention', {

@@ -1,5 +1,10 @@
 import { app } from '@azure/functions';
-import { defaultReplicationDeps, DEFAULT_RPO_SCHEDULE, monitorRpo, REPLICATION_SETTING } from '../../shared/replication';
+import {
+  defaultReplicationDeps,
+  DEFAULT_RPO_SCHEDULE,
+  monitorRpo,
+  REPLICATION_SETTING,
+} from '../../shared/replication';
 
 // Current RPO and backlog per machine; an event when a threshold is crossed either way (every minute).
 app.timer('rpo-monitor', {

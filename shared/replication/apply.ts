@@ -5,7 +5,14 @@ import { changelogBlobName, EnvelopeError, openEnvelope } from '../envelope';
 import type { Logger } from '../logger';
 import { isDnsLabel } from '../names';
 import { Readable } from 'node:stream';
-import { coalesceRecords, decodeSegment, SegmentFormatError, type MarkerRecord, type Segment, type SegmentRecord } from '../segment';
+import {
+  coalesceRecords,
+  decodeSegment,
+  SegmentFormatError,
+  type MarkerRecord,
+  type Segment,
+  type SegmentRecord,
+} from '../segment';
 import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { readPolicy } from './policy';
@@ -66,10 +73,16 @@ const messageSchema = z.looseObject({
  * is left stranded (a nudge when the budget ran out, or when a change log arrived just as this
  * run let go of the lease). A malformed message is logged and dropped: retrying cannot fix it.
  */
-export async function handleChangelogReady(deps: ReplicationDeps, body: unknown): Promise<ApplyReport | undefined> {
+export async function handleChangelogReady(
+  deps: ReplicationDeps,
+  body: unknown,
+): Promise<ApplyReport | undefined> {
   const parsed = messageSchema.safeParse(typeof body === 'string' ? safeJson(body) : body);
   if (!parsed.success) {
-    deps.log.error({ body }, 'changelog-ready message dropped: it must be {"machine": "...", "disk": "..."} with DNS-label names');
+    deps.log.error(
+      { body },
+      'changelog-ready message dropped: it must be {"machine": "...", "disk": "..."} with DNS-label names',
+    );
     return undefined;
   }
   return applyChangelogs(deps, { machine: parsed.data.machine, disk: parsed.data.disk });
@@ -118,19 +131,33 @@ class DiskCursor {
   async update(patch: Partial<DiskEntity>): Promise<void> {
     for (;;) {
       try {
-        const r = await this.table.updateEntity({ partitionKey: this.row.partitionKey, rowKey: this.row.rowKey, ...patch }, 'Merge', {
-          etag: this.row.etag,
-        });
+        const r = await this.table.updateEntity(
+          { partitionKey: this.row.partitionKey, rowKey: this.row.rowKey, ...patch },
+          'Merge',
+          {
+            etag: this.row.etag,
+          },
+        );
         this.row = { ...this.row, ...patch, etag: r.etag! };
         return;
       } catch (err) {
         if (!isPreconditionFailed(err)) throw err;
         const fresh = (await this.table.getEntity(this.row.partitionKey, this.row.rowKey)) as typeof this.row;
-        if (fresh.applierLeaseId !== this.leaseId || fresh.epoch !== this.row.epoch || fresh.appliedSeq !== this.row.appliedSeq) {
-          throw new LostRaceError(`disk ${this.row.partitionKey}/${this.row.rowKey} was claimed by another applier`);
+        if (
+          fresh.applierLeaseId !== this.leaseId ||
+          fresh.epoch !== this.row.epoch ||
+          fresh.appliedSeq !== this.row.appliedSeq
+        ) {
+          throw new LostRaceError(
+            `disk ${this.row.partitionKey}/${this.row.rowKey} was claimed by another applier`,
+          );
         }
         // Someone else changed other fields (a resize marking resync): keep theirs, retry ours.
-        if (fresh.state === 'resync-required' && patch.state !== undefined && patch.state !== 'resync-required') {
+        if (
+          fresh.state === 'resync-required' &&
+          patch.state !== undefined &&
+          patch.state !== 'resync-required'
+        ) {
           const { state: _s, stateReason: _r, stateChangedAt: _c, ...rest } = patch;
           patch = rest;
         }
@@ -202,17 +229,28 @@ class QuarantineReason extends Error {
 }
 
 /** Opens, verifies and checks one change log; throws QuarantineReason when it must not be applied. */
-function openChangelog(deps: ReplicationDeps, name: string, bytes: Buffer, expect: { machine: string; disk: string; epoch: number; seq: number }): Segment {
+function openChangelog(
+  deps: ReplicationDeps,
+  name: string,
+  bytes: Buffer,
+  expect: { machine: string; disk: string; epoch: number; seq: number },
+): Segment {
   let segment: Segment;
   try {
     segment = decodeSegment(openEnvelope(bytes, { name, keyRing: deps.keyRing() }));
   } catch (err) {
     if (err instanceof EnvelopeError) throw new QuarantineReason(err.code, err.message);
-    if (err instanceof SegmentFormatError) throw new QuarantineReason(`InvalidSegment:${err.reason}`, err.message);
+    if (err instanceof SegmentFormatError)
+      throw new QuarantineReason(`InvalidSegment:${err.reason}`, err.message);
     throw err;
   }
   const h = segment.header;
-  if (h.machine !== expect.machine || h.disk !== expect.disk || h.epoch !== expect.epoch || h.seq !== expect.seq) {
+  if (
+    h.machine !== expect.machine ||
+    h.disk !== expect.disk ||
+    h.epoch !== expect.epoch ||
+    h.seq !== expect.seq
+  ) {
     throw new QuarantineReason(
       'SegmentMislabelled',
       `The segment inside ${name} says ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; it does not belong under this name.`,
@@ -261,7 +299,12 @@ export function planPageOps(run: readonly ChangeRecord[]): PageOp[] {
         const piece = r.data.subarray(at - r.offset, at - r.offset + length);
         const window = Math.floor(at / PAGE_WRITE_BYTES);
         const tail = ops[ops.length - 1];
-        if (tail && tail.kind === 'write' && tail.offset + tail.length === at && Math.floor(tail.offset / PAGE_WRITE_BYTES) === window) {
+        if (
+          tail &&
+          tail.kind === 'write' &&
+          tail.offset + tail.length === at &&
+          Math.floor(tail.offset / PAGE_WRITE_BYTES) === window
+        ) {
           tail.pieces.push(piece);
           tail.length += length;
         } else {
@@ -296,7 +339,17 @@ function segmentExtent(segment: Segment): number {
 export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogReady): Promise<ApplyReport> {
   const { machine, disk } = target;
   const log = deps.log.child({ machine, disk });
-  const report: ApplyReport = { machine, disk, outcome: 'caught-up', epoch: 0, appliedSeq: 0, segments: 0, bytes: 0, markers: [], recoveryPoints: [] };
+  const report: ApplyReport = {
+    machine,
+    disk,
+    outcome: 'caught-up',
+    epoch: 0,
+    appliedSeq: 0,
+    segments: 0,
+    bytes: 0,
+    markers: [],
+    recoveryPoints: [],
+  };
   const disks = await deps.tables.get(TABLES.disks);
   const initial = await readEntity<DiskEntity & { applierLeaseId?: string }>(disks, machine, disk);
   if (!initial) {
@@ -341,7 +394,16 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
     const name = changelogBlobName({ machine, disk, epoch: report.epoch, seq: report.appliedSeq + 1 });
     if (await deps.changelogs.getBlockBlobClient(name).exists()) await deps.nudge({ machine, disk });
   }
-  log.info({ outcome: report.outcome, epoch: report.epoch, seq: report.appliedSeq, segments: report.segments, bytes: report.bytes }, 'apply run ended');
+  log.info(
+    {
+      outcome: report.outcome,
+      epoch: report.epoch,
+      seq: report.appliedSeq,
+      segments: report.segments,
+      bytes: report.bytes,
+    },
+    'apply run ended',
+  );
   return report;
 }
 
@@ -356,7 +418,11 @@ async function runApply(
   const machine = cursor.row.partitionKey;
   const disk = cursor.row.rowKey;
   const deadline = Date.now() + deps.tuning.budgetMs;
-  const machineRow = await readEntity<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION, machine);
+  const machineRow = await readEntity<MachineEntity>(
+    await deps.tables.get(TABLES.machines),
+    MACHINES_PARTITION,
+    machine,
+  );
   const keepChangeLogs = machineRow ? readPolicy(machineRow.policy).keepChangeLogsHours > 0 : true;
   const leaseId = lease.leaseId;
   const writer = new OrderedPageWriter(deps.tuning.writeConcurrency);
@@ -476,7 +542,15 @@ async function runApply(
         await cursor.update(patch);
         log.debug({ seq: applied, bytes: bytesApplied }, 'segment applied');
         if (!keepChangeLogs) {
-          deletions.push(deps.changelogs.deleteBlob(name).catch((err) => (isNotFound(err) ? undefined : log.warn({ seq: applied, err: String(err) }, 'could not delete an applied change log'))));
+          deletions.push(
+            deps.changelogs
+              .deleteBlob(name)
+              .catch((err) =>
+                isNotFound(err)
+                  ? undefined
+                  : log.warn({ seq: applied, err: String(err) }, 'could not delete an applied change log'),
+              ),
+          );
         }
       } catch (err) {
         chainError = err;
@@ -508,10 +582,23 @@ async function arriveAtMarker(
     const snapshot = (await blob.createSnapshot({ conditions: { leaseId } })).snapshot!;
     const recorded = await recordArrival(
       deps.tables,
-      { machine, disk, markerId: marker.id, kind: marker.kind, tag: marker.tag, sourceTime: marker.time, snapshot, ...at },
+      {
+        machine,
+        disk,
+        markerId: marker.id,
+        kind: marker.kind,
+        tag: marker.tag,
+        sourceTime: marker.time,
+        snapshot,
+        ...at,
+      },
       now,
     );
-    if (!recorded) await blob.withSnapshot(snapshot).delete().catch(() => undefined);
+    if (!recorded)
+      await blob
+        .withSnapshot(snapshot)
+        .delete()
+        .catch(() => undefined);
     else log.info({ seq: at.seq, marker: marker.id, snapshot }, 'disk reached a marker');
   }
   report.markers.push(marker.id);
@@ -535,12 +622,18 @@ async function quarantine(
   const disk = cursor.row.rowKey;
   const quarantine = await ensureContainer(deps.quarantine);
   await quarantine.getBlockBlobClient(name).uploadData(bytes, {
-    metadata: { reason: reason.code.replace(/[^A-Za-z0-9:_-]/g, '_'), quarantinedat: new Date().toISOString() },
+    metadata: {
+      reason: reason.code.replace(/[^A-Za-z0-9:_-]/g, '_'),
+      quarantinedat: new Date().toISOString(),
+    },
   });
   await deps.changelogs.deleteBlob(name).catch((err) => {
     if (!isNotFound(err)) throw err;
   });
-  log.error({ seq: at.seq, epoch: at.epoch, code: reason.code, err: reason.message }, 'change log quarantined');
+  log.error(
+    { seq: at.seq, epoch: at.epoch, code: reason.code, err: reason.message },
+    'change log quarantined',
+  );
   await raiseEvent(deps.tables, {
     type: 'segment-quarantined',
     severity: 'error',
@@ -552,11 +645,25 @@ async function quarantine(
       'The disk needs a resync.',
     details: { blob: name, epoch: at.epoch, seq: at.seq, code: reason.code },
   });
-  await markResyncRequired(deps, cursor, `change log seq ${at.seq} of epoch ${at.epoch} was quarantined (${reason.code})`, at);
+  await markResyncRequired(
+    deps,
+    cursor,
+    `change log seq ${at.seq} of epoch ${at.epoch} was quarantined (${reason.code})`,
+    at,
+  );
 }
 
-async function markResyncRequired(deps: ReplicationDeps, cursor: DiskCursor, reason: string, at: { epoch: number; seq: number }): Promise<void> {
-  await cursor.update({ state: 'resync-required', stateReason: reason, stateChangedAt: new Date().toISOString() });
+async function markResyncRequired(
+  deps: ReplicationDeps,
+  cursor: DiskCursor,
+  reason: string,
+  at: { epoch: number; seq: number },
+): Promise<void> {
+  await cursor.update({
+    state: 'resync-required',
+    stateReason: reason,
+    stateChangedAt: new Date().toISOString(),
+  });
   await raiseEvent(deps.tables, {
     type: 'resync-required',
     severity: 'error',
@@ -633,4 +740,3 @@ async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: strin
   }
   await deps.nudge({ machine, disk }, delaySeconds);
 }
-

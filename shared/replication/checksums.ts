@@ -62,7 +62,11 @@ async function runLimited<T>(items: T[], limit: number, task: (item: T) => Promi
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }
 
-async function writtenRanges(blob: PageBlobClient, offset: number, length: number): Promise<[number, number][]> {
+async function writtenRanges(
+  blob: PageBlobClient,
+  offset: number,
+  length: number,
+): Promise<[number, number][]> {
   const ranges: [number, number][] = [];
   // The SDK's page range end is inclusive.
   for await (const r of blob.listPageRanges(offset, length)) ranges.push([r.start, r.end + 1]);
@@ -70,7 +74,10 @@ async function writtenRanges(blob: PageBlobClient, offset: number, length: numbe
 }
 
 /** SHA-256 per block of the disk (or one of its snapshots), computed in parallel over ranges. */
-export async function blockChecksums(deps: ReplicationDeps, request: ChecksumRequest): Promise<BlockChecksums> {
+export async function blockChecksums(
+  deps: ReplicationDeps,
+  request: ChecksumRequest,
+): Promise<BlockChecksums> {
   const { machine, disk } = request;
   validateName(machine, 'machine');
   validateName(disk, 'disk');
@@ -93,7 +100,10 @@ export async function blockChecksums(deps: ReplicationDeps, request: ChecksumReq
   }
   const maxLength = Math.min(size - offset, MAX_BLOCKS_PER_REQUEST * blockSize);
   if (request.length !== undefined && (!Number.isSafeInteger(request.length) || request.length < 0)) {
-    throw new ValidationError(`length must be a non-negative whole number of bytes; got ${request.length}.`, 'length');
+    throw new ValidationError(
+      `length must be a non-negative whole number of bytes; got ${request.length}.`,
+      'length',
+    );
   }
   const wanted = request.length === undefined ? maxLength : Math.ceil(request.length / blockSize) * blockSize;
   const length = Math.min(wanted, maxLength);
@@ -105,7 +115,11 @@ export async function blockChecksums(deps: ReplicationDeps, request: ChecksumReq
   try {
     ranges = length > 0 ? await writtenRanges(blob, offset, length) : [];
   } catch (err) {
-    if (isNotFound(err)) throw new NotFoundError(`Snapshot ${request.snapshot} of disk ${machine}/${disk} does not exist.`, 'snapshot');
+    if (isNotFound(err))
+      throw new NotFoundError(
+        `Snapshot ${request.snapshot} of disk ${machine}/${disk} does not exist.`,
+        'snapshot',
+      );
     throw err;
   }
 

@@ -47,23 +47,44 @@ export const REPLICATION_SETTING = {
 export const DEFAULT_RETENTION_SCHEDULE = '0 */15 * * * *';
 export const DEFAULT_RPO_SCHEDULE = '0 * * * * *';
 
-export const DEFAULT_TUNING: ApplyTuning = { budgetMs: 240_000, leaseSeconds: 30, writeConcurrency: 8, prefetch: 4 };
+export const DEFAULT_TUNING: ApplyTuning = {
+  budgetMs: 240_000,
+  leaseSeconds: 30,
+  writeConcurrency: 8,
+  prefetch: 4,
+};
 
 function numberSetting(settings: Settings, name: string, fallback: number, min: number, max: number): number {
   const raw = settings[name];
   if (raw === undefined || raw.trim() === '') return fallback;
   const value = Number(raw);
   if (!Number.isFinite(value) || value < min || value > max) {
-    throw new Error(`The setting ${name} must be a number from ${min} to ${max}; got ${JSON.stringify(raw)}.`);
+    throw new Error(
+      `The setting ${name} must be a number from ${min} to ${max}; got ${JSON.stringify(raw)}.`,
+    );
   }
   return value;
 }
 
 export function tuningFromSettings(settings: Settings): ApplyTuning {
   return {
-    budgetMs: numberSetting(settings, REPLICATION_SETTING.budgetSeconds, DEFAULT_TUNING.budgetMs / 1000, 1, 3600) * 1000,
-    leaseSeconds: numberSetting(settings, REPLICATION_SETTING.leaseSeconds, DEFAULT_TUNING.leaseSeconds, 15, 60),
-    writeConcurrency: numberSetting(settings, REPLICATION_SETTING.writeConcurrency, DEFAULT_TUNING.writeConcurrency, 1, 64),
+    budgetMs:
+      numberSetting(settings, REPLICATION_SETTING.budgetSeconds, DEFAULT_TUNING.budgetMs / 1000, 1, 3600) *
+      1000,
+    leaseSeconds: numberSetting(
+      settings,
+      REPLICATION_SETTING.leaseSeconds,
+      DEFAULT_TUNING.leaseSeconds,
+      15,
+      60,
+    ),
+    writeConcurrency: numberSetting(
+      settings,
+      REPLICATION_SETTING.writeConcurrency,
+      DEFAULT_TUNING.writeConcurrency,
+      1,
+      64,
+    ),
     prefetch: DEFAULT_TUNING.prefetch,
   };
 }

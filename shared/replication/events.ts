@@ -1,6 +1,13 @@
 import { randomUUID } from 'node:crypto';
 import type { ReplicationTables } from './tables';
-import { EVENTS_PARTITION, insertIfAbsent, invertedTimeKey, odataString, TABLES, type EventEntity } from './tables';
+import {
+  EVENTS_PARTITION,
+  insertIfAbsent,
+  invertedTimeKey,
+  odataString,
+  TABLES,
+  type EventEntity,
+} from './tables';
 
 /** The replication events an operator sees in `GET /api/events`. */
 export type EventType =
@@ -81,7 +88,10 @@ export interface Page<T> {
 }
 
 /** Events, newest first, optionally for one machine and/or of one type, a page at a time. */
-export async function listEvents(tables: ReplicationTables, query: EventQuery = {}): Promise<Page<ReplicationEvent>> {
+export async function listEvents(
+  tables: ReplicationTables,
+  query: EventQuery = {},
+): Promise<Page<ReplicationEvent>> {
   const table = await tables.get(TABLES.events);
   const clauses = [`PartitionKey eq ${odataString(EVENTS_PARTITION)}`];
   if (query.machine) clauses.push(`machine eq ${odataString(query.machine)}`);

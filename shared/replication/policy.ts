@@ -24,7 +24,12 @@ export const policySchema = z.strictObject({
   /** Crash-consistent markers: every 5 minutes by default (as ASR), down to 10 seconds. */
   crashConsistentIntervalSeconds: wholeNumber(10, 3600, 'seconds').default(300),
   /** App-consistent markers (after the freeze hook): 0 = off, up to every 12 hours. */
-  appConsistentIntervalMinutes: wholeNumber(0, 720, 'minutes', ' (0 turns app-consistent points off)').default(60),
+  appConsistentIntervalMinutes: wholeNumber(
+    0,
+    720,
+    'minutes',
+    ' (0 turns app-consistent points off)',
+  ).default(60),
   /** Every recovery point younger than this is kept (up to 15 days). */
   retentionHours: wholeNumber(1, 360, 'hours', ' (every point is kept for up to 15 days)').default(24),
   /** Beyond retentionHours: the latest point of each UTC hour younger than this is kept. */
@@ -67,7 +72,11 @@ export const registrationSchema = z
     const seen = new Set<string>();
     body.disks.forEach((disk, i) => {
       if (seen.has(disk.id)) {
-        ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `repeats disk id ${JSON.stringify(disk.id)}; disk ids must be unique` });
+        ctx.addIssue({
+          code: 'custom',
+          path: ['disks', i, 'id'],
+          message: `repeats disk id ${JSON.stringify(disk.id)}; disk ids must be unique`,
+        });
       }
       seen.add(disk.id);
     });
@@ -77,7 +86,8 @@ export type RegistrationRequest = z.infer<typeof registrationSchema>;
 
 function fieldName(path: readonly PropertyKey[], root: string): string {
   let out = root;
-  for (const part of path) out += typeof part === 'number' ? `[${part}]` : out ? `.${String(part)}` : String(part);
+  for (const part of path)
+    out += typeof part === 'number' ? `[${part}]` : out ? `.${String(part)}` : String(part);
   return out;
 }
 
@@ -86,7 +96,9 @@ function describeIssue(issue: z.core.$ZodIssue): string {
     case 'unrecognized_keys':
       return `has unknown field${issue.keys.length > 1 ? 's' : ''} ${issue.keys.map((k) => JSON.stringify(k)).join(', ')}`;
     case 'invalid_type':
-      return issue.message.startsWith('must') ? issue.message : `must be ${article(issue.expected)} ${issue.expected}`;
+      return issue.message.startsWith('must')
+        ? issue.message
+        : `must be ${article(issue.expected)} ${issue.expected}`;
     default:
       return issue.message;
   }
@@ -112,7 +124,10 @@ export function parseOrThrow<S extends z.ZodType>(schema: S, value: unknown, roo
 
 export function parseRegistration(body: unknown): RegistrationRequest {
   if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    throw new ValidationError('The request body must be a JSON object with "disks" and optionally "policy".', 'body');
+    throw new ValidationError(
+      'The request body must be a JSON object with "disks" and optionally "policy".',
+      'body',
+    );
   }
   return parseOrThrow(registrationSchema, body);
 }

@@ -75,7 +75,11 @@ export async function readArrival(
  * Records that a disk reached a marker with `snapshot` (insert-if-absent, keyed by marker and
  * disk). Returns false when it was already recorded, with another snapshot the caller should drop.
  */
-export async function recordArrival(tables: ReplicationTables, arrival: MarkerArrival, now: Date): Promise<boolean> {
+export async function recordArrival(
+  tables: ReplicationTables,
+  arrival: MarkerArrival,
+  now: Date,
+): Promise<boolean> {
   const entity: ArrivalEntity = {
     partitionKey: arrival.machine,
     rowKey: arrivalKey(arrival.markerId, arrival.disk),
@@ -93,7 +97,11 @@ export async function recordArrival(tables: ReplicationTables, arrival: MarkerAr
 }
 
 /** Every disk's arrival at `markerId`. */
-export async function arrivalsAt(tables: ReplicationTables, machine: string, markerId: string): Promise<ArrivalEntity[]> {
+export async function arrivalsAt(
+  tables: ReplicationTables,
+  machine: string,
+  markerId: string,
+): Promise<ArrivalEntity[]> {
   // '~' (0x7e) separates marker and disk; '\x7f' is the first string after every `{markerId}~…`.
   return listPartition<ArrivalEntity>(await tables.get(TABLES.arrivals), machine, {
     from: `${markerId}~`,
@@ -112,7 +120,11 @@ export async function completeRecoveryPoint(
   markerId: string,
   now: Date,
 ): Promise<RecoveryPoint | undefined> {
-  const machineRow = await readEntity<MachineEntity>(await tables.get(TABLES.machines), MACHINES_PARTITION, machine);
+  const machineRow = await readEntity<MachineEntity>(
+    await tables.get(TABLES.machines),
+    MACHINES_PARTITION,
+    machine,
+  );
   if (!machineRow) return undefined;
   const diskIds = JSON.parse(machineRow.diskIds) as string[];
   const arrivals = await arrivalsAt(tables, machine, markerId);
@@ -177,9 +189,12 @@ export async function listRecoveryPoints(
 }
 
 /** Every recovery point row of a machine, newest first. */
-export async function allRecoveryPoints(tables: ReplicationTables, machine: string): Promise<RecoveryPointEntity[]> {
-  return (await listPartition<RecoveryPointEntity>(await tables.get(TABLES.recoveryPoints), machine)).sort((a, b) =>
-    a.rowKey < b.rowKey ? -1 : a.rowKey > b.rowKey ? 1 : 0,
+export async function allRecoveryPoints(
+  tables: ReplicationTables,
+  machine: string,
+): Promise<RecoveryPointEntity[]> {
+  return (await listPartition<RecoveryPointEntity>(await tables.get(TABLES.recoveryPoints), machine)).sort(
+    (a, b) => (a.rowKey < b.rowKey ? -1 : a.rowKey > b.rowKey ? 1 : 0),
   );
 }
 

@@ -56,7 +56,12 @@ class RowChanged extends Error {
   }
 }
 
-async function registerOnce(deps: ReplicationDeps, name: string, body: unknown, now: Date): Promise<RegistrationResult> {
+async function registerOnce(
+  deps: ReplicationDeps,
+  name: string,
+  body: unknown,
+  now: Date,
+): Promise<RegistrationResult> {
   validateName(name, 'machine');
   const request = parseRegistration(body);
   const machines = await deps.tables.get(TABLES.machines);
@@ -137,7 +142,10 @@ async function registerOnce(deps: ReplicationDeps, name: string, body: unknown, 
       else await machines.createEntity(row);
     } catch (err) {
       if (isConflict(err) || isPreconditionFailed(err)) {
-        throw new ConflictError(`Machine ${name} is being registered by another request at the same time; retry.`, 'machine');
+        throw new ConflictError(
+          `Machine ${name} is being registered by another request at the same time; retry.`,
+          'machine',
+        );
       }
       throw err;
     }
@@ -161,10 +169,17 @@ async function registerOnce(deps: ReplicationDeps, name: string, body: unknown, 
       Object.assign(fields, issued.fields);
     }
     try {
-      await machines.updateEntity({ partitionKey: MACHINES_PARTITION, rowKey: name, ...fields }, 'Merge', { etag: registered.etag });
+      await machines.updateEntity({ partitionKey: MACHINES_PARTITION, rowKey: name, ...fields }, 'Merge', {
+        etag: registered.etag,
+      });
     } catch (err) {
       if (isPreconditionFailed(err)) {
-        throw new RowChanged(new ConflictError(`Machine ${name} changed while this registration was applied; send it again.`, 'machine'));
+        throw new RowChanged(
+          new ConflictError(
+            `Machine ${name} changed while this registration was applied; send it again.`,
+            'machine',
+          ),
+        );
       }
       throw err;
     }
@@ -174,7 +189,11 @@ async function registerOnce(deps: ReplicationDeps, name: string, body: unknown, 
   return { created: !registered, machine, ...(credential ? { credential } : {}) };
 }
 
-function checkAgainstRegistered(request: RegistrationRequest, registeredIds: string[], rows: DiskEntity[]): void {
+function checkAgainstRegistered(
+  request: RegistrationRequest,
+  registeredIds: string[],
+  rows: DiskEntity[],
+): void {
   const requested = new Set(request.disks.map((d) => d.id));
   const removed = registeredIds.filter((id) => !requested.has(id));
   if (removed.length > 0) {
@@ -227,7 +246,12 @@ async function growSeedBlob(blob: PageBlobClient, sizeBytes: number, field: stri
   }
 }
 
-async function updateDiskRow(deps: ReplicationDeps, machine: string, disk: string, patch: Partial<DiskEntity>): Promise<void> {
+async function updateDiskRow(
+  deps: ReplicationDeps,
+  machine: string,
+  disk: string,
+  patch: Partial<DiskEntity>,
+): Promise<void> {
   // A plain merge without ETag: the applier's ETag check notices and keeps this state.
   const table = await deps.tables.get(TABLES.disks);
   await table.updateEntity({ partitionKey: machine, rowKey: disk, ...patch }, 'Merge');

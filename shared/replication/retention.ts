@@ -33,11 +33,18 @@ export interface RetainedPoint {
  * - the latest point of each UTC day, while younger than dailyRetentionDays;
  * - always the latest point, and the latest app-consistent point.
  */
-export function pointsToKeep(points: readonly RetainedPoint[], policy: ReplicationPolicy, now: Date): Set<string> {
+export function pointsToKeep(
+  points: readonly RetainedPoint[],
+  policy: ReplicationPolicy,
+  now: Date,
+): Set<string> {
   const t = now.getTime();
   const keep = new Set<string>();
   const newest = (list: readonly RetainedPoint[]) =>
-    list.reduce<RetainedPoint | undefined>((best, p) => (!best || p.sourceTime > best.sourceTime ? p : best), undefined);
+    list.reduce<RetainedPoint | undefined>(
+      (best, p) => (!best || p.sourceTime > best.sourceTime ? p : best),
+      undefined,
+    );
   const latest = newest(points);
   if (latest) keep.add(latest.key);
   const latestApp = newest(points.filter((p) => p.kind === 'app'));
@@ -53,10 +60,12 @@ export function pointsToKeep(points: readonly RetainedPoint[], policy: Replicati
   };
   for (const p of points) if (t - p.sourceTime < policy.retentionHours * HOUR_MS) keep.add(p.key);
   if (policy.hourlyRetentionHours > 0) {
-    for (const p of latestPer(HOUR_MS)) if (t - p.sourceTime < policy.hourlyRetentionHours * HOUR_MS) keep.add(p.key);
+    for (const p of latestPer(HOUR_MS))
+      if (t - p.sourceTime < policy.hourlyRetentionHours * HOUR_MS) keep.add(p.key);
   }
   if (policy.dailyRetentionDays > 0) {
-    for (const p of latestPer(DAY_MS)) if (t - p.sourceTime < policy.dailyRetentionDays * DAY_MS) keep.add(p.key);
+    for (const p of latestPer(DAY_MS))
+      if (t - p.sourceTime < policy.dailyRetentionDays * DAY_MS) keep.add(p.key);
   }
   return keep;
 }
@@ -72,8 +81,12 @@ export interface RetentionReport {
   changeLogsDeleted: number;
 }
 
-/** The retention timer's work, for every registered machine. */
-export async function applyRetention(deps: ReplicationDeps, now: Date): Promise<RetentionReport> {
+/** The retention timer's work, for every registered machine (or only `options.machines`). */
+export async function applyRetention(
+  deps: ReplicationDeps,
+  now: Date,
+  options: { machines?: readonly string[] } = {},
+): Promise<RetentionReport> {
   const report: RetentionReport = {
     machines: 0,
     pointsDeleted: 0,
@@ -82,21 +95,33 @@ export async function applyRetention(deps: ReplicationDeps, now: Date): Promise<
     orphanSnapshotsDeleted: 0,
     changeLogsDeleted: 0,
   };
-  const machines = await listPartition<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION);
+  const machines = await listPartition<MachineEntity>(
+    await deps.tables.get(TABLES.machines),
+    MACHINES_PARTITION,
+  );
   for (const machine of machines) {
     if (typeof machine.policy !== 'string') continue;
+    if (options.machines && !options.machines.includes(machine.rowKey)) continue;
     report.machines++;
     try {
       await retainMachine(deps, machine, now, report);
     } catch (err) {
-      deps.log.error({ machine: machine.rowKey, err: String(err) }, 'retention failed for a machine; the next run retries');
+      deps.log.error(
+        { machine: machine.rowKey, err: String(err) },
+        'retention failed for a machine; the next run retries',
+      );
     }
   }
   deps.log.info({ ...report }, 'retention run ended');
   return report;
 }
 
-async function deleteSnapshot(deps: ReplicationDeps, machine: string, disk: string, snapshot: string): Promise<boolean> {
+async function deleteSnapshot(
+  deps: ReplicationDeps,
+  machine: string,
+  disk: string,
+  snapshot: string,
+): Promise<boolean> {
   try {
     await seedBlob(deps.seed, machine, disk).withSnapshot(snapshot).delete();
     return true;
@@ -106,7 +131,11 @@ async function deleteSnapshot(deps: ReplicationDeps, machine: string, disk: stri
   }
 }
 
-async function deleteRow(table: Awaited<ReturnType<ReplicationDeps['tables']['get']>>, pk: string, rk: string): Promise<void> {
+async function deleteRow(
+  table: Awaited<ReturnType<ReplicationDeps['tables']['get']>>,
+  pk: string,
+  rk: string,
+): Promise<void> {
   try {
     await table.deleteEntity(pk, rk);
   } catch (err) {
@@ -114,7 +143,12 @@ async function deleteRow(table: Awaited<ReturnType<ReplicationDeps['tables']['ge
   }
 }
 
-async function retainMachine(deps: ReplicationDeps, machine: MachineEntity, now: Date, report: RetentionReport): Promise<void> {
+async function retainMachine(
+  deps: ReplicationDeps,
+  machine: MachineEntity,
+  now: Date,
+  report: RetentionReport,
+): Promise<void> {
   const name = machine.rowKey;
   const policy = readPolicy(machine.policy);
   const log = deps.log.child({ machine: name });
@@ -143,7 +177,8 @@ async function retainMachine(deps: ReplicationDeps, machine: MachineEntity, now:
       if (await deleteSnapshot(deps, name, disk, snapshot)) report.snapshotsDeleted++;
     }
     for (const a of byMarker.get(point.markerId) ?? []) {
-      if (a.snapshot !== snapshots[a.disk] && (await deleteSnapshot(deps, name, a.disk, a.snapshot))) report.snapshotsDeleted++;
+      if (a.snapshot !== snapshots[a.disk] && (await deleteSnapshot(deps, name, a.disk, a.snapshot)))
+        report.snapshotsDeleted++;
       await deleteRow(arrivalsTable, name, a.rowKey);
     }
     pruned.add(point.markerId);
@@ -185,11 +220,22 @@ async function retainMachine(deps: ReplicationDeps, machine: MachineEntity, now:
  * Applied change logs that are no longer wanted: older epochs, and applied ones older than
  * keepChangeLogsHours (those left by a run that died between its cursor and its delete, too).
  */
-async function pruneChangeLogs(deps: ReplicationDeps, machine: string, policy: ReplicationPolicy, now: Date, report: RetentionReport): Promise<void> {
+async function pruneChangeLogs(
+  deps: ReplicationDeps,
+  machine: string,
+  policy: ReplicationPolicy,
+  now: Date,
+  report: RetentionReport,
+): Promise<void> {
   const changelogs = await ensureContainer(deps.changelogs);
   const disks = await listPartition<DiskEntity>(await deps.tables.get(TABLES.disks), machine);
   for (const disk of disks) {
-    const cursorName = changelogBlobName({ machine, disk: disk.rowKey, epoch: disk.epoch, seq: disk.appliedSeq });
+    const cursorName = changelogBlobName({
+      machine,
+      disk: disk.rowKey,
+      epoch: disk.epoch,
+      seq: disk.appliedSeq,
+    });
     for await (const blob of changelogs.listBlobsFlat({ prefix: `${machine}/${disk.rowKey}/` })) {
       const epoch = Number(blob.name.split('/')[2]);
       const applied = epoch < disk.epoch || (epoch === disk.epoch && blob.name <= cursorName);

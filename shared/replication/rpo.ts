@@ -1,7 +1,14 @@
 import type { ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { machineStatus } from './status';
-import { isPreconditionFailed, listPartition, MACHINES_PARTITION, TABLES, type MachineEntity, type MachineHealth } from './tables';
+import {
+  isPreconditionFailed,
+  listPartition,
+  MACHINES_PARTITION,
+  TABLES,
+  type MachineEntity,
+  type MachineHealth,
+} from './tables';
 
 export interface RpoCheck {
   machine: string;
@@ -22,16 +29,21 @@ function describeBacklog(segments: number, bytes: number, oldest?: string): stri
 }
 
 /**
- * The RPO timer's work: for each machine, the current RPO and apply backlog; an event when the
+ * The RPO timer's work: for each machine (or only `options.machines`), the current RPO and apply backlog; an event when the
  * RPO passes the policy's threshold and another when it comes back under it. The transition is
  * written with an ETag check first, so two monitors racing raise each event once.
  */
-export async function monitorRpo(deps: ReplicationDeps, now: Date): Promise<RpoCheck[]> {
+export async function monitorRpo(
+  deps: ReplicationDeps,
+  now: Date,
+  options: { machines?: readonly string[] } = {},
+): Promise<RpoCheck[]> {
   const machines = await deps.tables.get(TABLES.machines);
   const rows = await listPartition<MachineEntity>(machines, MACHINES_PARTITION);
   const checks: RpoCheck[] = [];
   for (const row of rows) {
     if (typeof row.policy !== 'string') continue;
+    if (options.machines && !options.machines.includes(row.rowKey)) continue;
     try {
       const status = await machineStatus(deps, row, now, { withBacklog: true });
       const backlog = status.backlog ?? { segments: 0, bytes: 0 };
@@ -88,11 +100,17 @@ export async function monitorRpo(deps: ReplicationDeps, now: Date): Promise<RpoC
             backlogBytes: backlog.bytes,
           },
         });
-        deps.log.warn({ machine: row.rowKey, rpoSeconds: check.rpoSeconds, event: check.event }, 'RPO threshold crossed');
+        deps.log.warn(
+          { machine: row.rowKey, rpoSeconds: check.rpoSeconds, event: check.event },
+          'RPO threshold crossed',
+        );
       }
       checks.push(check);
     } catch (err) {
-      deps.log.error({ machine: row.rowKey, err: String(err) }, 'RPO check failed for a machine; the next run retries');
+      deps.log.error(
+        { machine: row.rowKey, err: String(err) },
+        'RPO check failed for a machine; the next run retries',
+      );
     }
   }
   return checks;

@@ -69,9 +69,12 @@ export class SeedLease {
     try {
       await this.client.renewLease();
     } catch (err) {
-      this.lostError = new LeaseLostError(`The seed blob lease ${this.leaseId} could not be renewed: ${(err as Error).message}`, {
-        cause: err,
-      });
+      this.lostError = new LeaseLostError(
+        `The seed blob lease ${this.leaseId} could not be renewed: ${(err as Error).message}`,
+        {
+          cause: err,
+        },
+      );
       throw this.lostError;
     }
   }
@@ -145,7 +148,11 @@ export class OrderedPageWriter {
 }
 
 /** Splits [offset, offset+length) at PAGE_WRITE_BYTES-aligned boundaries. */
-export function* alignedChunks(offset: number, length: number, chunk = PAGE_WRITE_BYTES): Generator<[number, number]> {
+export function* alignedChunks(
+  offset: number,
+  length: number,
+  chunk = PAGE_WRITE_BYTES,
+): Generator<[number, number]> {
   let at = offset;
   const end = offset + length;
   while (at < end) {

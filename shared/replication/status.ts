@@ -70,7 +70,12 @@ export async function diskBacklog(deps: ReplicationDeps, disk: DiskEntity): Prom
   const changelogs = await ensureContainer(deps.changelogs);
   const backlog: Backlog = { segments: 0, bytes: 0 };
   let oldest: Date | undefined;
-  const cursorName = changelogBlobName({ machine: disk.partitionKey, disk: disk.rowKey, epoch: disk.epoch, seq: disk.appliedSeq });
+  const cursorName = changelogBlobName({
+    machine: disk.partitionKey,
+    disk: disk.rowKey,
+    epoch: disk.epoch,
+    seq: disk.appliedSeq,
+  });
   for await (const blob of changelogs.listBlobsFlat({ prefix: `${disk.partitionKey}/${disk.rowKey}/` })) {
     const parts = blob.name.split('/');
     const epoch = Number(parts[2]);
@@ -93,7 +98,9 @@ function diskStatus(d: DiskEntity, backlog?: Backlog): DiskStatus {
     epoch: d.epoch,
     appliedSeq: d.appliedSeq,
     ...(d.lastAppliedAt ? { lastAppliedAt: d.lastAppliedAt } : {}),
-    ...(d.lastSourceTime !== undefined && d.lastSourceTime !== null ? { lastSourceTime: new Date(d.lastSourceTime).toISOString() } : {}),
+    ...(d.lastSourceTime !== undefined && d.lastSourceTime !== null
+      ? { lastSourceTime: new Date(d.lastSourceTime).toISOString() }
+      : {}),
     appliedBytes: d.appliedBytes ?? 0,
     ...(backlog ? { backlog } : {}),
   };
@@ -103,14 +110,26 @@ function diskStatus(d: DiskEntity, backlog?: Backlog): DiskStatus {
 export async function machineDisks(deps: ReplicationDeps, machine: MachineEntity): Promise<DiskEntity[]> {
   const rows = await listPartition<DiskEntity>(await deps.tables.get(TABLES.disks), machine.rowKey);
   const order = JSON.parse(machine.diskIds) as string[];
-  return order.map((id) => rows.find((r) => r.rowKey === id)).filter((r): r is (typeof rows)[number] => r !== undefined);
+  return order
+    .map((id) => rows.find((r) => r.rowKey === id))
+    .filter((r): r is (typeof rows)[number] => r !== undefined);
 }
 
-export async function readMachine(deps: ReplicationDeps, name: string): Promise<MachineEntity & { etag: string }> {
+export async function readMachine(
+  deps: ReplicationDeps,
+  name: string,
+): Promise<MachineEntity & { etag: string }> {
   validateName(name, 'machine');
-  const row = await readEntity<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION, name);
+  const row = await readEntity<MachineEntity>(
+    await deps.tables.get(TABLES.machines),
+    MACHINES_PARTITION,
+    name,
+  );
   if (!row) {
-    throw new NotFoundError(`Machine ${name} is not registered; register it with PUT /api/machines/${name}.`, 'machine');
+    throw new NotFoundError(
+      `Machine ${name} is not registered; register it with PUT /api/machines/${name}.`,
+      'machine',
+    );
   }
   return row;
 }
@@ -128,7 +147,9 @@ export async function machineStatus(
     latestRecoveryPoint(deps.tables, row.rowKey),
     latestRecoveryPoint(deps.tables, row.rowKey, 'app'),
   ]);
-  const backlogs = options.withBacklog ? await Promise.all(disks.map((d) => diskBacklog(deps, d))) : undefined;
+  const backlogs = options.withBacklog
+    ? await Promise.all(disks.map((d) => diskBacklog(deps, d)))
+    : undefined;
   const seconds = latest ? Math.max(0, Math.round((now.getTime() - latest.sourceTime) / 1000)) : null;
   const breached = seconds !== null && seconds > policy.rpoThresholdSeconds;
   const status: MachineStatus = {
@@ -147,7 +168,10 @@ export async function machineStatus(
     disks: disks.map((d, i) => diskStatus(d, backlogs?.[i])),
   };
   if (backlogs) {
-    const oldest = backlogs.map((b) => b.oldestPendingAt).filter((t): t is string => !!t).sort()[0];
+    const oldest = backlogs
+      .map((b) => b.oldestPendingAt)
+      .filter((t): t is string => !!t)
+      .sort()[0];
     status.backlog = {
       segments: backlogs.reduce((n, b) => n + b.segments, 0),
       bytes: backlogs.reduce((n, b) => n + b.bytes, 0),
@@ -157,13 +181,24 @@ export async function machineStatus(
   return status;
 }
 
-export async function getMachineStatus(deps: ReplicationDeps, name: string, now: Date = new Date()): Promise<MachineStatus> {
+export async function getMachineStatus(
+  deps: ReplicationDeps,
+  name: string,
+  now: Date = new Date(),
+): Promise<MachineStatus> {
   return machineStatus(deps, await readMachine(deps, name), now, { withBacklog: true });
 }
 
 /** Every registered machine (without the cache listing per disk). */
-export async function listMachineStatuses(deps: ReplicationDeps, now: Date = new Date()): Promise<MachineStatus[]> {
+export async function listMachineStatuses(
+  deps: ReplicationDeps,
+  now: Date = new Date(),
+): Promise<MachineStatus[]> {
   const rows = await listPartition<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION);
   // A machines row without a policy is a credential row written by someone else, not a registration.
-  return Promise.all(rows.filter((r) => typeof r.policy === 'string').map((r) => machineStatus(deps, r, now, { withBacklog: false })));
+  return Promise.all(
+    rows
+      .filter((r) => typeof r.policy === 'string')
+      .map((r) => machineStatus(deps, r, now, { withBacklog: false })),
+  );
 }

@@ -123,7 +123,8 @@ export interface NudgeEntity {
 
 /** Keys sort as strings; a fixed-width inverted time makes the newest row come first. */
 const TIME_WIDTH = 16;
-const MAX_TIME = 9_999_999_999_999_999;
+// The latest JavaScript time (ms): below 2^53, so the subtraction is exact.
+const MAX_TIME = 8_640_000_000_000_000;
 
 export function invertedTimeKey(timeMs: number): string {
   return String(MAX_TIME - Math.max(0, Math.floor(timeMs))).padStart(TIME_WIDTH, '0');
@@ -223,6 +224,10 @@ export function odataString(value: string): string {
 
 /** Strips the service's metadata so an entity can be returned or compared as plain data. */
 export function plain<T extends object>(entity: TableEntityResult<T>): T {
-  const { etag: _etag, timestamp: _timestamp, ...rest } = entity as TableEntityResult<T> & { timestamp?: string };
+  const {
+    etag: _etag,
+    timestamp: _timestamp,
+    ...rest
+  } = entity as TableEntityResult<T> & { timestamp?: string };
   return rest as unknown as T;
 }

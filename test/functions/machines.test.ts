@@ -4,7 +4,13 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { spawnLocalHost, type HostProcess } from '../../infra/local/host-process';
 import { verifyCredential } from '../../shared/credentials';
 import { createMessageSender } from '../../shared/messaging';
-import { MACHINES_PARTITION, readEntity, seedBlob, TABLES, type MachineEntity } from '../../shared/replication';
+import {
+  MACHINES_PARTITION,
+  readEntity,
+  seedBlob,
+  TABLES,
+  type MachineEntity,
+} from '../../shared/replication';
 import { waitFor } from '../helpers/host';
 import { generateWorkload, testDeps, testSettings, uploadSegment } from '../shared/replication/helpers';
 
@@ -42,7 +48,14 @@ describe('replication HTTP API (local host, real app)', () => {
 
   beforeAll(async () => {
     host = await spawnLocalHost(
-      { appRoot: root, entryPoint: path.join(root, 'functions/index.ts'), settings, port: 0, functionKey: key, lockSeconds: 10 },
+      {
+        appRoot: root,
+        entryPoint: path.join(root, 'functions/index.ts'),
+        settings,
+        port: 0,
+        functionKey: key,
+        lockSeconds: 10,
+      },
       (line) => (process.env.TEST_HOST_LOG ? process.stderr.write(`${line}\n`) : undefined),
     );
     base = `http://127.0.0.1:${host.port}`;
@@ -79,10 +92,19 @@ describe('replication HTTP API (local host, real app)', () => {
     expect(res.body.machine).toMatchObject({
       name,
       health: 'initial-sync',
-      policy: { crashConsistentIntervalSeconds: 60, appConsistentIntervalMinutes: 60, retentionHours: 48, rpoThresholdSeconds: 600 },
+      policy: {
+        crashConsistentIntervalSeconds: 60,
+        appConsistentIntervalMinutes: 60,
+        retentionHours: 48,
+        rpoThresholdSeconds: 600,
+      },
       rpo: { seconds: null, thresholdSeconds: 600, breached: false },
     });
-    const row = await readEntity<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION, name);
+    const row = await readEntity<MachineEntity>(
+      await deps.tables.get(TABLES.machines),
+      MACHINES_PARTITION,
+      name,
+    );
     expect(verifyCredential(res.body.credential, row!.credentialHash)).toBe(true);
     expect(JSON.stringify(row)).not.toContain(res.body.credential);
     expect((await seedBlob(deps.seed, name, 'd0').getProperties()).contentLength).toBe(2 * MiB);
@@ -106,15 +128,32 @@ describe('replication HTTP API (local host, real app)', () => {
       rotateCredential: true,
     });
     expect(rotated.status).toBe(200);
-    const row2 = await readEntity<MachineEntity>(await deps.tables.get(TABLES.machines), MACHINES_PARTITION, name);
+    const row2 = await readEntity<MachineEntity>(
+      await deps.tables.get(TABLES.machines),
+      MACHINES_PARTITION,
+      name,
+    );
     expect(verifyCredential(rotated.body.credential, row2!.credentialHash)).toBe(true);
     expect(verifyCredential(res.body.credential, row2!.credentialHash)).toBe(false);
 
     const got = await call('GET', `machines/${name}`);
     expect(got.status).toBe(200);
     expect(got.body.disks).toEqual([
-      expect.objectContaining({ id: 'd0', sizeBytes: 2 * MiB, state: 'initial-sync', epoch: 0, appliedSeq: 0, backlog: { segments: 0, bytes: 0 } }),
-      expect.objectContaining({ id: 'd1', sizeBytes: 1 * MiB, state: 'initial-sync', epoch: 0, appliedSeq: 0 }),
+      expect.objectContaining({
+        id: 'd0',
+        sizeBytes: 2 * MiB,
+        state: 'initial-sync',
+        epoch: 0,
+        appliedSeq: 0,
+        backlog: { segments: 0, bytes: 0 },
+      }),
+      expect.objectContaining({
+        id: 'd1',
+        sizeBytes: 1 * MiB,
+        state: 'initial-sync',
+        epoch: 0,
+        appliedSeq: 0,
+      }),
     ]);
     const list = await call('GET', 'machines');
     expect(list.status).toBe(200);
@@ -128,7 +167,11 @@ describe('replication HTTP API (local host, real app)', () => {
     expect(bad.body.error.message).toContain('machine must be a DNS-style label');
     expect((await call('GET', 'machines/UPPER')).status).toBe(400);
 
-    for (const route of [`machines/nobody-${suffix}`, `machines/nobody-${suffix}/recovery-points`, `machines/nobody-${suffix}/disks/d0/checksums`]) {
+    for (const route of [
+      `machines/nobody-${suffix}`,
+      `machines/nobody-${suffix}/recovery-points`,
+      `machines/nobody-${suffix}/disks/d0/checksums`,
+    ]) {
       const res = await call('GET', route);
       expect(res.status, route).toBe(404);
       expect(res.body.error).toMatchObject({ code: 'NotFound', target: 'machine' });
@@ -143,10 +186,22 @@ describe('replication HTTP API (local host, real app)', () => {
     const cases: [unknown, string, string][] = [
       [{ disks: [disk], policy: { retentionHours: 0 } }, 'policy.retentionHours', 'at least 1 hours'],
       [{ disks: [disk], policy: { retentionHours: 361 } }, 'policy.retentionHours', 'at most 360'],
-      [{ disks: [disk], policy: { crashConsistentIntervalSeconds: 5 } }, 'policy.crashConsistentIntervalSeconds', 'at least 10'],
-      [{ disks: [disk], policy: { appConsistentIntervalMinutes: 721 } }, 'policy.appConsistentIntervalMinutes', 'at most 720'],
+      [
+        { disks: [disk], policy: { crashConsistentIntervalSeconds: 5 } },
+        'policy.crashConsistentIntervalSeconds',
+        'at least 10',
+      ],
+      [
+        { disks: [disk], policy: { appConsistentIntervalMinutes: 721 } },
+        'policy.appConsistentIntervalMinutes',
+        'at most 720',
+      ],
       [{ disks: [disk], policy: { dailyRetentionDays: 366 } }, 'policy.dailyRetentionDays', 'at most 365'],
-      [{ disks: [disk], policy: { rpoThresholdSeconds: 'fast' } }, 'policy.rpoThresholdSeconds', 'must be a number'],
+      [
+        { disks: [disk], policy: { rpoThresholdSeconds: 'fast' } },
+        'policy.rpoThresholdSeconds',
+        'must be a number',
+      ],
       [{ disks: [disk], policy: { retention: 5 } }, 'policy.retention', 'unknown field'],
       [{ disks: [{ id: 'd0', sizeBytes: 1000 }] }, 'disks[0].sizeBytes', 'multiple of 512'],
       [{ disks: [{ id: 'd0', sizeBytes: 0 }] }, 'disks[0].sizeBytes', 'positive'],
@@ -170,8 +225,22 @@ describe('replication HTTP API (local host, real app)', () => {
 
   it('refuses to shrink or drop a disk (409); growing one marks it for resync; adding one starts its initial sync', async () => {
     const name = machine('resize');
-    expect((await call('PUT', `machines/${name}`, { disks: [{ id: 'd0', sizeBytes: MiB }, { id: 'd1', sizeBytes: MiB }] })).status).toBe(201);
-    const shrink = await call('PUT', `machines/${name}`, { disks: [{ id: 'd0', sizeBytes: MiB / 2 }, { id: 'd1', sizeBytes: MiB }] });
+    expect(
+      (
+        await call('PUT', `machines/${name}`, {
+          disks: [
+            { id: 'd0', sizeBytes: MiB },
+            { id: 'd1', sizeBytes: MiB },
+          ],
+        })
+      ).status,
+    ).toBe(201);
+    const shrink = await call('PUT', `machines/${name}`, {
+      disks: [
+        { id: 'd0', sizeBytes: MiB / 2 },
+        { id: 'd1', sizeBytes: MiB },
+      ],
+    });
     expect(shrink.status).toBe(409);
     expect(shrink.body.error).toMatchObject({ code: 'DiskShrinkRefused', target: 'disks[0].sizeBytes' });
     expect(shrink.body.error.message).toContain('cannot shrink');
@@ -217,20 +286,33 @@ describe('replication HTTP API (local host, real app)', () => {
     }
     const blockSize = 64 * KiB;
     const expected = Array.from({ length: image.length / blockSize }, (_, i) =>
-      createHash('sha256').update(image.subarray(i * blockSize, (i + 1) * blockSize)).digest('hex'),
+      createHash('sha256')
+        .update(image.subarray(i * blockSize, (i + 1) * blockSize))
+        .digest('hex'),
     );
     const all = await call('GET', `machines/${name}/disks/d0/checksums?blockSize=${blockSize}`);
     expect(all.status).toBe(200);
-    expect(all.body).toMatchObject({ algorithm: 'sha256', blockSize, offset: 0, sizeBytes: image.length, length: image.length });
+    expect(all.body).toMatchObject({
+      algorithm: 'sha256',
+      blockSize,
+      offset: 0,
+      sizeBytes: image.length,
+      length: image.length,
+    });
     expect(all.body.blocks).toEqual(expected);
     expect(all.body.nextOffset).toBeUndefined();
-    const part = await call('GET', `machines/${name}/disks/d0/checksums?blockSize=${blockSize}&offset=${blockSize}&length=${3 * blockSize}`);
+    const part = await call(
+      'GET',
+      `machines/${name}/disks/d0/checksums?blockSize=${blockSize}&offset=${blockSize}&length=${3 * blockSize}`,
+    );
     expect(part.body.blocks).toEqual(expected.slice(1, 4));
     expect(part.body.nextOffset).toBe(4 * blockSize);
     const bad = await call('GET', `machines/${name}/disks/d0/checksums?blockSize=1000`);
     expect(bad.status).toBe(400);
     expect(bad.body.error.target).toBe('blockSize');
-    expect((await call('GET', `machines/${name}/disks/d0/checksums?offset=7`)).body.error.target).toBe('offset');
+    expect((await call('GET', `machines/${name}/disks/d0/checksums?offset=7`)).body.error.target).toBe(
+      'offset',
+    );
     expect((await call('GET', `machines/${name}/disks/d9/checksums`)).status).toBe(404);
   });
 
@@ -238,7 +320,14 @@ describe('replication HTTP API (local host, real app)', () => {
     const name = machine('points');
     const disks = [{ id: 'd0', sizeBytes: 512 * KiB }];
     await call('PUT', `machines/${name}`, { disks });
-    const workload = generateWorkload({ machine: name, disks, ops: 200, seed: 11, markerEvery: 15, recordsPerSegment: 10 });
+    const workload = generateWorkload({
+      machine: name,
+      disks,
+      ops: 200,
+      seed: 11,
+      markerEvery: 15,
+      recordsPerSegment: 10,
+    });
     const sender = createMessageSender(settings, 'ServiceBusConnection', queue);
     for (const s of workload.segments.get('d0')!) {
       await uploadSegment(deps, s);
@@ -253,7 +342,10 @@ describe('replication HTTP API (local host, real app)', () => {
     const ids: string[] = [];
     let token: string | undefined;
     do {
-      const res = await call('GET', `machines/${name}/recovery-points?top=3${token ? `&continuationToken=${encodeURIComponent(token)}` : ''}`);
+      const res = await call(
+        'GET',
+        `machines/${name}/recovery-points?top=3${token ? `&continuationToken=${encodeURIComponent(token)}` : ''}`,
+      );
       expect(res.status).toBe(200);
       expect(res.body.value.length).toBeLessThanOrEqual(3);
       ids.push(...res.body.value.map((p: { id: string }) => p.id));
@@ -262,13 +354,24 @@ describe('replication HTTP API (local host, real app)', () => {
     expect(ids).toEqual(workload.markers.map((m) => m.id).reverse());
     const app = await call('GET', `machines/${name}/recovery-points?type=app-consistent&top=1000`);
     expect(app.body.value.map((p: { id: string }) => p.id)).toEqual(
-      workload.markers.filter((m) => m.kind === 'app').map((m) => m.id).reverse(),
+      workload.markers
+        .filter((m) => m.kind === 'app')
+        .map((m) => m.id)
+        .reverse(),
     );
     expect((await call('GET', `machines/${name}/recovery-points?type=weird`)).body.error.target).toBe('type');
     expect((await call('GET', `machines/${name}/recovery-points?top=0`)).body.error.target).toBe('top');
     const status = await call('GET', `machines/${name}`);
-    expect(status.body).toMatchObject({ health: expect.stringMatching(/protected|critical/), latestRecoveryPoint: { id: workload.markers.at(-1)!.id } });
-    expect(status.body.disks[0]).toMatchObject({ state: 'protected', epoch: 1, appliedSeq: workload.segments.get('d0')!.length, backlog: { segments: 0 } });
+    expect(status.body).toMatchObject({
+      health: expect.stringMatching(/protected|critical/),
+      latestRecoveryPoint: { id: workload.markers.at(-1)!.id },
+    });
+    expect(status.body.disks[0]).toMatchObject({
+      state: 'protected',
+      epoch: 1,
+      appliedSeq: workload.segments.get('d0')!.length,
+      backlog: { segments: 0 },
+    });
     await sender.close();
   });
 });

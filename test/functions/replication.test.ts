@@ -6,7 +6,15 @@ import { spawnLocalHost, type HostProcess } from '../../infra/local/host-process
 import { createMessageSender } from '../../shared/messaging';
 import { listRecoveryPoints, seedBlob, type MachineStatus } from '../../shared/replication';
 import { waitFor } from '../helpers/host';
-import { generateWorkload, readWhole, rng, shuffle, testDeps, testSettings, uploadSegment } from '../shared/replication/helpers';
+import {
+  generateWorkload,
+  readWhole,
+  rng,
+  shuffle,
+  testDeps,
+  testSettings,
+  uploadSegment,
+} from '../shared/replication/helpers';
 
 const root = path.resolve(__dirname, '../..');
 const key = `key-${randomUUID()}`;
@@ -29,7 +37,15 @@ describe('the oracle: random workload → segments → encrypted blobs → queue
   const hosts: HostProcess[] = [];
   const start = async () => {
     const host = await spawnLocalHost(
-      { appRoot: root, entryPoint: path.join(root, 'functions/index.ts'), settings, port: 0, functionKey: key, lockSeconds: 5, maxDeliveryCount: 20 },
+      {
+        appRoot: root,
+        entryPoint: path.join(root, 'functions/index.ts'),
+        settings,
+        port: 0,
+        functionKey: key,
+        lockSeconds: 5,
+        maxDeliveryCount: 20,
+      },
       (line) => (process.env.TEST_HOST_LOG ? process.stderr.write(`${line}\n`) : undefined),
     );
     hosts.push(host);
@@ -54,31 +70,56 @@ describe('the oracle: random workload → segments → encrypted blobs → queue
     });
     expect(put.status).toBe(201);
 
-    const workload = generateWorkload({ machine, disks, ops: 2500, seed: 2026, markerEvery: 70, recordsPerSegment: 25, maxWriteBytes: 256 * 1024 });
+    const workload = generateWorkload({
+      machine,
+      disks,
+      ops: 2500,
+      seed: 2026,
+      markerEvery: 70,
+      recordsPerSegment: 25,
+      maxWriteBytes: 256 * 1024,
+    });
     const random = rng(99);
     // Interleave the disks, and reorder uploads within windows of five per disk.
     const perDisk = [...workload.segments.values()].map((list) =>
       list.flatMap((_, i) => (i % 5 === 0 ? shuffle(list.slice(i, i + 5), random) : [])),
     );
-    const order = shuffle(perDisk.flatMap((list, d) => list.map((s, i) => ({ s, at: i + random() * 3, d }))), random)
+    const order = shuffle(
+      perDisk.flatMap((list, d) => list.map((s, i) => ({ s, at: i + random() * 3, d }))),
+      random,
+    )
       .sort((a, b) => a.at - b.at)
       .map((x) => x.s);
     const sender = createMessageSender(settings, 'ServiceBusConnection', queue);
     const status = async (port: number): Promise<MachineStatus> =>
-      (await fetch(`http://127.0.0.1:${port}/api/machines/${machine}`, { headers: { 'x-functions-key': key } })).json() as Promise<MachineStatus>;
+      (
+        await fetch(`http://127.0.0.1:${port}/api/machines/${machine}`, {
+          headers: { 'x-functions-key': key },
+        })
+      ).json() as Promise<MachineStatus>;
 
     const t0 = Date.now();
-    const mark = (what: string) => process.env.TEST_TRACE && process.stderr.write(`${((Date.now() - t0) / 1000).toFixed(1)}s ${what}\n`);
+    const mark = (what: string) =>
+      process.env.TEST_TRACE && process.stderr.write(`${((Date.now() - t0) / 1000).toFixed(1)}s ${what}\n`);
     let host = first;
     let killed = false;
     for (const [i, segment] of order.entries()) {
       await uploadSegment(deps, segment);
-      const body = { machine, disk: segment.header.disk, epoch: segment.header.epoch, seq: segment.header.seq };
+      const body = {
+        machine,
+        disk: segment.header.disk,
+        epoch: segment.header.epoch,
+        seq: segment.header.seq,
+      };
       const copies = 1 + Math.floor(random() * 3);
-      for (let c = 0; c < copies; c++) await sender.send({ body, delaySeconds: random() < 0.2 ? 1 + Math.floor(random() * 3) : undefined });
+      for (let c = 0; c < copies; c++)
+        await sender.send({ body, delaySeconds: random() < 0.2 ? 1 + Math.floor(random() * 3) : undefined });
       if (!killed && i >= order.length / 3) {
         // Kill the host while it is applying, then run two hosts on the same queue.
-        await waitFor(async () => ((await status(host.port)).disks.some((d) => d.appliedSeq > 0) ? true : undefined), 'apply to start');
+        await waitFor(
+          async () => ((await status(host.port)).disks.some((d) => d.appliedSeq > 0) ? true : undefined),
+          'apply to start',
+        );
         mark('killing');
         await host.kill();
         killed = true;
@@ -117,7 +158,9 @@ describe('the oracle: random workload → segments → encrypted blobs → queue
     }
     // No message was poisoned.
     const poison = QueueServiceClient.fromConnectionString(connection).getQueueClient(`${queue}-poison`);
-    const peeked = await poison.peekMessages({ numberOfMessages: 1 }).catch(() => ({ peekedMessageItems: [] }));
+    const peeked = await poison
+      .peekMessages({ numberOfMessages: 1 })
+      .catch(() => ({ peekedMessageItems: [] }));
     expect(peeked.peekedMessageItems).toEqual([]);
   }, 120_000);
 });

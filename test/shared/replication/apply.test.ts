@@ -15,7 +15,16 @@ import {
   type ApplyReport,
   type DiskEntity,
 } from '../../../shared/replication';
-import { generateWorkload, readWhole, rng, shuffle, testDeps, uploadSegment, type TestDeps, type Workload } from './helpers';
+import {
+  generateWorkload,
+  readWhole,
+  rng,
+  shuffle,
+  testDeps,
+  uploadSegment,
+  type TestDeps,
+  type Workload,
+} from './helpers';
 
 const connection = inject('azuriteConnectionString');
 const MiB = 1024 * 1024;
@@ -48,7 +57,10 @@ async function expectRecoveryPointsMatch(deps: TestDeps, workload: Workload, siz
     expect(point.sourceTime).toBe(new Date(marker.time).toISOString());
     expect(point.type).toBe(marker.kind === 'app' ? 'app-consistent' : 'crash-consistent');
     for (const { id, snapshot } of point.disks) {
-      const bytes = await readWhole(seedBlob(deps.seed, workload.machine, id).withSnapshot(snapshot), sizes.get(id)!);
+      const bytes = await readWhole(
+        seedBlob(deps.seed, workload.machine, id).withSnapshot(snapshot),
+        sizes.get(id)!,
+      );
       expect(bytes.equals(marker.images.get(id)!), `disk ${id} at ${point.id}`).toBe(true);
     }
   }
@@ -69,7 +81,9 @@ describe('apply (in-process, against Azurite)', () => {
       const reports = await applyUntilIdle(deps, machine, d.id);
       expect(reports.at(-1)!.outcome).toBe('caught-up');
       expect(reports.at(-1)!.appliedSeq).toBe(workload.segments.get(d.id)!.length);
-      expect((await readWhole(seedBlob(deps.seed, machine, d.id), d.sizeBytes)).equals(workload.final.get(d.id)!)).toBe(true);
+      expect(
+        (await readWhole(seedBlob(deps.seed, machine, d.id), d.sizeBytes)).equals(workload.final.get(d.id)!),
+      ).toBe(true);
     }
     await expectRecoveryPointsMatch(deps, workload, new Map(disks.map((d) => [d.id, d.sizeBytes])));
     const row = await readEntity<DiskEntity>(await deps.tables.get(TABLES.disks), machine, 'd0');
@@ -85,7 +99,14 @@ describe('apply (in-process, against Azurite)', () => {
     const machine = uniqueMachine('gap');
     const disks = [{ id: 'd0', sizeBytes: 1 * MiB }];
     await register(deps, machine, disks);
-    const workload = generateWorkload({ machine, disks, ops: 300, seed: 2, recordsPerSegment: 10, markerEvery: 50 });
+    const workload = generateWorkload({
+      machine,
+      disks,
+      ops: 300,
+      seed: 2,
+      recordsPerSegment: 10,
+      markerEvery: 50,
+    });
     const segments = workload.segments.get('d0')!;
     expect(segments.length).toBeGreaterThan(6);
     const random = rng(7);
@@ -100,12 +121,16 @@ describe('apply (in-process, against Azurite)', () => {
     await uploadSegment(deps, segments[2]);
     report = (await applyUntilIdle(deps, machine, 'd0')).at(-1)!;
     expect(report).toMatchObject({ outcome: 'caught-up', appliedSeq: segments.length });
-    expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), MiB)).equals(workload.final.get('d0')!)).toBe(true);
+    expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), MiB)).equals(workload.final.get('d0')!)).toBe(
+      true,
+    );
     // A duplicate message and a re-uploaded old change log change nothing.
     await uploadSegment(deps, segments[0]);
     report = await applyChangelogs(deps, { machine, disk: 'd0' });
     expect(report).toMatchObject({ outcome: 'caught-up', segments: 0 });
-    expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), MiB)).equals(workload.final.get('d0')!)).toBe(true);
+    expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), MiB)).equals(workload.final.get('d0')!)).toBe(
+      true,
+    );
     await expectRecoveryPointsMatch(deps, workload, new Map([['d0', MiB]]));
   });
 
@@ -117,14 +142,25 @@ describe('apply (in-process, against Azurite)', () => {
       { id: 'd1', sizeBytes: 2 * MiB },
     ];
     await register(deps, machine, disks);
-    const workload = generateWorkload({ machine, disks, ops: 400, seed: 3, recordsPerSegment: 60, markerEvery: 40 });
+    const workload = generateWorkload({
+      machine,
+      disks,
+      ops: 400,
+      seed: 3,
+      recordsPerSegment: 60,
+      markerEvery: 40,
+    });
     for (const [, segments] of workload.segments) for (const s of segments) await uploadSegment(deps, s);
     // Page writes start failing after a few hundred, as if the process died mid-segment.
     const upload = PageBlobClient.prototype.uploadPages;
     for (const [i, cutAfter] of [37, 51, 25].entries()) {
       let calls = 0;
-      PageBlobClient.prototype.uploadPages = function (this: PageBlobClient, ...args: Parameters<typeof upload>) {
-        if (++calls > cutAfter) return Promise.reject(Object.assign(new Error('killed'), { statusCode: 500 }));
+      PageBlobClient.prototype.uploadPages = function (
+        this: PageBlobClient,
+        ...args: Parameters<typeof upload>
+      ) {
+        if (++calls > cutAfter)
+          return Promise.reject(Object.assign(new Error('killed'), { statusCode: 500 }));
         return upload.apply(this, args);
       };
       try {
@@ -135,7 +171,9 @@ describe('apply (in-process, against Azurite)', () => {
     }
     for (const d of disks) await applyUntilIdle(deps, machine, d.id);
     for (const d of disks) {
-      expect((await readWhole(seedBlob(deps.seed, machine, d.id), d.sizeBytes)).equals(workload.final.get(d.id)!)).toBe(true);
+      expect(
+        (await readWhole(seedBlob(deps.seed, machine, d.id), d.sizeBytes)).equals(workload.final.get(d.id)!),
+      ).toBe(true);
     }
     await expectRecoveryPointsMatch(deps, workload, new Map(disks.map((d) => [d.id, d.sizeBytes])));
   });
@@ -145,19 +183,31 @@ describe('apply (in-process, against Azurite)', () => {
     const machine = uniqueMachine('race');
     const disks = [{ id: 'd0', sizeBytes: 2 * MiB }];
     await register(deps, machine, disks);
-    const workload = generateWorkload({ machine, disks, ops: 400, seed: 4, recordsPerSegment: 15, markerEvery: 60 });
+    const workload = generateWorkload({
+      machine,
+      disks,
+      ops: 400,
+      seed: 4,
+      recordsPerSegment: 15,
+      markerEvery: 60,
+    });
     const segments = workload.segments.get('d0')!;
     const appliers: Promise<ApplyReport>[] = [];
     const outcomes: string[] = [];
     // Upload in order while many appliers start on every upload.
     for (const s of segments) {
       await uploadSegment(deps, s);
-      for (let k = 0; k < 3; k++) appliers.push(applyChangelogs(deps, { machine, disk: 'd0' }).then((r) => (outcomes.push(r.outcome), r)));
+      for (let k = 0; k < 3; k++)
+        appliers.push(
+          applyChangelogs(deps, { machine, disk: 'd0' }).then((r) => (outcomes.push(r.outcome), r)),
+        );
     }
     await Promise.all(appliers);
     expect(outcomes).toContain('busy');
     await applyUntilIdle(deps, machine, 'd0');
-    expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), 2 * MiB)).equals(workload.final.get('d0')!)).toBe(true);
+    expect(
+      (await readWhole(seedBlob(deps.seed, machine, 'd0'), 2 * MiB)).equals(workload.final.get('d0')!),
+    ).toBe(true);
     await expectRecoveryPointsMatch(deps, workload, new Map([['d0', 2 * MiB]]));
   });
 
@@ -166,7 +216,14 @@ describe('apply (in-process, against Azurite)', () => {
     const machine = uniqueMachine('tamper');
     const disks = [{ id: 'd0', sizeBytes: 1 * MiB }];
     await register(deps, machine, disks);
-    const workload = generateWorkload({ machine, disks, ops: 120, seed: 5, recordsPerSegment: 20, markerEvery: 1000 });
+    const workload = generateWorkload({
+      machine,
+      disks,
+      ops: 120,
+      seed: 5,
+      recordsPerSegment: 20,
+      markerEvery: 1000,
+    });
     const segments = workload.segments.get('d0')!;
     await uploadSegment(deps, segments[0]);
     expect((await applyChangelogs(deps, { machine, disk: 'd0' })).appliedSeq).toBe(1);
@@ -182,21 +239,42 @@ describe('apply (in-process, against Azurite)', () => {
     expect(report).toMatchObject({ outcome: 'quarantined', appliedSeq: 1, segments: 0 });
     expect((await readWhole(seedBlob(deps.seed, machine, 'd0'), MiB)).equals(before)).toBe(true);
     expect(await blob.exists()).toBe(false);
-    const quarantined = await (await ensureContainer(deps.quarantine)).getBlockBlobClient(name).downloadToBuffer();
+    const quarantined = await (
+      await ensureContainer(deps.quarantine)
+    )
+      .getBlockBlobClient(name)
+      .downloadToBuffer();
     expect(quarantined.equals(sealed)).toBe(true);
     const row = await readEntity<DiskEntity>(await deps.tables.get(TABLES.disks), machine, 'd0');
     expect(row).toMatchObject({ state: 'resync-required', appliedSeq: 1 });
     const events = (await listEvents(deps.tables, { machine })).value;
-    expect(events.map((e) => e.type)).toEqual(expect.arrayContaining(['segment-quarantined', 'resync-required']));
+    expect(events.map((e) => e.type)).toEqual(
+      expect.arrayContaining(['segment-quarantined', 'resync-required']),
+    );
     expect(events.find((e) => e.type === 'segment-quarantined')!.message).toContain(name);
     // Later messages apply nothing of the old epoch...
-    expect(await applyChangelogs(deps, { machine, disk: 'd0' })).toMatchObject({ outcome: 'resync-required', segments: 0 });
+    expect(await applyChangelogs(deps, { machine, disk: 'd0' })).toMatchObject({
+      outcome: 'resync-required',
+      segments: 0,
+    });
     // ...until the agent starts a new epoch (a resync): then it applies and the disk recovers.
-    const resync = generateWorkload({ machine, disks, ops: 50, seed: 6, epoch: 2, recordsPerSegment: 10, markerEvery: 20 });
+    const resync = generateWorkload({
+      machine,
+      disks,
+      ops: 50,
+      seed: 6,
+      epoch: 2,
+      recordsPerSegment: 10,
+      markerEvery: 20,
+    });
     const image = Buffer.from(before);
     for (const s of resync.segments.get('d0')!) await uploadSegment(deps, s);
     const after = (await applyUntilIdle(deps, machine, 'd0')).at(-1)!;
-    expect(after).toMatchObject({ outcome: 'caught-up', epoch: 2, appliedSeq: resync.segments.get('d0')!.length });
+    expect(after).toMatchObject({
+      outcome: 'caught-up',
+      epoch: 2,
+      appliedSeq: resync.segments.get('d0')!.length,
+    });
     // The new epoch's writes land on top of what was there: compare against the old image + the new stream.
     const { applyRecordsToImage } = await import('../../../shared/disk-model');
     for (const s of resync.segments.get('d0')!) applyRecordsToImage(image, s.records);

@@ -1,6 +1,12 @@
 import type { PageBlobClient } from '@azure/storage-blob';
 import { applyRecordsToImage } from '../../../shared/disk-model';
-import { changelogBlobName, generateEncryptionKey, parseKeyRing, sealEnvelope, type KeyRing } from '../../../shared/envelope';
+import {
+  changelogBlobName,
+  generateEncryptionKey,
+  parseKeyRing,
+  sealEnvelope,
+  type KeyRing,
+} from '../../../shared/envelope';
 import { createLogger } from '../../../shared/logger';
 import { encodeSegment, type MarkerKind, type Segment, type SegmentRecord } from '../../../shared/segment';
 import {
@@ -15,7 +21,11 @@ import {
 export const KEYS = generateEncryptionKey('test1');
 
 /** The settings of a test: every storage setting on the one Azurite, a queue of its own. */
-export function testSettings(connection: string, queue: string, extra: Record<string, string> = {}): Record<string, string> {
+export function testSettings(
+  connection: string,
+  queue: string,
+  extra: Record<string, string> = {},
+): Record<string, string> {
   return {
     AzureWebJobsStorage: connection,
     CacheStorage: connection,
@@ -59,7 +69,11 @@ export function keyRing(): KeyRing {
 }
 
 /** Seals a segment exactly as the proxy does and uploads it under its name. */
-export async function uploadSegment(deps: ReplicationDeps, segment: Segment, ring: KeyRing = keyRing()): Promise<string> {
+export async function uploadSegment(
+  deps: ReplicationDeps,
+  segment: Segment,
+  ring: KeyRing = keyRing(),
+): Promise<string> {
   const name = changelogBlobName(segment.header);
   const sealed = sealEnvelope(encodeSegment(segment), { name, keyRing: ring });
   await (await ensureContainer(deps.changelogs)).getBlockBlobClient(name).uploadData(sealed);
@@ -147,7 +161,14 @@ export function generateWorkload(options: WorkloadOptions): Workload {
     const list = segments.get(disk)!;
     const t = times.get(disk)!;
     list.push({
-      header: { machine: options.machine, disk, epoch, seq: list.length + 1, firstWriteTime: t.first, lastWriteTime: t.last },
+      header: {
+        machine: options.machine,
+        disk,
+        epoch,
+        seq: list.length + 1,
+        firstWriteTime: t.first,
+        lastWriteTime: t.last,
+      },
       records,
     });
     pending.set(disk, []);
@@ -180,7 +201,11 @@ export function generateWorkload(options: WorkloadOptions): Workload {
       add(disk.id, { type: 'trim', offset, length });
     }
     if (random() < 1 / markerEvery) {
-      const marker = { id: `m${String(markers.length + 1).padStart(5, '0')}`, kind: (random() < 0.25 ? 'app' : 'crash') as MarkerKind, time };
+      const marker = {
+        id: `m${String(markers.length + 1).padStart(5, '0')}`,
+        kind: (random() < 0.25 ? 'app' : 'crash') as MarkerKind,
+        time,
+      };
       for (const d of options.disks) add(d.id, { type: 'marker', ...marker, tag: '' });
       markers.push({ ...marker, images: new Map([...images].map(([id, img]) => [id, Buffer.from(img)])) });
     }

@@ -42,7 +42,10 @@ describe('planPageOps', () => {
           run = records
             .filter((r) => r.type === 'write')
             .map((r) => {
-              const data = (r as { data: Buffer }).data.subarray(0, Math.min((r as { data: Buffer }).data.length, DISK - at));
+              const data = (r as { data: Buffer }).data.subarray(
+                0,
+                Math.min((r as { data: Buffer }).data.length, DISK - at),
+              );
               const out = { type: 'write' as const, offset: at, data };
               at += data.length;
               return out;
@@ -56,11 +59,14 @@ describe('planPageOps', () => {
         applyOps(actual, [...ops].reverse());
         expect(actual.equals(expected)).toBe(true);
         const sorted = [...ops].sort((a, b) => a.offset - b.offset);
-        for (let i = 1; i < sorted.length; i++) expect(sorted[i].offset).toBeGreaterThanOrEqual(sorted[i - 1].offset + sorted[i - 1].length);
+        for (let i = 1; i < sorted.length; i++)
+          expect(sorted[i].offset).toBeGreaterThanOrEqual(sorted[i - 1].offset + sorted[i - 1].length);
         for (const op of ops) {
           if (op.kind !== 'write') continue;
           expect(op.length).toBeLessThanOrEqual(PAGE_WRITE_BYTES);
-          expect(Math.floor(op.offset / PAGE_WRITE_BYTES)).toBe(Math.floor((op.offset + op.length - 1) / PAGE_WRITE_BYTES));
+          expect(Math.floor(op.offset / PAGE_WRITE_BYTES)).toBe(
+            Math.floor((op.offset + op.length - 1) / PAGE_WRITE_BYTES),
+          );
           expect(op.pieces.reduce((n, p) => n + p.length, 0)).toBe(op.length);
         }
       }),
@@ -73,9 +79,16 @@ describe('OrderedPageWriter', () => {
   it('runs overlapping operations in submission order and others in parallel, within the limit', async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(fc.record({ start: fc.integer({ min: 0, max: 60 }), len: fc.integer({ min: 1, max: 8 }), delay: fc.integer({ min: 0, max: 3 }) }), {
-          maxLength: 25,
-        }),
+        fc.array(
+          fc.record({
+            start: fc.integer({ min: 0, max: 60 }),
+            len: fc.integer({ min: 1, max: 8 }),
+            delay: fc.integer({ min: 0, max: 3 }),
+          }),
+          {
+            maxLength: 25,
+          },
+        ),
         async (ops) => {
           const writer = new OrderedPageWriter(3);
           const image = new Array<number>(70).fill(-1);

@@ -15,7 +15,21 @@ const connection = inject('azuriteConnectionString');
 
 async function point(deps: TestDeps, machine: string, id: string, time: number) {
   const snapshot = (await seedBlob(deps.seed, machine, 'd0').createSnapshot()).snapshot!;
-  await recordArrival(deps.tables, { machine, disk: 'd0', markerId: id, kind: 'crash', tag: '', sourceTime: time, snapshot, epoch: 1, seq: 1 }, new Date(time));
+  await recordArrival(
+    deps.tables,
+    {
+      machine,
+      disk: 'd0',
+      markerId: id,
+      kind: 'crash',
+      tag: '',
+      sourceTime: time,
+      snapshot,
+      epoch: 1,
+      seq: 1,
+    },
+    new Date(time),
+  );
   await completeRecoveryPoint(deps.tables, machine, id, new Date(time));
 }
 
@@ -23,8 +37,11 @@ describe('RPO monitor (injectable clock)', () => {
   it('raises a breach event when the stream stalls past the threshold and a recovery event when it resumes', async () => {
     const deps = testDeps(connection);
     const machine = `rpo-${randomUUID().slice(0, 8)}`;
-    await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: 64 * 1024 }], policy: { rpoThresholdSeconds: 60 } });
-    const mine = async (at: number) => (await monitorRpo(deps, new Date(at))).find((c) => c.machine === machine)!;
+    await registerMachine(deps, machine, {
+      disks: [{ id: 'd0', sizeBytes: 64 * 1024 }],
+      policy: { rpoThresholdSeconds: 60 },
+    });
+    const mine = async (at: number) => (await monitorRpo(deps, new Date(at), { machines: [machine] }))[0];
     const t0 = Date.UTC(2027, 0, 4, 12, 0, 0);
 
     // Before any recovery point: no RPO yet, nothing to report.
@@ -35,12 +52,24 @@ describe('RPO monitor (injectable clock)', () => {
       expect(await mine(t0 + i * 20_000 + 10_000)).toMatchObject({ rpoSeconds: 10, breached: false });
     }
     // The stream stalls; change logs pile up in the cache.
-    await uploadSegment(deps, { header: { machine, disk: 'd0', epoch: 0, seq: 1, firstWriteTime: t0, lastWriteTime: t0 }, records: [{ type: 'zero', offset: 0, length: 512 }] });
-    await uploadSegment(deps, { header: { machine, disk: 'd0', epoch: 0, seq: 2, firstWriteTime: t0, lastWriteTime: t0 }, records: [{ type: 'zero', offset: 0, length: 512 }] });
+    await uploadSegment(deps, {
+      header: { machine, disk: 'd0', epoch: 0, seq: 1, firstWriteTime: t0, lastWriteTime: t0 },
+      records: [{ type: 'zero', offset: 0, length: 512 }],
+    });
+    await uploadSegment(deps, {
+      header: { machine, disk: 'd0', epoch: 0, seq: 2, firstWriteTime: t0, lastWriteTime: t0 },
+      records: [{ type: 'zero', offset: 0, length: 512 }],
+    });
     const last = t0 + 40_000;
     expect(await mine(last + 50_000)).toMatchObject({ rpoSeconds: 50, breached: false });
     const breach = await mine(last + 61_000);
-    expect(breach).toMatchObject({ rpoSeconds: 61, breached: true, health: 'critical', backlogSegments: 2, event: 'rpo-breached' });
+    expect(breach).toMatchObject({
+      rpoSeconds: 61,
+      breached: true,
+      health: 'critical',
+      backlogSegments: 2,
+      event: 'rpo-breached',
+    });
     expect((await getMachineStatus(deps, machine, new Date(last + 61_000))).health).toBe('critical');
     // Still breached: no second event.
     const still = await mine(last + 300_000);
@@ -55,9 +84,15 @@ describe('RPO monitor (injectable clock)', () => {
     expect(fine.breached).toBe(false);
     expect(fine.event).toBeUndefined();
 
-    const events = (await listEvents(deps.tables, { machine })).value.filter((e) => e.type.startsWith('rpo-'));
+    const events = (await listEvents(deps.tables, { machine })).value.filter((e) =>
+      e.type.startsWith('rpo-'),
+    );
     expect(events.map((e) => e.type)).toEqual(['rpo-recovered', 'rpo-breached']);
-    expect(events[1]).toMatchObject({ severity: 'error', time: new Date(last + 61_000).toISOString(), details: { rpoSeconds: 61, thresholdSeconds: 60, backlogSegments: 2 } });
+    expect(events[1]).toMatchObject({
+      severity: 'error',
+      time: new Date(last + 61_000).toISOString(),
+      details: { rpoSeconds: 61, thresholdSeconds: 60, backlogSegments: 2 },
+    });
     expect(events[1].message).toContain('above its threshold of 60 s');
     expect(events[1].message).toContain('2 change log(s)');
 
@@ -67,6 +102,11 @@ describe('RPO monitor (injectable clock)', () => {
     await point(deps, machine, 'm10', last + 410_000);
     await mine(last + 411_000);
     const again = (await listEvents(deps.tables, { machine })).value.filter((e) => e.type.startsWith('rpo-'));
-    expect(again.map((e) => e.type)).toEqual(['rpo-recovered', 'rpo-breached', 'rpo-recovered', 'rpo-breached']);
+    expect(again.map((e) => e.type)).toEqual([
+      'rpo-recovered',
+      'rpo-breached',
+      'rpo-recovered',
+      'rpo-breached',
+    ]);
   });
 });
