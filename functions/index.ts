@@ -3,6 +3,7 @@
  * triggers with @azure/functions / durable-functions; the Azure host and the local host both load
  * exactly this file.
  */
+import './telemetry';
 import './http/health';
 import './http/machines';
 import './http/events';
