@@ -3,11 +3,12 @@
  * The `lifeboat` command: the composition root that wires the embedded stack (Azurite, the local
  * Functions host, the proxy) and the site-side roles together. Nothing imports it.
  */
-import { createWriteStream, mkdirSync } from 'node:fs';
+import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { agentCommand } from './mobility/command';
 import { proxyCommand } from './proxy/command';
+import { formatReport, runDemo } from './demo/demo';
 import { resolveDataDir, startStack } from './up';
 
 function port(value: string): number {
@@ -73,6 +74,25 @@ program
         'Press Ctrl-C to stop.',
       ].join('\n'),
     );
+  });
+
+program
+  .command('demo')
+  .description('Show Lifeboat doing its whole job on this machine, narrated, ending with a report.')
+  .option('--data <dir>', 'folder for the demo (emptied first; default: .lifeboat-demo)', '.lifeboat-demo')
+  .option('--short', 'small disks and few rounds (CI)', false)
+  .option('--json <file>', 'also write the report as JSON to this file')
+  .action(async (opts: { data: string; short: boolean; json?: string }) => {
+    const report = await runDemo({
+      dataDir: path.resolve(opts.data),
+      short: opts.short,
+      appRoot: path.resolve(__dirname, '..', '..'),
+      out: (line) => console.log(line),
+      progressBars: Boolean(process.stdout.isTTY),
+    });
+    console.log(formatReport(report));
+    if (opts.json) writeFileSync(opts.json, `${JSON.stringify(report, null, 2)}\n`);
+    process.exit(report.ok ? 0 : 1);
   });
 
 program.addCommand(proxyCommand());
