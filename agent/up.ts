@@ -4,6 +4,7 @@ import path from 'node:path';
 import { startAzurite, type RunningAzurite } from '../infra/local/azurite';
 import { spawnLocalHost, type HostProcess } from '../infra/local/host-process';
 import { DEFAULT_CHANGELOG_QUEUE, SETTING, type Settings } from '../shared/config';
+import { createLogger } from '../shared/logger';
 import { startProxy, type RunningProxy } from './proxy/proxy';
 
 export interface UpOptions {
@@ -18,6 +19,8 @@ export interface UpOptions {
   appRoot: string;
   /** Where the host's JSON log lines go (by default a file in the data folder). */
   onHostLog?: (line: string) => void;
+  /** Where the proxy logs (JSON lines); stderr by default. */
+  proxyLogFile?: string;
 }
 
 export interface RunningStack {
@@ -77,6 +80,7 @@ export async function startStack(options: UpOptions, env: Settings = process.env
       host: '127.0.0.1',
       port: options.proxyPort,
       settings,
+      logger: createLogger('proxy', {}, options.proxyLogFile),
     });
   } catch (err) {
     await host?.stop();

@@ -1,11 +1,13 @@
-import { mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { MachineAgent, type MarkerEvent } from '../mobility/agent';
 import type { SyncProgress } from '../mobility/sync';
+import { createLogger } from '../../shared/logger';
+import { StorageClients } from '../../shared/storage';
 import { startStack, type RunningStack } from '../up';
 import { NbdClient } from './nbd-client';
-import { createSampleDisks, nextVersion, sha256, type SampleDisk } from './disks';
+import { checkFilesystem, createSampleDisks, nextVersion, sha256, type SampleDisk } from './disks';
 
 export interface DemoOptions {
   dataDir: string;
@@ -134,10 +136,12 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
   try {
     stack = await step('Starting the embedded stack (Azurite, the local Functions host, the proxy)', async () => {
       report.where.hostLog = path.join(options.dataDir, 'host.log');
+      report.where.proxyLog = path.join(options.dataDir, 'proxy.log');
+      report.where.agentLog = path.join(options.dataDir, 'agent.log');
       const { createWriteStream } = await import('node:fs');
       const hostLog = createWriteStream(report.where.hostLog, { flags: 'a' });
       const s = await startStack(
-        { dataDir: path.join(options.dataDir, 'stack'), port: 0, blobPort: 0, queuePort: 0, tablePort: 0, proxyPort: 0, appRoot: options.appRoot, onHostLog: (l) => hostLog.write(`${l}\n`) },
+        { dataDir: path.join(options.dataDir, 'stack'), port: 0, blobPort: 0, queuePort: 0, tablePort: 0, proxyPort: 0, appRoot: options.appRoot, onHostLog: (l) => hostLog.write(`${l}\n`), proxyLogFile: report.where.proxyLog },
         { ...process.env, LIFEBOAT_LOCAL_KEY: '' },
       );
       say(`  API ${s.apiUrl}, proxy ${s.proxy.url}, ${s.host.functions.length} functions registered`);
@@ -170,6 +174,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
         proxy: { url: stack!.proxy.url, credential, ca: stack!.proxy.certificate },
         nbd: { port: 0, host: '127.0.0.1' },
         crashIntervalSeconds: 0,
+        logger: createLogger('agent', { machine: MACHINE }, report.where.agentLog),
       });
       const bar = options.progressBars
         ? new SingleBar({ format: '  {bar} {percentage}% | {value}/{total} MiB | {rate} MiB/s | ETA {eta_formatted}', hideCursor: true }, Presets.shades_classic)
@@ -238,8 +243,30 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
       report.figures.recoveryPoints = points.length;
       for (const p of points.slice(0, 3)) say(`  ${p.id}  ${p.type}  source time ${p.sourceTime}`);
       say(`  ${points.length} recovery points; RPO now ${report.figures.rpoSecondsMax ?? '?'} s`);
+      const seed = StorageClients.fromConnectionString(stack!.azurite.connectionString).blobService().getContainerClient('seed-disks');
       for (const m of markers) {
-        verify(`recovery point ${m.id} exists`, points.some((p) => p.id === m.id), points.some((p) => p.id === m.id) ? 'recorded for both disks' : 'missing');
+        const point = points.find((p) => p.id === m.id);
+        if (!point) {
+          verify(`recovery point ${m.id}`, false, 'missing');
+          continue;
+        }
+        for (const d of disks) {
+          const snapshot = point.disks.find((x) => x.id === d.id)?.snapshot;
+          const bytes = snapshot ? await seed.getBlobClient(`${MACHINE}/${d.id}.img`).withSnapshot(snapshot).downloadToBuffer() : Buffer.alloc(0);
+          const same = sha256(bytes) === expected.get(m.id)![d.id];
+          let detail = same ? `snapshot equals the source at the marker (sha256 ${expected.get(m.id)![d.id].slice(0, 12)}…)` : 'snapshot differs from the source at the marker';
+          let ok = same;
+          if (d.filesystem && m === markers[markers.length - 1]) {
+            const image = path.join(options.dataDir, `${m.id}-${d.id}.img`);
+            writeFileSync(image, bytes);
+            const fsck = checkFilesystem(image);
+            if (fsck) {
+              ok &&= fsck.ok;
+              detail += fsck.ok ? '; e2fsck -fn finds the file system clean' : `; e2fsck -fn: ${fsck.output.trim().split('\n').slice(-2).join(' ')}`;
+            }
+          }
+          verify(`point ${m.id} disk ${d.id}`, ok, detail);
+        }
       }
     });
 
