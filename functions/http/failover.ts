@@ -1,0 +1,91 @@
+import { randomUUID } from 'node:crypto';
+import { app } from '@azure/functions';
+import * as df from 'durable-functions';
+import {
+  defaultFailoverDeps,
+  deleteRecord,
+  failoverIdFromUuid,
+  listFailovers,
+  prepareAction,
+  prepareChangePoint,
+  prepareFailover,
+  releaseMachine,
+} from '../../shared/failover';
+import { readMachine } from '../../shared/replication';
+import { ORCHESTRATION } from '../orchestrations/names';
+import '../orchestrations/failover';
+import { startOperation } from './operations';
+import { jsonBody, withErrors } from './respond';
+
+const operationId = () => `op-${randomUUID().replace(/-/g, '').slice(0, 16)}`;
+
+app.http('machines-failover', {
+  route: 'machines/{machine}/failover',
+  methods: ['POST'],
+  authLevel: 'function',
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const deps = defaultFailoverDeps();
+    const machine = request.params.machine;
+    const failoverId = failoverIdFromUuid(randomUUID());
+    const run = await prepareFailover(deps, machine, await jsonBody(request), failoverId);
+    return startOperation(request, context, ORCHESTRATION.failover, failoverId, run, { failoverId, machine, kind: run.kind }, async () => {
+      await deleteRecord(deps.tables, machine, failoverId);
+      await releaseMachine(deps.tables, machine, failoverId);
+    });
+  }),
+});
+
+app.http('machines-failover-commit', {
+  route: 'machines/{machine}/commit',
+  methods: ['POST'],
+  authLevel: 'function',
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const id = operationId();
+    const record = await prepareAction(defaultFailoverDeps(), request.params.machine, 'commit', id);
+    const input = { machine: record.machine, failoverId: record.failoverId, test: record.kind === 'test' };
+    return startOperation(request, context, ORCHESTRATION.commit, id, input, { failoverId: record.failoverId, machine: record.machine });
+  }),
+});
+
+app.http('machines-failover-cancel', {
+  route: 'machines/{machine}/cancel',
+  methods: ['POST'],
+  authLevel: 'function',
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const id = operationId();
+    const record = await prepareAction(defaultFailoverDeps(), request.params.machine, 'cancel', id);
+    const input = {
+      machine: record.machine,
+      failoverId: record.failoverId,
+      test: record.kind === 'test',
+      ...(record.targetSpec ? { target: record.targetSpec } : {}),
+    };
+    return startOperation(request, context, ORCHESTRATION.cancel, id, input, { failoverId: record.failoverId, machine: record.machine });
+  }),
+});
+
+app.http('machines-failover-change-point', {
+  route: 'machines/{machine}/change-recovery-point',
+  methods: ['POST'],
+  authLevel: 'function',
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const id = operationId();
+    const { record, run } = await prepareChangePoint(defaultFailoverDeps(), request.params.machine, await jsonBody(request), id);
+    return startOperation(request, context, ORCHESTRATION.failover, id, run, { failoverId: record.failoverId, machine: record.machine });
+  }),
+});
+
+app.http('machines-failovers', {
+  route: 'machines/{machine}/failovers',
+  methods: ['GET'],
+  authLevel: 'function',
+  handler: withErrors(async (request) => {
+    const deps = defaultFailoverDeps();
+    const machine = await readMachine(deps.replication, request.params.machine);
+    return { jsonBody: { value: await listFailovers(deps.tables, machine.rowKey) } };
+  }),
+});

@@ -1,0 +1,74 @@
+import { readMachine } from '../replication';
+import type { FailoverDeps } from './context';
+import { parseChangePoint, parseFailoverRequest, toSelector, type FailoverRecord, type FailoverRun } from './model';
+import { resolveRecoveryPoint } from './recovery-point';
+import { beginAction, beginFailover } from './records';
+
+/**
+ * The synchronous half of POST /machines/{m}/failover: validates the body (400), checks the
+ * machine (404) and, for every selector but `latest`, that the point exists (404), then claims
+ * the machine (409). Returns the orchestration's input.
+ */
+export async function prepareFailover(
+  deps: FailoverDeps,
+  machine: string,
+  body: unknown,
+  failoverId: string,
+): Promise<FailoverRun> {
+  const request = parseFailoverRequest(body);
+  await readMachine(deps.replication, machine);
+  const selector = toSelector(request.recoveryPoint);
+  if (selector !== 'latest' && !request.planned) await resolveRecoveryPoint(deps.replication, machine, selector);
+  const kind = request.test ? 'test' : request.planned ? 'planned' : 'unplanned';
+  await beginFailover(
+    deps.tables,
+    { machine, failoverId, operationId: failoverId, kind, selector, ...(request.target ? { target: request.target } : {}) },
+    deps.now(),
+  );
+  return {
+    machine,
+    failoverId,
+    kind,
+    selector,
+    waitSeconds: request.waitSeconds,
+    ...(request.target ? { target: request.target } : {}),
+    mode: 'failover',
+  };
+}
+
+/** POST …/change-recovery-point: 400, 404 (machine, point, no active failover), 409 (state). */
+export async function prepareChangePoint(
+  deps: FailoverDeps,
+  machine: string,
+  body: unknown,
+  operationId: string,
+): Promise<{ record: FailoverRecord; run: FailoverRun }> {
+  const request = parseChangePoint(body);
+  await readMachine(deps.replication, machine);
+  const selector = toSelector(request.recoveryPoint);
+  if (selector !== 'latest') await resolveRecoveryPoint(deps.replication, machine, selector);
+  const record = await beginAction(deps.tables, machine, 'change-recovery-point', operationId, deps.now());
+  return {
+    record,
+    run: {
+      machine,
+      failoverId: record.failoverId,
+      kind: record.kind,
+      selector,
+      waitSeconds: request.waitSeconds,
+      ...(record.targetSpec ? { target: record.targetSpec } : {}),
+      mode: 'change-point',
+    },
+  };
+}
+
+/** POST …/commit and …/cancel: 404 (machine, no active failover), 409 (state). */
+export async function prepareAction(
+  deps: FailoverDeps,
+  machine: string,
+  action: 'commit' | 'cancel',
+  operationId: string,
+): Promise<FailoverRecord> {
+  await readMachine(deps.replication, machine);
+  return beginAction(deps.tables, machine, action, operationId, deps.now());
+}
