@@ -1,0 +1,5 @@
+// Resync, reprotect and failback: the cloud side of bringing machines home. docs/reprotect.md.
+export * from './tables';
+export * from './context';
+export * from './resync';
+export * from './activities';
