@@ -4,6 +4,7 @@ import { SingleBar, Presets } from 'cli-progress';
 import { MachineAgent, type MarkerEvent } from '../mobility/agent';
 import type { SyncProgress } from '../mobility/sync';
 import { createLogger } from '../../shared/logger';
+import { FAILOVER_DISKS_CONTAINER, failoverDiskName } from '../../shared/failover/compute/local';
 import { StorageClients } from '../../shared/storage';
 import { startStack, type RunningStack } from '../up';
 import { NbdClient } from './nbd-client';
@@ -82,6 +83,38 @@ async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T 
   }
 }
 
+interface Operation {
+  operationId: string;
+  status: string;
+  progress: unknown;
+  output?: { point?: { id: string }; deleted?: string[] } & Record<string, unknown>;
+  error?: string;
+}
+
+/** Starts a life-cycle operation and waits for it to finish, narrating its progress. */
+async function runOperation(
+  api: ApiClient,
+  route: string,
+  body: unknown,
+  say: (line: string) => void,
+): Promise<{ started: { operationId: string; failoverId?: string }; op: Operation; seconds: number }> {
+  const begun = Date.now();
+  const { body: started } = await api.call<{ operationId: string; failoverId?: string }>('POST', route, body);
+  let lastProgress = '';
+  const op = await until(`operation ${started.operationId}`, 180_000, async () => {
+    const { body: current } = await api.call<Operation>('GET', `operations/${started.operationId}`);
+    const p = (current.progress ?? {}) as { step?: string; state?: string };
+    const progress = p.step ?? p.state ?? '';
+    if (progress && progress !== lastProgress) {
+      lastProgress = progress;
+      say(`  … ${progress}`);
+    }
+    return ['Completed', 'Failed', 'Terminated'].includes(current.status) ? current : undefined;
+  });
+  if (op.status !== 'Completed') throw new DemoFailure(`Operation ${started.operationId} ${op.status}: ${op.error ?? 'no reason given'}`);
+  return { started, op, seconds: (Date.now() - begun) / 1000 };
+}
+
 interface RecoveryPoint {
   id: string;
   type: string;
@@ -106,7 +139,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
   };
   const sizes = options.short ? { d0: 16 * 1024 * 1024, d1: 8 * 1024 * 1024 } : { d0: 128 * 1024 * 1024, d1: 64 * 1024 * 1024 };
   const rounds = options.short ? 3 : 6;
-  const totalSteps = 6;
+  const totalSteps = 8;
   let stepNo = 0;
   const step = async <T>(name: string, run: () => Promise<T>): Promise<T> => {
     stepNo++;
@@ -268,6 +301,57 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
           verify(`point ${m.id} disk ${d.id}`, ok, detail);
         }
       }
+    });
+
+    const storage = StorageClients.fromConnectionString(stack.azurite.connectionString).blobService();
+    /** Compares a failover's disks with the source at its point, and checks the file system. */
+    const verifyFailoverDisks = async (label: string, failoverId: string, pointId: string) => {
+      const want = expected.get(pointId);
+      for (const d of disks) {
+        const blob = storage.getContainerClient(FAILOVER_DISKS_CONTAINER).getBlobClient(failoverDiskName(MACHINE, d.id, failoverId));
+        const bytes = await blob.downloadToBuffer();
+        let ok = want !== undefined && sha256(bytes) === want[d.id];
+        let detail = want ? (ok ? `equals the source at ${pointId}` : `differs from the source at ${pointId}`) : `point ${pointId} was not cut by this demo`;
+        if (d.filesystem) {
+          const image = path.join(options.dataDir, `${failoverId}-${d.id}.img`);
+          writeFileSync(image, bytes);
+          const fsck = checkFilesystem(image);
+          if (fsck) {
+            ok &&= fsck.ok;
+            detail += fsck.ok ? '; e2fsck -fn: clean' : `; e2fsck -fn: ${fsck.output.trim().split('\n').slice(-2).join(' ')}`;
+          }
+        }
+        verify(`${label} disk ${d.id}`, ok, detail);
+      }
+    };
+
+    await step('Test failover (a drill) to the latest recovery point, checking its disks, then cleaning it up', async () => {
+      const { started, op, seconds } = await runOperation(api, `machines/${MACHINE}/failover`, { recoveryPoint: 'latest', test: true }, say);
+      report.figures.recoveryTimeSeconds = seconds;
+      const pointId = op.output?.point?.id ?? '';
+      say(`  drill ${started.failoverId} ready in ${seconds.toFixed(1)} s at point ${pointId}`);
+      await verifyFailoverDisks('drill', started.failoverId!, pointId);
+      const { op: cancelled } = await runOperation(api, `machines/${MACHINE}/cancel`, undefined, say);
+      const left = [];
+      for await (const b of storage.getContainerClient(FAILOVER_DISKS_CONTAINER).listBlobsFlat({ prefix: `${MACHINE}/` })) {
+        if (b.name.includes(started.failoverId!)) left.push(b.name);
+      }
+      verify('drill clean-up', left.length === 0, `${cancelled.output?.deleted?.length ?? 0} blobs and records removed; ${left.length} left`);
+    });
+
+    await step('Failover for real (the site is "lost"): latest point, then commit', async () => {
+      await agent!.stop();
+      agent = undefined;
+      say('  agent stopped: the protected machine is gone; everything it acknowledged is in the cloud');
+      const { started, op, seconds } = await runOperation(api, `machines/${MACHINE}/failover`, { recoveryPoint: 'latest' }, say);
+      report.figures.recoveryTimeSeconds = seconds;
+      const pointId = op.output?.point?.id ?? '';
+      const lastMarker = markers[markers.length - 1].id;
+      say(`  failover ${started.failoverId} ready in ${seconds.toFixed(1)} s at point ${pointId}`);
+      verify('no data loss', pointId === lastMarker, pointId === lastMarker ? `failed over to the last marker the agent cut (${lastMarker})` : `point ${pointId}, but the last marker was ${lastMarker}`);
+      await verifyFailoverDisks('failover', started.failoverId!, pointId);
+      await runOperation(api, `machines/${MACHINE}/commit`, undefined, say);
+      say('  committed: the machine now runs from its failover disks');
     });
 
     report.ok = report.steps.every((s) => s.ok) && report.verifications.every((v) => v.ok);
