@@ -11,7 +11,7 @@ import { writeFileDurably } from './bitmap';
 import { JournalDamagedError, SegmentJournal, bootId, type DiskMode, type DiskState } from './journal';
 import { FileBacking, NbdExport, NbdServer } from './nbd';
 import { BlockScanner } from './scan';
-import { DiskSegmenter, recoverWal, type MarkerSpec, type SegmenterOptions } from './segmenter';
+import { DiskSegmenter, recoverOpenSegments, type MarkerSpec, type SegmenterOptions } from './segmenter';
 import { DiskShipper, ProxyClient, backoffDelay, type ProxyClientOptions, type RetryPolicy, type ShipperStats } from './shipper';
 import { EmptyDiskChecksums, SyncInterruptedError, runCatchup, runResync, type RemoteChecksums, type SyncDevice, type SyncProgress } from './sync';
 
@@ -285,9 +285,9 @@ export class MachineAgent extends EventEmitter {
       if (!state.clean && state.mode !== 'resync') {
         reasons.push('the agent stopped uncleanly: writes may have reached the disk without reaching the journal');
       }
-      const rec = await recoverWal(journal, state);
-      if (rec.recovered.length > 0) this.log.info({ disk: spec.id, seqs: rec.recovered, torn: rec.torn }, 'recovered the open segment from its write-ahead log');
-      if (rec.damaged) reasons.push('the write-ahead log was damaged');
+      const rec = await recoverOpenSegments(journal, state);
+      if (rec.recovered.length > 0) this.log.info({ disk: spec.id, seqs: rec.recovered, torn: rec.torn }, 'recovered the open segment written before the stop');
+      if (rec.damaged) reasons.push('the open segment file was damaged');
       if (state.sizeBytes !== backing.size) {
         reasons.push(`the disk size changed from ${state.sizeBytes} to ${backing.size} bytes`);
         state.sizeBytes = backing.size;

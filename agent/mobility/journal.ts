@@ -1,14 +1,26 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { createHash, webcrypto } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ConfigError, LifeboatError } from '../../shared/errors';
-import type { ChangeKind } from './nbd';
+import {
+  encodeSegment,
+  HEADER_FIXED_BYTES,
+  RANGE_RECORD_BYTES,
+  RECORD_TYPE,
+  TRAILER_BYTES,
+  WRITE_RECORD_HEADER_BYTES,
+  type MarkerRecord,
+  type SegmentIdentity,
+} from '../../shared/segment';
+import { FileAppender, type ChangeKind } from './nbd';
 import { syncDir, writeFileDurably } from './bitmap';
 
 // A disk's on-disk journal (docs/agent.md, "Journal"): one folder per disk holding
 //   state.json                the disk's replication state (mode, epoch, seqs, clean-stop flag)
 //   segments/{epoch}-{seq}.seg encoded segments waiting for the proxy's acknowledgement
-//   wal-{epoch}-{seq}.log     the open (not yet cut) segment's changes, fdatasynced on FLUSH
+//   open-{epoch}-{seq}.seg    the open (not yet cut) segment, written in place; fdatasynced on FLUSH
+//   open-{epoch}-{seq}.idx    a CRC-32 per record of the open segment (exact crash recovery)
 //   bitmap.bin                the dirty-block bitmap (bitmap mode and catch-up)
 //   scan.hashes               the previous scan's block hashes (scan source)
 
@@ -50,15 +62,11 @@ export interface JournalEntry {
 }
 
 const SEGMENT_FILE = /^(\d{8})-(\d{12})\.seg$/;
-const WAL_FILE = /^wal-(\d{8})-(\d{12})\.log$/;
 
 function segmentName(epoch: number, seq: number): string {
   return `${String(epoch).padStart(8, '0')}-${String(seq).padStart(12, '0')}.seg`;
 }
 
-export function walName(epoch: number, seq: number): string {
-  return `wal-${String(epoch).padStart(8, '0')}-${String(seq).padStart(12, '0')}.log`;
-}
 
 export function bootId(): string | undefined {
   try {
@@ -135,6 +143,20 @@ export class SegmentJournal {
     return entry;
   }
 
+  /** Takes a sealed segment file (an OpenSegmentFile) into the journal by renaming it. */
+  async adopt(epoch: number, seq: number, sealedFile: string, bytes: number): Promise<JournalEntry> {
+    const name = segmentName(epoch, seq);
+    const file = path.join(this.segmentsDir, name);
+    await fs.promises.rename(sealedFile, file);
+    await syncDir(this.segmentsDir);
+    const previous = this.entries.get(name);
+    if (previous) this.totalBytes -= previous.bytes;
+    const entry = { epoch, seq, bytes, file };
+    this.entries.set(name, entry);
+    this.totalBytes += bytes;
+    return entry;
+  }
+
   read(entry: JournalEntry): Promise<Buffer> {
     return fs.promises.readFile(entry.file);
   }
@@ -182,26 +204,50 @@ export class SegmentJournal {
     return run;
   }
 
-  /** WAL files left by an earlier run, oldest first. */
-  walFiles(): { epoch: number; seq: number; file: string }[] {
-    const out: { epoch: number; seq: number; file: string }[] = [];
-    for (const name of fs.readdirSync(this.dir)) {
-      const m = WAL_FILE.exec(name);
-      if (m) out.push({ epoch: Number(m[1]), seq: Number(m[2]), file: path.join(this.dir, name) });
-    }
-    return out.sort((a, b) => a.epoch - b.epoch || a.seq - b.seq);
-  }
+
 }
 
-// ---- the write-ahead log of the open segment ----
+// ---- the open segment, written in place ----
 
-const WAL_MAGIC = 0x4c425731; // "LBW1"
-const WAL_HEADER_BYTES = 24;
-const KIND_CODE: Record<ChangeKind, number> = { write: 1, zero: 2, trim: 3 };
-const KIND_NAME: Record<number, ChangeKind> = { 1: 'write', 2: 'zero', 3: 'trim' };
-const MAX_IOVECS = 1024;
+const OPEN_FILE = /^open-(\d{8})-(\d{12})\.seg$/;
 
-export interface WalRecord {
+export function openSegmentName(epoch: number, seq: number): string {
+  return `open-${String(epoch).padStart(8, '0')}-${String(seq).padStart(12, '0')}.seg`;
+}
+
+function indexName(segmentFile: string): string {
+  return segmentFile.replace(/\.seg$/, '.idx');
+}
+
+/** Bytes of an encoded segment's header for these names (the codec's own rule, via an empty segment). */
+function headerBytes(identity: SegmentIdentity, firstWriteTime: number, lastWriteTime: number, recordCount: number, payloadBytes: number): Buffer {
+  const empty = encodeSegment({ header: { ...identity, firstWriteTime, lastWriteTime }, records: [] });
+  const header = Buffer.from(empty.subarray(0, empty.length - TRAILER_BYTES));
+  // recordCount and payloadBytes (docs/segment-format.md, "Header").
+  header.writeUInt32LE(recordCount, 40);
+  header.writeUInt32LE(payloadBytes, 44);
+  return header;
+}
+
+function writeRecordBytes(change: OpenChange): Buffer {
+  if (change.kind === 'write') {
+    const h = Buffer.allocUnsafe(WRITE_RECORD_HEADER_BYTES);
+    h[0] = RECORD_TYPE.write;
+    h.writeUIntLE(change.offset, 1, 6);
+    h.writeUInt16LE(0, 7);
+    h.writeUInt32LE(change.length, 9);
+    return h;
+  }
+  const h = Buffer.allocUnsafe(RANGE_RECORD_BYTES);
+  h[0] = RECORD_TYPE[change.kind];
+  h.writeUIntLE(change.offset, 1, 6);
+  h.writeUInt16LE(0, 7);
+  h.writeUIntLE(change.length, 9, 6);
+  h.writeUInt16LE(0, 15);
+  return h;
+}
+
+export interface OpenChange {
   kind: ChangeKind;
   offset: number;
   length: number;
@@ -209,167 +255,180 @@ export interface WalRecord {
 }
 
 /**
- * Appends the open segment's changes to a file so a FLUSH can be acknowledged with one fdatasync
- * instead of a segment cut. Records: u32 magic, u8 kind, 3 zero bytes, u32 length, u64 offset,
- * u32 CRC-32 (of the 20 header bytes before it and the data), then the data of a write.
+ * The open segment of a disk, written as its final journal file while changes arrive: a
+ * provisional header (zero totals), then each record in the segment encoding, appended without
+ * copying the data. A side index holds a CRC-32 per record, so recovery after a crash keeps
+ * exactly the records whose bytes are intact. A FLUSH fdatasyncs both files; the cut writes
+ * the marker, patches the header's totals and times, appends the SHA-256 trailer (hashed off the
+ * main thread) and fdatasyncs — then the journal renames the file into `segments/`.
  */
-export class WalWriter {
-  private queue: Buffer[] = [];
-  private queuedBytes = 0;
-  private appended = 0;
-  private written = 0;
-  private writing = false;
-  private failure: Error | undefined;
-  private waiters: { target: number; resolve: () => void; reject: (e: Error) => void }[] = [];
-  private position = 0;
+export class OpenSegmentFile {
+  private readonly out: FileAppender;
+  private readonly index: FileAppender;
+  private readonly headerLength: number;
+  private records = 0;
   private closed = false;
 
   private constructor(
     readonly file: string,
+    readonly identity: SegmentIdentity,
     private readonly fd: number,
-  ) {}
-
-  static create(file: string): WalWriter {
-    return new WalWriter(file, fs.openSync(file, 'w'));
+    private readonly indexFd: number,
+  ) {
+    const header = headerBytes(identity, 0, 0, 0, 0);
+    this.headerLength = header.length;
+    this.out = new FileAppender(fd, 0);
+    this.index = new FileAppender(indexFd, 0);
+    this.out.append(header);
   }
 
-  /** Bytes appended (header and data). */
+  static create(dir: string, identity: SegmentIdentity): OpenSegmentFile {
+    const file = path.join(dir, openSegmentName(identity.epoch, identity.seq));
+    const fd = fs.openSync(file, 'w+');
+    const indexFd = fs.openSync(indexName(file), 'w');
+    return new OpenSegmentFile(file, identity, fd, indexFd);
+  }
+
+  /** Bytes appended (header and records). */
   get bytes(): number {
-    return this.appended;
+    return this.out.appended;
   }
 
   get pendingBytes(): number {
-    return this.queuedBytes;
+    return this.out.pendingBytes;
   }
 
-  append(record: WalRecord): void {
-    if (this.failure) throw this.failure;
-    const header = Buffer.alloc(WAL_HEADER_BYTES);
-    header.writeUInt32LE(WAL_MAGIC, 0);
-    header.writeUInt8(KIND_CODE[record.kind], 4);
-    header.writeUInt32LE(record.length, 8);
-    header.writeBigUInt64LE(BigInt(record.offset), 12);
-    let crc = crc32(header.subarray(0, 20));
-    if (record.kind === 'write' && record.data) crc = crc32(record.data, crc);
-    header.writeUInt32LE(crc, 20);
-    this.queue.push(header);
-    let n = WAL_HEADER_BYTES;
-    if (record.kind === 'write' && record.data) {
-      this.queue.push(record.data);
-      n += record.data.length;
-    }
-    this.queuedBytes += n;
-    this.appended += n;
-    if (!this.writing) void this.writeLoop();
+  append(change: OpenChange): void {
+    const head = writeRecordBytes(change);
+    let crc = crc32(head);
+    if (change.kind === 'write' && change.data) {
+      crc = crc32(change.data, crc);
+      this.out.append(head, change.data);
+    } else this.out.append(head);
+    this.addIndex(crc);
   }
 
-  /** Resolves once everything appended so far has been handed to the kernel. */
-  waitWritten(target = this.appended): Promise<void> {
-    if (this.failure) return Promise.reject(this.failure);
-    if (this.written >= target) return Promise.resolve();
-    return new Promise((resolve, reject) => this.waiters.push({ target, resolve, reject }));
+  appendMarker(marker: MarkerRecord): void {
+    const one = encodeSegment({ header: { ...this.identity, firstWriteTime: 0, lastWriteTime: 0 }, records: [marker] });
+    const bytes = Buffer.from(one.subarray(this.headerLength, one.length - TRAILER_BYTES));
+    this.out.append(bytes);
+    this.addIndex(crc32(bytes));
   }
 
-  /** Resolves once everything appended before the call is durable. */
+  private addIndex(crc: number): void {
+    const entry = Buffer.allocUnsafe(4);
+    entry.writeUInt32LE(crc, 0);
+    this.index.append(entry);
+    this.records += 1;
+  }
+
+  /** Resolves once the first `target` bytes are handed to the kernel (backpressure). */
+  waitWritten(target: number): Promise<void> {
+    return this.out.waitWritten(target);
+  }
+
+  /** Resolves once every record appended before the call is durable. */
   async sync(): Promise<void> {
-    await this.waitWritten();
     if (this.closed) return;
+    await Promise.all([this.out.sync(), this.index.sync()]);
+  }
+
+  /** Completes the file as an encoded segment and makes it durable; returns its size. */
+  async seal(firstWriteTime: number, lastWriteTime: number): Promise<number> {
+    await this.out.waitWritten();
+    const payload = this.out.appended - this.headerLength;
+    const header = headerBytes(this.identity, firstWriteTime, lastWriteTime, this.records, payload);
+    await writeAt(this.fd, header, 0);
+    const total = this.out.appended;
+    const body = Buffer.allocUnsafe(total);
+    await readAt(this.fd, body, 0);
+    const digest = Buffer.from(await webcrypto.subtle.digest('SHA-256', body));
+    await writeAt(this.fd, digest, total);
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await this.close();
+    await fs.promises.rm(indexName(this.file), { force: true });
+    return total + TRAILER_BYTES;
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.waitWritten().catch(() => undefined);
+    await Promise.all([this.out.waitWritten(), this.index.waitWritten()]).catch(() => undefined);
     this.closed = true;
-    await new Promise<void>((resolve) => fs.close(this.fd, () => resolve()));
+    await Promise.all([this.fd, this.indexFd].map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve()))));
   }
 
-  /** Closes and deletes the file (its changes are durable in a segment now). */
+  /** Closes and deletes the files (the changes are in a segment now, or abandoned). */
   async discard(): Promise<void> {
     await this.close();
-    await fs.promises.rm(this.file, { force: true });
-  }
-
-  private async writeLoop(): Promise<void> {
-    this.writing = true;
-    try {
-      while (this.queue.length > 0) {
-        const batch = this.queue.splice(0, MAX_IOVECS);
-        let bytes = 0;
-        for (const b of batch) bytes += b.length;
-        this.queuedBytes -= bytes;
-        await writevAll(this.fd, batch, this.position);
-        this.position += bytes;
-        this.written += bytes;
-        this.waiters = this.waiters.filter((w) => {
-          if (w.target > this.written) return true;
-          w.resolve();
-          return false;
-        });
-      }
-    } catch (err) {
-      this.failure = err as Error;
-      for (const w of this.waiters) w.reject(this.failure);
-      this.waiters = [];
-    } finally {
-      this.writing = false;
-    }
+    await Promise.all([fs.promises.rm(this.file, { force: true }), fs.promises.rm(indexName(this.file), { force: true })]);
   }
 }
 
-async function writevAll(fd: number, buffers: Buffer[], position: number): Promise<void> {
-  let rest = buffers;
-  while (rest.length > 0) {
+function writeAt(fd: number, data: Buffer, position: number): Promise<void> {
+  return new Promise((resolve, reject) =>
+    fs.write(fd, data, 0, data.length, position, (err, n) => (err ? reject(err) : n === data.length ? resolve() : reject(new Error('short write')))),
+  );
+}
+
+async function readAt(fd: number, into: Buffer, position: number): Promise<void> {
+  let at = 0;
+  while (at < into.length) {
     const n = await new Promise<number>((resolve, reject) =>
-      fs.writev(fd, rest, position, (err, written) => (err ? reject(err) : resolve(written))),
+      fs.read(fd, into, at, into.length - at, position + at, (err, read) => (err ? reject(err) : resolve(read))),
     );
-    position += n;
-    let skip = n;
-    const next: Buffer[] = [];
-    for (const b of rest) {
-      if (skip >= b.length) skip -= b.length;
-      else {
-        next.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-    }
-    rest = next;
+    if (n === 0) throw new Error('the open segment file is shorter than what was written to it');
+    at += n;
   }
 }
 
 /**
- * Reads a WAL back. A torn last record (cut short or failing its CRC at the very end) is what an
- * interrupted append leaves and is dropped; `torn` says so. Damage before the end throws.
+ * Reads back an open segment left by an unclean stop: the records whose bytes match their index
+ * CRC, in order, up to the first that does not (an interrupted append: never acknowledged, since a
+ * FLUSH fdatasyncs both files first). `torn` says records were dropped. The result is a valid
+ * encoded segment (header totals patched, trailer computed), or undefined when the header itself
+ * is not there.
  */
-export function readWal(file: string): { records: WalRecord[]; torn: boolean } {
-  const bytes = fs.readFileSync(file);
-  const records: WalRecord[] = [];
-  let at = 0;
-  while (at < bytes.length) {
-    if (bytes.length - at < WAL_HEADER_BYTES) return { records, torn: true };
-    const kind = KIND_NAME[bytes.readUInt8(at + 4)];
-    const length = bytes.readUInt32LE(at + 8);
-    const offset = Number(bytes.readBigUInt64LE(at + 12));
-    const dataBytes = kind === 'write' ? length : 0;
-    const end = at + WAL_HEADER_BYTES + dataBytes;
-    const valid = bytes.readUInt32LE(at) === WAL_MAGIC && kind !== undefined && end <= bytes.length;
-    let crcOk = false;
-    if (valid) {
-      let crc = crc32(bytes.subarray(at, at + 20));
-      if (dataBytes > 0) crc = crc32(bytes.subarray(at + WAL_HEADER_BYTES, end), crc);
-      crcOk = crc === bytes.readUInt32LE(at + 20);
-    }
-    if (!valid || !crcOk) {
-      if (!valid && end > bytes.length && bytes.readUInt32LE(at) === WAL_MAGIC) return { records, torn: true };
-      if (valid && end === bytes.length) return { records, torn: true };
-      throw new JournalDamagedError(`The write-ahead log ${file} is damaged at byte ${at}; the disk needs a resync.`);
-    }
-    records.push(
-      kind === 'write'
-        ? { kind, offset, length, data: Buffer.from(bytes.subarray(at + WAL_HEADER_BYTES, end)) }
-        : { kind, offset, length },
-    );
-    at = end;
+export function readOpenSegment(file: string): { bytes: Buffer | undefined; records: number; torn: boolean } {
+  const data = fs.readFileSync(file);
+  let index: Buffer;
+  try {
+    index = fs.readFileSync(indexName(file));
+  } catch {
+    index = Buffer.alloc(0);
   }
-  return { records, torn: false };
+  if (data.length < HEADER_FIXED_BYTES) return { bytes: undefined, records: 0, torn: data.length > 0 };
+  const headerLength = HEADER_FIXED_BYTES + data[48] + data[49];
+  if (data.length < headerLength) return { bytes: undefined, records: 0, torn: true };
+  let at = headerLength;
+  let count = 0;
+  while (at < data.length && (count + 1) * 4 <= index.length) {
+    const type = data[at];
+    let size = 0;
+    if (type === RECORD_TYPE.write && at + WRITE_RECORD_HEADER_BYTES <= data.length) size = WRITE_RECORD_HEADER_BYTES + data.readUInt32LE(at + 9);
+    else if ((type === RECORD_TYPE.zero || type === RECORD_TYPE.trim) && at + RANGE_RECORD_BYTES <= data.length) size = RANGE_RECORD_BYTES;
+    else if (type === RECORD_TYPE.marker && at + 13 <= data.length) size = 13 + data[at + 10] + data.readUInt16LE(at + 11);
+    if (size === 0 || at + size > data.length || crc32(data.subarray(at, at + size)) !== index.readUInt32LE(count * 4)) break;
+    at += size;
+    count += 1;
+  }
+  const torn = at < data.length;
+  const now = Date.now();
+  const epoch = Number(data.readBigUInt64LE(8));
+  const seq = Number(data.readBigUInt64LE(16));
+  const machine = data.toString('latin1', HEADER_FIXED_BYTES, HEADER_FIXED_BYTES + data[48]);
+  const disk = data.toString('latin1', HEADER_FIXED_BYTES + data[48], headerLength);
+  const header = headerBytes({ machine, disk, epoch, seq }, now, now, count, at - headerLength);
+  const body = Buffer.concat([header, data.subarray(headerLength, at)]);
+  const bytes = Buffer.concat([body, createHash('sha256').update(body).digest()]);
+  return { bytes, records: count, torn };
+}
+
+/** Open segments left by an earlier run, oldest first. */
+export function openSegmentFiles(dir: string): { epoch: number; seq: number; file: string }[] {
+  const out: { epoch: number; seq: number; file: string }[] = [];
+  for (const name of fs.readdirSync(dir)) {
+    const m = OPEN_FILE.exec(name);
+    if (m) out.push({ epoch: Number(m[1]), seq: Number(m[2]), file: path.join(dir, name) });
+  }
+  return out.sort((a, b) => a.epoch - b.epoch || a.seq - b.seq);
 }

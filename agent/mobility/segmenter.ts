@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import { LifeboatError } from '../../shared/errors';
 import {
   coalesceRecords,
+  decodeSegment,
   encodeSegment,
   MAX_RECORDS,
   MAX_SEGMENT_BYTES,
@@ -17,7 +18,7 @@ import {
   type SegmentRecord,
 } from '../../shared/segment';
 import { DirtyBitmap } from './bitmap';
-import { WalWriter, readWal, walName, type DiskMode, type DiskState, type JournalEntry, type SegmentJournal } from './journal';
+import { OpenSegmentFile, openSegmentFiles, readOpenSegment, type DiskMode, type DiskState, type JournalEntry, type SegmentJournal } from './journal';
 import type { ChangeKind, WriteJournal } from './nbd';
 
 export const DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024;
@@ -53,8 +54,8 @@ export interface SegmenterOptions {
   maxJournalBytes?: number;
   /** Bitmap granularity (default 64 KiB). */
   blockBytes?: number;
-  /** Unwritten WAL bytes beyond which `append` makes the client wait (default 64 MiB). */
-  walHighWaterBytes?: number;
+  /** Unwritten open-segment bytes beyond which `append` makes the client wait (default 64 MiB). */
+  writeHighWaterBytes?: number;
 }
 
 interface OpenSegment {
@@ -64,7 +65,8 @@ interface OpenSegment {
   bytes: number;
   firstTime: number;
   lastTime: number;
-  wal: WalWriter | undefined;
+  /** The segment's file, written as changes arrive (absent in bitmap mode and briefly after a reset). */
+  file: OpenSegmentFile | undefined;
 }
 
 /** The disk's change stream could not be written to its journal. */
@@ -93,7 +95,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   readonly maxSegmentAgeMs: number;
   readonly maxJournalBytes: number;
   private readonly log: Logger;
-  private readonly walHighWater: number;
+  private readonly writeHighWater: number;
   private open: OpenSegment;
   private chain: Promise<void> = Promise.resolve();
   private cuttingBytes = 0;
@@ -113,7 +115,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.maxSegmentBytes = Math.min(options.maxSegmentBytes ?? DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
     this.maxSegmentAgeMs = options.maxSegmentAgeMs ?? DEFAULT_SEGMENT_AGE_MS;
     this.maxJournalBytes = options.maxJournalBytes ?? DEFAULT_JOURNAL_BYTES;
-    this.walHighWater = options.walHighWaterBytes ?? 64 * 1024 * 1024;
+    this.writeHighWater = options.writeHighWaterBytes ?? 64 * 1024 * 1024;
     const bitmapFile = this.bitmapPath();
     this.bitmap =
       DirtyBitmap.load(bitmapFile) ?? new DirtyBitmap(options.state.sizeBytes, options.blockBytes ?? DEFAULT_BLOCK_BYTES);
@@ -186,10 +188,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     open.records.push(record);
     open.bytes += size;
     open.lastTime = now;
-    const wal = open.wal;
-    // (Only right after a stream reset is there briefly no WAL; the reset writes the records to the new one.)
-    wal?.append(change);
-    if (wal && wal.pendingBytes > this.walHighWater) return wal.waitWritten(wal.bytes - this.walHighWater);
+    const file = open.file;
+    // (Only right after a stream reset is there briefly no file; the reset writes the records to the new one.)
+    file?.append(change);
+    if (file && file.pendingBytes > this.writeHighWater) return file.waitWritten(file.bytes - this.writeHighWater);
   }
 
   /** Resolves once every change appended before the call is durable. */
@@ -197,7 +199,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     if (this.failure) throw this.failure;
     const waits: Promise<void>[] = [this.chain];
     if (this.state.mode === 'bitmap') waits.push(this.saveBitmap());
-    else if (this.open.wal) waits.push(this.open.wal.sync());
+    else if (this.open.file) waits.push(this.open.file.sync());
     await Promise.all(waits);
     if (this.failure) throw this.failure;
   }
@@ -233,10 +235,18 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.cuttingBytes += seg.bytes;
     const done = this.chain.then(async () => {
       try {
-        const bytes = this.encode(epoch, seg, records);
-        const entry = await this.journal.write(epoch, seg.seq, bytes);
-        this.log.debug({ seq: seg.seq, records: records.length, bytes: bytes.length, marker: marker?.id }, 'segment cut');
-        await seg.wal?.discard();
+        let entry: JournalEntry;
+        if (seg.file && seg.file.identity.epoch === epoch && !needsCoalescing(records)) {
+          // The file already holds the records in order: complete it in place.
+          if (marker) seg.file.appendMarker(records[records.length - 1] as MarkerRecord);
+          const first = records.length === 0 ? Date.now() : seg.firstTime;
+          const size = await seg.file.seal(first, records.length === 0 ? first : seg.lastTime);
+          entry = await this.journal.adopt(epoch, seg.seq, seg.file.file, size);
+        } else {
+          entry = await this.journal.write(epoch, seg.seq, this.encode(epoch, seg, records));
+          await seg.file?.discard();
+        }
+        this.log.debug({ seq: seg.seq, records: records.length, bytes: entry.bytes, marker: marker?.id }, 'segment cut');
         this.emit('segment', entry);
       } catch (err) {
         this.fail(new JournalWriteError(`Segment ${seg.seq} of disk ${this.disk} could not be written to the journal in ${this.journal.dir} (${(err as Error).message}).`, err));
@@ -271,15 +281,19 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     return this.chain;
   }
 
-  private newOpen(seq: number, withWal: boolean): OpenSegment {
+  private newOpen(seq: number, withFile: boolean): OpenSegment {
     return {
       seq,
       records: [],
       bytes: encodedHeaderSize(this.state.machine, this.state.disk) + TRAILER_BYTES + MARKER_ROOM,
       firstTime: 0,
       lastTime: 0,
-      wal: withWal ? WalWriter.create(path.join(this.journal.dir, walName(this.state.epoch, seq))) : undefined,
+      file: withFile ? this.openFile(seq) : undefined,
     };
+  }
+
+  private openFile(seq: number): OpenSegmentFile {
+    return OpenSegmentFile.create(this.journal.dir, { machine: this.state.machine, disk: this.state.disk, epoch: this.state.epoch, seq });
   }
 
   // ---- modes ----
@@ -295,16 +309,16 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.ageTimer = undefined;
     seg.records = [];
     // The open segment keeps its seq: the next segment after catch-up starts there.
-    this.open = { ...seg, records: [], bytes: this.newOpenBytes(), wal: undefined };
+    this.open = { ...seg, records: [], bytes: this.newOpenBytes(), file: undefined };
     this.state.mode = 'bitmap';
     this.log.warn(
       { seq: seg.seq, journalBytes: this.journal.bytes, maxJournalBytes: this.maxJournalBytes },
       'journal full: bitmap mode (dirty blocks only, no markers) until the proxy catches up',
     );
-    const oldWal = seg.wal;
+    const oldFile = seg.file;
     const saved = Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
     saved.then(
-      () => oldWal?.discard(),
+      () => oldFile?.discard(),
       (err: Error) => this.fail(new JournalWriteError(`The bitmap of disk ${this.disk} could not be saved (${err.message}).`, err)),
     );
     this.emit('mode', 'bitmap');
@@ -392,7 +406,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     if (this.ageTimer) clearTimeout(this.ageTimer);
     if (this.state.mode !== 'bitmap') await this.cut().catch(() => undefined);
     await this.chain;
-    await this.open.wal?.discard();
+    await this.open.file?.discard();
     await this.saveBitmap();
     this.state.nextSeq = this.open.seq;
     this.state.clean = this.failure === undefined;
@@ -408,17 +422,17 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     const old = this.open;
     if (this.ageTimer) clearTimeout(this.ageTimer);
     this.ageTimer = undefined;
-    this.open = { seq: nextSeq, records: [], bytes: this.newOpenBytes(), firstTime: 0, lastTime: 0, wal: undefined };
+    this.open = { seq: nextSeq, records: [], bytes: this.newOpenBytes(), firstTime: 0, lastTime: 0, file: undefined };
     this.state.nextSeq = nextSeq;
     const done = this.chain.then(async () => {
-      await old.wal?.discard();
+      await old.file?.discard();
       await this.journal.clear();
       const open = this.open;
-      if (this.state.mode !== 'bitmap' && !open.wal) {
-        open.wal = WalWriter.create(path.join(this.journal.dir, walName(this.state.epoch, open.seq)));
+      if (this.state.mode !== 'bitmap' && !open.file && open.seq === nextSeq) {
+        open.file = this.openFile(open.seq);
         for (const r of open.records) {
-          if (r.type === 'write') open.wal.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
-          else if (r.type !== 'marker') open.wal.append({ kind: r.type, offset: r.offset, length: r.length });
+          if (r.type === 'write') open.file.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
+          else if (r.type !== 'marker') open.file.append({ kind: r.type, offset: r.offset, length: r.length });
         }
       }
     });
@@ -427,53 +441,67 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   }
 }
 
+/** Whether any two changes of the list touch the same bytes (then the cut coalesces them). */
+export function needsCoalescing(records: SegmentRecord[]): boolean {
+  const ranges: [number, number][] = [];
+  for (const r of records) {
+    if (r.type === 'marker') continue;
+    ranges.push([r.offset, r.offset + (r.type === 'write' ? r.data.length : r.length)]);
+  }
+  ranges.sort((a, b) => a[0] - b[0]);
+  let end = -1;
+  for (const [s, e] of ranges) {
+    if (s < end) return true;
+    end = Math.max(end, e);
+  }
+  return false;
+}
+
 /**
- * Turns WAL files left by an unclean stop into segments (they hold changes that were appended,
- * some of them acknowledged to a FLUSH). Returns the highest seq recovered and whether a WAL was
- * torn or damaged.
+ * Turns open segments left by an unclean stop into journal segments (they hold changes that were
+ * appended, some of them acknowledged to a FLUSH). Returns the seqs recovered and whether an open
+ * segment was torn (records after an interrupted append dropped) or unreadable.
  */
-export async function recoverWal(
+export async function recoverOpenSegments(
   journal: SegmentJournal,
   state: DiskState,
 ): Promise<{ recovered: number[]; torn: boolean; damaged: boolean }> {
   const recovered: number[] = [];
   let torn = false;
   let damaged = false;
-  for (const wal of journal.walFiles()) {
-    if (wal.epoch !== state.epoch || journal.has(wal.epoch, wal.seq)) {
-      // Already cut into a segment (the WAL is deleted right after), or an abandoned epoch.
-      await fs.promises.rm(wal.file, { force: true });
+  for (const open of openSegmentFiles(journal.dir)) {
+    const index = open.file.replace(/\.seg$/, '.idx');
+    if (open.epoch !== state.epoch || journal.has(open.epoch, open.seq)) {
+      // Already in the journal (it was renamed there, or cut from memory), or an abandoned epoch.
+      await Promise.all([fs.promises.rm(open.file, { force: true }), fs.promises.rm(index, { force: true })]);
       continue;
     }
-    let records: ReturnType<typeof readWal>;
+    let read: ReturnType<typeof readOpenSegment>;
+    let segment: ReturnType<typeof decodeSegment> | undefined;
     try {
-      records = readWal(wal.file);
+      read = readOpenSegment(open.file);
+      segment = read.bytes ? decodeSegment(read.bytes) : undefined;
+      if (segment && (segment.header.seq !== open.seq || segment.header.disk !== state.disk)) throw new Error('header mismatch');
     } catch {
       damaged = true;
-      await fs.promises.rm(wal.file, { force: true });
+      await Promise.all([fs.promises.rm(open.file, { force: true }), fs.promises.rm(index, { force: true })]);
       continue;
     }
-    torn ||= records.torn;
-    if (records.records.length > 0) {
-      const segRecords: SegmentRecord[] = records.records.map((r) =>
-        r.kind === 'write' ? { type: 'write', offset: r.offset, data: r.data as Buffer } : { type: r.kind, offset: r.offset, length: r.length },
-      );
-      const now = Date.now();
-      const header = { machine: state.machine, disk: state.disk, epoch: wal.epoch, seq: wal.seq, firstWriteTime: now, lastWriteTime: now };
+    torn ||= read.torn;
+    if (segment && segment.records.length > 0) {
       let bytes: Buffer;
       try {
-        bytes = encodeSegment({ header, records: coalesceRecords(segRecords) });
+        bytes = encodeSegment({ header: segment.header, records: coalesceRecords(segment.records) });
       } catch {
-        bytes = encodeSegment({ header, records: segRecords });
+        bytes = read.bytes as Buffer;
       }
-      await journal.write(wal.epoch, wal.seq, bytes);
-      recovered.push(wal.seq);
-      state.nextSeq = Math.max(state.nextSeq, wal.seq + 1);
+      await journal.write(open.epoch, open.seq, bytes);
+      recovered.push(open.seq);
+      state.nextSeq = Math.max(state.nextSeq, open.seq + 1);
     }
-    await fs.promises.rm(wal.file, { force: true });
+    await Promise.all([fs.promises.rm(open.file, { force: true }), fs.promises.rm(index, { force: true })]);
   }
   return { recovered, torn, damaged };
 }
-
 
 export type { JournalEntry };

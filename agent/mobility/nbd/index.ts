@@ -9,6 +9,7 @@ export {
 export { FileBacking, type BlockBacking, type FileBackingOptions } from './backing';
 export {
   AppendFileJournal,
+  FileAppender,
   DISCARD_JOURNAL,
   readJournalFile,
   type AppendFileJournalOptions,

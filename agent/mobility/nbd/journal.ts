@@ -50,6 +50,90 @@ export interface AppendFileJournalOptions {
 }
 
 /**
+ * Appends buffers to a file at increasing positions from one writer loop, batched into large
+ * positional writev calls. It keeps references to the buffers until they are written (no copy).
+ * Shared by every append-only file of the agent (this sink, the open segment and its index).
+ */
+export class FileAppender {
+  private queue: Buffer[] = [];
+  private queuedBytes = 0;
+  private appendedBytes = 0;
+  private writtenBytes = 0;
+  private writing = false;
+  private failure: Error | undefined;
+  private waiters: { target: number; resolve: () => void; reject: (e: Error) => void }[] = [];
+
+  constructor(
+    readonly fd: number,
+    private position: number,
+  ) {}
+
+  /** Bytes appended so far (written or queued). */
+  get appended(): number {
+    return this.appendedBytes;
+  }
+
+  /** Bytes queued and not yet handed to the kernel. */
+  get pendingBytes(): number {
+    return this.queuedBytes;
+  }
+
+  /** File position after everything appended so far. */
+  get end(): number {
+    return this.position + this.queuedBytes;
+  }
+
+  append(...buffers: Buffer[]): void {
+    if (this.failure) throw this.failure;
+    for (const b of buffers) {
+      this.queue.push(b);
+      this.queuedBytes += b.length;
+      this.appendedBytes += b.length;
+    }
+    if (!this.writing) void this.writeLoop();
+  }
+
+  /** Resolves once the first `target` appended bytes have been handed to the kernel. */
+  waitWritten(target = this.appendedBytes): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.writtenBytes >= target) return Promise.resolve();
+    return new Promise((resolve, reject) => this.waiters.push({ target, resolve, reject }));
+  }
+
+  /** Resolves once everything appended before the call is durable (written, then fdatasync). */
+  async sync(): Promise<void> {
+    await this.waitWritten();
+    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  private async writeLoop(): Promise<void> {
+    this.writing = true;
+    try {
+      while (this.queue.length > 0) {
+        const batch = this.queue.splice(0, MAX_IOVECS);
+        let bytes = 0;
+        for (const b of batch) bytes += b.length;
+        await writevAll(this.fd, batch, this.position);
+        this.queuedBytes -= bytes;
+        this.position += bytes;
+        this.writtenBytes += bytes;
+        this.waiters = this.waiters.filter((w) => {
+          if (w.target > this.writtenBytes) return true;
+          w.resolve();
+          return false;
+        });
+      }
+    } catch (err) {
+      this.failure = err as Error;
+      for (const w of this.waiters) w.reject(this.failure);
+      this.waiters = [];
+    } finally {
+      this.writing = false;
+    }
+  }
+}
+
+/**
  * A simple durable sink: every change is appended to one file (32-byte header, then the data of
  * a write), batched into large positional writes, and `flush` fdatasyncs the file. It is the
  * reference sink for benchmarks and tests, not the segment format of docs/DESIGN.md.
@@ -58,20 +142,16 @@ export interface AppendFileJournalOptions {
  * u32 length, u64 offset, u64 seq, u32 zero.
  */
 export class AppendFileJournal implements WriteJournal {
-  private queue: Buffer[] = [];
-  private queuedBytes = 0;
-  private appendedBytes = 0;
-  private writtenBytes = 0;
-  private writing = false;
-  private failure: Error | undefined;
-  private writtenWaiters: { target: number; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private readonly out: FileAppender;
 
   private constructor(
     readonly path: string,
     private readonly fd: number,
-    private position: number,
+    position: number,
     private readonly highWaterBytes: number,
-  ) {}
+  ) {
+    this.out = new FileAppender(fd, position);
+  }
 
   static async open(path: string, options: AppendFileJournalOptions = {}): Promise<AppendFileJournal> {
     const fd = await new Promise<number>((resolve, reject) =>
@@ -87,68 +167,25 @@ export class AppendFileJournal implements WriteJournal {
   }
 
   append(change: WriteChange): Promise<void> | void {
-    if (this.failure) throw this.failure;
     const header = Buffer.alloc(RECORD_HEADER_BYTES);
     header.writeUInt32BE(RECORD_MAGIC, 0);
     header.writeUInt8(KIND_CODES[change.kind], 4);
     header.writeUInt32BE(change.length, 8);
     header.writeBigUInt64BE(BigInt(change.offset), 12);
     header.writeBigUInt64BE(BigInt(change.seq), 20);
-    this.queue.push(header);
-    let bytes = RECORD_HEADER_BYTES;
-    if (change.kind === 'write' && change.data) {
-      this.queue.push(change.data);
-      bytes += change.data.length;
-    }
-    this.queuedBytes += bytes;
-    this.appendedBytes += bytes;
-    if (!this.writing) void this.writeLoop();
-    if (this.queuedBytes > this.highWaterBytes)
-      return this.waitWritten(this.appendedBytes - this.highWaterBytes);
+    if (change.kind === 'write' && change.data) this.out.append(header, change.data);
+    else this.out.append(header);
+    if (this.out.pendingBytes > this.highWaterBytes)
+      return this.out.waitWritten(this.out.appended - this.highWaterBytes);
   }
 
-  async flush(): Promise<void> {
-    await this.waitWritten(this.appendedBytes);
-    await new Promise<void>((resolve, reject) =>
-      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
-    );
+  flush(): Promise<void> {
+    return this.out.sync();
   }
 
   async close(): Promise<void> {
     await this.flush().catch(() => undefined);
     await new Promise<void>((resolve) => fs.close(this.fd, () => resolve()));
-  }
-
-  private waitWritten(target: number): Promise<void> {
-    if (this.failure) return Promise.reject(this.failure);
-    if (this.writtenBytes >= target) return Promise.resolve();
-    return new Promise((resolve, reject) => this.writtenWaiters.push({ target, resolve, reject }));
-  }
-
-  private async writeLoop(): Promise<void> {
-    this.writing = true;
-    try {
-      while (this.queue.length > 0) {
-        const batch = this.queue.splice(0, MAX_IOVECS);
-        let bytes = 0;
-        for (const b of batch) bytes += b.length;
-        this.queuedBytes -= bytes;
-        await writevAll(this.fd, batch, this.position);
-        this.position += bytes;
-        this.writtenBytes += bytes;
-        this.writtenWaiters = this.writtenWaiters.filter((w) => {
-          if (w.target > this.writtenBytes) return true;
-          w.resolve();
-          return false;
-        });
-      }
-    } catch (err) {
-      this.failure = err as Error;
-      for (const w of this.writtenWaiters) w.reject(this.failure);
-      this.writtenWaiters = [];
-    } finally {
-      this.writing = false;
-    }
   }
 }
 

@@ -1,0 +1,217 @@
+/*
+ * Mobility agent write throughput: fio's nbd engine (libnbd) writes through the full agent — NBD
+ * export, segmenter, on-disk journal, shipper to a stub proxy in this process that takes every
+ * segment — and through `nbdkit file` on the same image, with the same client and job, in the
+ * same run. The target is a ratio of at least 0.7 of nbdkit while journaling (issue 3).
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import pino from 'pino';
+import { MachineAgent } from '../agent/mobility/agent';
+import type { BenchResult } from './types';
+
+const MiB = 1024 * 1024;
+const CREDENTIAL = `lbm1.bench.${'A'.repeat(43)}`;
+
+interface Workload {
+  name: string;
+  unit: 'MiB/s' | 'IOPS';
+  args: string[];
+}
+
+interface Target {
+  uri: string;
+  stop(): Promise<void>;
+  /** Why the run does not count (the agent left data mode), if it does not. */
+  spoiled(): string | undefined;
+}
+
+function exec(cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile(cmd, args, { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) =>
+      err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
+    ),
+  );
+}
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+/** Takes every segment (201) and reports the highest seq it took: the proxy contract, minus the spool. */
+async function startStubProxy(): Promise<{ url: string; bytes: () => number; stop: () => Promise<void> }> {
+  const acked = new Map<string, { epoch: number; seq: number }>();
+  let bytes = 0;
+  const server = http.createServer((req, res) => {
+    const parts = (req.url ?? '').split('/').slice(1);
+    if (req.method === 'GET') {
+      const last = acked.get(parts[4]);
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ epoch: last?.epoch ?? null, seq: last?.seq ?? null }));
+      return;
+    }
+    req.on('data', (c: Buffer) => (bytes += c.length));
+    req.on('end', () => {
+      acked.set(parts[4], { epoch: Number(parts[6]), seq: Number(parts[7]) });
+      res.writeHead(201, { 'content-type': 'application/json' });
+      res.end('{"result":"created"}');
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    bytes: () => bytes,
+    stop: async () => {
+      server.closeAllConnections();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
+
+async function startAgent(image: string, dir: string): Promise<Target> {
+  const journalDir = path.join(dir, 'journal');
+  fs.rmSync(journalDir, { recursive: true, force: true });
+  const proxy = await startStubProxy();
+  const agent = new MachineAgent({
+    machine: 'bench',
+    disks: [{ id: 'd0', path: image }],
+    journalDir,
+    proxy: { url: proxy.url, credential: CREDENTIAL },
+    nbd: { port: 0 },
+    crashIntervalSeconds: 0,
+    logger: pino({ level: 'silent' }),
+  });
+  await agent.start();
+  // The initial sync of an all-zero image ships zero records; writes are measured in data mode.
+  await agent.settled(120_000);
+  const modes: string[] = [];
+  agent.on('mode', (m: { mode: string }) => modes.push(m.mode));
+  const nbd = agent.nbd as { host: string; port: number };
+  return {
+    uri: `nbd://127.0.0.1:${nbd.port}/d0`,
+    spoiled: () => (modes.length > 0 ? `the agent left data mode (${modes.join(', ')})` : undefined),
+    async stop() {
+      await agent.stop();
+      await proxy.stop();
+      fs.rmSync(journalDir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function startNbdkit(image: string): Promise<Target> {
+  const port = await freePort();
+  const child: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`], {
+    stdio: 'ignore',
+  });
+  for (let i = 0; ; i++) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) break;
+    if (i > 100) throw new Error('nbdkit did not start listening');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    uri: `nbd://127.0.0.1:${port}/`,
+    spoiled: () => undefined,
+    async stop() {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+async function fio(target: Target, workload: Workload, seconds: number, size: number): Promise<number> {
+  const out = await exec('fio', [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=${target.uri}`,
+    `--size=${size}`,
+    '--time_based',
+    `--runtime=${seconds}`,
+    '--output-format=json',
+    ...workload.args,
+  ]);
+  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  if (job.error) throw new Error(`fio reported error ${job.error}`);
+  return workload.unit === 'IOPS' ? job.write.iops : job.write.bw_bytes / MiB;
+}
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-bench-agent-'));
+  const image = path.join(dir, 'disk.img');
+  const size = opts.quick ? 256 * MiB : 1024 * MiB;
+  const seconds = opts.quick ? 3 : 8;
+  const rounds = opts.quick ? 2 : 3;
+  const workloads: Workload[] = [
+    { name: 'sequential write 1 MiB, 8 in flight', unit: 'MiB/s', args: ['--rw=write', '--bs=1m', '--iodepth=8'] },
+    { name: 'random write 4 KiB, 32 in flight', unit: 'IOPS', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
+  ];
+  const results: BenchResult[] = [];
+  try {
+    // Fully written, so neither server pays the file system's block allocation.
+    const fd = fs.openSync(image, 'w');
+    const chunk = Buffer.alloc(4 * MiB);
+    for (let at = 0; at < size; at += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, at);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    for (const w of workloads) {
+      const samples = { nbdkit: [] as number[], agent: [] as number[] };
+      for (let round = 0; round < rounds; round++) {
+        const order: ('nbdkit' | 'agent')[] = round % 2 === 0 ? ['nbdkit', 'agent'] : ['agent', 'nbdkit'];
+        for (const which of order) {
+          await exec('sync', []);
+          const target = which === 'nbdkit' ? await startNbdkit(image) : await startAgent(image, dir);
+          try {
+            samples[which].push(await fio(target, w, seconds, size));
+            const spoiled = target.spoiled();
+            if (spoiled) throw new Error(`${w.name}: ${spoiled}; the figure would not measure journaling`);
+          } finally {
+            await target.stop();
+          }
+        }
+      }
+      const ref = median(samples.nbdkit);
+      const v = median(samples.agent);
+      results.push({
+        name: `${w.name}, agent (segments journalled and shipped)`,
+        value: v,
+        unit: w.unit,
+        reference: 'nbdkit file, same fio job',
+        referenceValue: ref,
+        ratio: ref > 0 ? v / ref : 0,
+      });
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return results;
+}
+
+if (require.main === module) {
+  void run({ quick: process.argv.includes('--quick') }).then((rows) => {
+    for (const r of rows) {
+      console.log(`${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`);
+    }
+  });
+}
