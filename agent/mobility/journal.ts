@@ -143,18 +143,42 @@ export class SegmentJournal {
     return entry;
   }
 
-  /** Takes a sealed segment file (an OpenSegmentFile) into the journal by renaming it. */
+  /**
+   * Takes a sealed segment file (an OpenSegmentFile) into the journal by renaming it. Neither the
+   * file nor the rename is durable yet: the caller syncs them with `syncFiles` before it
+   * acknowledges a FLUSH.
+   */
   async adopt(epoch: number, seq: number, sealedFile: string, bytes: number): Promise<JournalEntry> {
     const name = segmentName(epoch, seq);
     const file = path.join(this.segmentsDir, name);
     await fs.promises.rename(sealedFile, file);
-    await syncDir(this.segmentsDir);
     const previous = this.entries.get(name);
     if (previous) this.totalBytes -= previous.bytes;
     const entry = { epoch, seq, bytes, file };
     this.entries.set(name, entry);
     this.totalBytes += bytes;
     return entry;
+  }
+
+  /** Makes adopted segment files and their names durable (one fdatasync each, one folder fsync). */
+  async syncFiles(files: string[]): Promise<void> {
+    await Promise.all(
+      files.map(async (file) => {
+        let handle: fs.promises.FileHandle;
+        try {
+          handle = await fs.promises.open(file, 'r');
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT') return; // acknowledged and removed already
+          throw err;
+        }
+        try {
+          await handle.datasync();
+        } finally {
+          await handle.close();
+        }
+      }),
+    );
+    await syncDir(this.segmentsDir);
   }
 
   read(entry: JournalEntry): Promise<Buffer> {
@@ -333,7 +357,7 @@ export class OpenSegmentFile {
     await Promise.all([this.out.sync(), this.index.sync()]);
   }
 
-  /** Completes the file as an encoded segment and makes it durable; returns its size. */
+  /** Completes the file as an encoded segment (not yet durable: see syncFiles); returns its size. */
   async seal(firstWriteTime: number, lastWriteTime: number): Promise<number> {
     await this.out.waitWritten();
     const payload = this.out.appended - this.headerLength;
@@ -344,7 +368,7 @@ export class OpenSegmentFile {
     await readAt(this.fd, body, 0);
     const digest = Buffer.from(await webcrypto.subtle.digest('SHA-256', body));
     await writeAt(this.fd, digest, total);
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    // No fdatasync here: the segmenter syncs sealed segments in batches, at the next FLUSH (or stop).
     await this.close();
     await fs.promises.rm(indexName(this.file), { force: true });
     return total + TRAILER_BYTES;

@@ -104,6 +104,8 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   private bitmapSave: Promise<void> | undefined;
   private bitmapSaveNext: Promise<void> | undefined;
   private closed = false;
+  /** Segment files sealed in place and not yet fdatasynced (the next flush syncs them together). */
+  private unsynced: string[] = [];
   /** Changes appended (for stats). */
   changes = 0;
 
@@ -197,11 +199,18 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   /** Resolves once every change appended before the call is durable. */
   async flush(): Promise<void> {
     if (this.failure) throw this.failure;
-    const waits: Promise<void>[] = [this.chain];
+    const waits: Promise<void>[] = [this.chain.then(() => this.syncSealed())];
     if (this.state.mode === 'bitmap') waits.push(this.saveBitmap());
     else if (this.open.file) waits.push(this.open.file.sync());
     await Promise.all(waits);
     if (this.failure) throw this.failure;
+  }
+
+  private syncSealed(): Promise<void> {
+    if (this.unsynced.length === 0) return Promise.resolve();
+    const files = this.unsynced;
+    this.unsynced = [];
+    return this.journal.syncFiles(files);
   }
 
   // ---- cutting ----
@@ -242,6 +251,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
           const first = records.length === 0 ? Date.now() : seg.firstTime;
           const size = await seg.file.seal(first, records.length === 0 ? first : seg.lastTime);
           entry = await this.journal.adopt(epoch, seg.seq, seg.file.file, size);
+          this.unsynced.push(entry.file);
         } else {
           entry = await this.journal.write(epoch, seg.seq, this.encode(epoch, seg, records));
           await seg.file?.discard();
@@ -406,6 +416,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     if (this.ageTimer) clearTimeout(this.ageTimer);
     if (this.state.mode !== 'bitmap') await this.cut().catch(() => undefined);
     await this.chain;
+    await this.syncSealed();
     await this.open.file?.discard();
     await this.saveBitmap();
     this.state.nextSeq = this.open.seq;
