@@ -36,7 +36,12 @@ interface Machine {
 }
 
 /** Registers a machine, writes `bytesPerDisk` of data into each seed disk, and records point `p1`. */
-async function protectedMachine(deps: ReplicationDeps, name: string, disks: number, bytesPerDisk: number): Promise<Machine> {
+async function protectedMachine(
+  deps: ReplicationDeps,
+  name: string,
+  disks: number,
+  bytesPerDisk: number,
+): Promise<Machine> {
   const ids = Array.from({ length: disks }, (_, i) => `d${i}`);
   await registerMachine(deps, name, { disks: ids.map((id) => ({ id, sizeBytes: bytesPerDisk })) });
   const data = randomBytes(PAGE_WRITE_BYTES);
@@ -54,7 +59,17 @@ async function protectedMachine(deps: ReplicationDeps, name: string, disks: numb
     const { snapshot } = await blob.createSnapshot();
     await recordArrival(
       deps.tables,
-      { machine: name, disk: id, markerId: 'p1', kind: 'app', tag: '', sourceTime: Date.now(), snapshot: snapshot!, epoch: 1, seq: 1 },
+      {
+        machine: name,
+        disk: id,
+        markerId: 'p1',
+        kind: 'app',
+        tag: '',
+        sourceTime: Date.now(),
+        snapshot: snapshot!,
+        epoch: 1,
+        seq: 1,
+      },
       new Date(),
     );
     out.disks.push({ id, sizeBytes: bytesPerDisk, snapshot: snapshot! });
@@ -64,14 +79,21 @@ async function protectedMachine(deps: ReplicationDeps, name: string, disks: numb
 }
 
 /** The raw reference: server-side copies of every disk's snapshot, all in parallel, in the same account. */
-async function rawCopy(deps: ReplicationDeps, dest: ContainerClient, machines: Machine[], tag: string): Promise<number> {
+async function rawCopy(
+  deps: ReplicationDeps,
+  dest: ContainerClient,
+  machines: Machine[],
+  tag: string,
+): Promise<number> {
   await ensureContainer(dest);
   const t0 = performance.now();
   await Promise.all(
     machines.flatMap((m) =>
       m.disks.map(async (d) => {
         const src = seedBlob(deps.seed, m.name, d.id).withSnapshot(d.snapshot);
-        const poller = await dest.getPageBlobClient(`${tag}/${m.name}/${d.id}.img`).beginCopyFromURL(src.url, { intervalInMs: 50 });
+        const poller = await dest
+          .getPageBlobClient(`${tag}/${m.name}/${d.id}.img`)
+          .beginCopyFromURL(src.url, { intervalInMs: 50 });
         await poller.pollUntilDone();
       }),
     ),
@@ -79,9 +101,15 @@ async function rawCopy(deps: ReplicationDeps, dest: ContainerClient, machines: M
   return (performance.now() - t0) / 1000;
 }
 
-async function waitForOperation(base: string, key: string, id: string): Promise<{ status: string; error?: string }> {
+async function waitForOperation(
+  base: string,
+  key: string,
+  id: string,
+): Promise<{ status: string; error?: string }> {
   for (;;) {
-    const op = (await (await fetch(`${base}/operations/${id}`, { headers: { 'x-functions-key': key } })).json()) as {
+    const op = (await (
+      await fetch(`${base}/operations/${id}`, { headers: { 'x-functions-key': key } })
+    ).json()) as {
       status: string;
       error?: string;
     };
@@ -112,12 +140,16 @@ export async function run(options: { quick: boolean }): Promise<BenchResult[]> {
     const deps = replicationDepsFromSettings(settings, createLogger('bench'));
     if (previous === undefined) delete process.env.LIFEBOAT_LOG_LEVEL;
     else process.env.LIFEBOAT_LOG_LEVEL = previous;
-    const rawCopies = new StorageClients(SETTING.replicaStorage, settings).blobService().getContainerClient('bench-raw-copies');
+    const rawCopies = new StorageClients(SETTING.replicaStorage, settings)
+      .blobService()
+      .getContainerClient('bench-raw-copies');
     const compiled = __filename.endsWith('.js');
     host = await spawnLocalHost(
       {
         appRoot: root,
-        entryPoint: compiled ? path.join(root, 'dist/functions/index.js') : path.join(root, 'functions/index.ts'),
+        entryPoint: compiled
+          ? path.join(root, 'dist/functions/index.js')
+          : path.join(root, 'functions/index.ts'),
         settings,
         port: 0,
         functionKey: key,
@@ -142,11 +174,17 @@ export async function run(options: { quick: boolean }): Promise<BenchResult[]> {
     const single = await protectedMachine(deps, 'bench-one', 2, written / 2);
     const rawOne = await rawCopy(deps, rawCopies, [single], 'one');
     const t0 = performance.now();
-    const op = await waitForOperation(base, key, await post(`machines/${single.name}/failover`, { recoveryPoint: 'p1', test: true }));
+    const op = await waitForOperation(
+      base,
+      key,
+      await post(`machines/${single.name}/failover`, { recoveryPoint: 'p1', test: true }),
+    );
     const oneSeconds = (performance.now() - t0) / 1000;
     if (op.status !== 'Completed') throw new Error(`the failover ended ${op.status}: ${op.error}`);
     const label = `${written / MiB} MiB`;
-    console.log(`  one machine (${label}): recovery ${oneSeconds.toFixed(2)} s, raw copy ${rawOne.toFixed(2)} s, orchestration overhead ${(oneSeconds - rawOne).toFixed(2)} s`);
+    console.log(
+      `  one machine (${label}): recovery ${oneSeconds.toFixed(2)} s, raw copy ${rawOne.toFixed(2)} s, orchestration overhead ${(oneSeconds - rawOne).toFixed(2)} s`,
+    );
     results.push({
       name: `recovery time, 1 machine, ${label} written (2 disks)`,
       value: oneSeconds,
@@ -172,12 +210,20 @@ export async function run(options: { quick: boolean }): Promise<BenchResult[]> {
       body: JSON.stringify({ recoveryPoint: 'p1', groups }),
     });
     if (!put.ok) throw new Error(`PUT plan answered ${put.status}`);
-    const rawPlan = (await rawCopy(deps, rawCopies, machines.slice(0, half), 'plan-a')) + (await rawCopy(deps, rawCopies, machines.slice(half), 'plan-b'));
+    const rawPlan =
+      (await rawCopy(deps, rawCopies, machines.slice(0, half), 'plan-a')) +
+      (await rawCopy(deps, rawCopies, machines.slice(half), 'plan-b'));
     const p0 = performance.now();
-    const planOp = await waitForOperation(base, key, await post('plans/bench/failover', { test: true, onFailure: 'abort' }));
+    const planOp = await waitForOperation(
+      base,
+      key,
+      await post('plans/bench/failover', { test: true, onFailure: 'abort' }),
+    );
     const planSeconds = (performance.now() - p0) / 1000;
     if (planOp.status !== 'Completed') throw new Error(`the plan ended ${planOp.status}: ${planOp.error}`);
-    console.log(`  plan of ${count} machines: recovery ${planSeconds.toFixed(2)} s, raw copy ${rawPlan.toFixed(2)} s, orchestration overhead ${(planSeconds - rawPlan).toFixed(2)} s (${((planSeconds - rawPlan) / count).toFixed(3)} s per machine)`);
+    console.log(
+      `  plan of ${count} machines: recovery ${planSeconds.toFixed(2)} s, raw copy ${rawPlan.toFixed(2)} s, orchestration overhead ${(planSeconds - rawPlan).toFixed(2)} s (${((planSeconds - rawPlan) / count).toFixed(3)} s per machine)`,
+    );
     results.push({
       name: `recovery time, plan of ${count} machines (2 groups, ${each / MiB} MiB each)`,
       value: planSeconds,

@@ -29,10 +29,18 @@ app.http('machines-failover', {
     const machine = request.params.machine;
     const failoverId = failoverIdFromUuid(randomUUID());
     const run = await prepareFailover(deps, machine, await jsonBody(request), failoverId);
-    return startOperation(request, context, ORCHESTRATION.failover, failoverId, run, { failoverId, machine, kind: run.kind }, async () => {
-      await deleteRecord(deps.tables, machine, failoverId);
-      await releaseMachine(deps.tables, machine, failoverId);
-    });
+    return startOperation(
+      request,
+      context,
+      ORCHESTRATION.failover,
+      failoverId,
+      run,
+      { failoverId, machine, kind: run.kind },
+      async () => {
+        await deleteRecord(deps.tables, machine, failoverId);
+        await releaseMachine(deps.tables, machine, failoverId);
+      },
+    );
   }),
 });
 
@@ -45,7 +53,10 @@ app.http('machines-failover-commit', {
     const id = operationId();
     const record = await prepareAction(defaultFailoverDeps(), request.params.machine, 'commit', id);
     const input = { machine: record.machine, failoverId: record.failoverId, test: record.kind === 'test' };
-    return startOperation(request, context, ORCHESTRATION.commit, id, input, { failoverId: record.failoverId, machine: record.machine });
+    return startOperation(request, context, ORCHESTRATION.commit, id, input, {
+      failoverId: record.failoverId,
+      machine: record.machine,
+    });
   }),
 });
 
@@ -63,7 +74,10 @@ app.http('machines-failover-cancel', {
       test: record.kind === 'test',
       ...(record.targetSpec ? { target: record.targetSpec } : {}),
     };
-    return startOperation(request, context, ORCHESTRATION.cancel, id, input, { failoverId: record.failoverId, machine: record.machine });
+    return startOperation(request, context, ORCHESTRATION.cancel, id, input, {
+      failoverId: record.failoverId,
+      machine: record.machine,
+    });
   }),
 });
 
@@ -74,8 +88,16 @@ app.http('machines-failover-change-point', {
   extraInputs: [df.input.durableClient()],
   handler: withErrors(async (request, context) => {
     const id = operationId();
-    const { record, run } = await prepareChangePoint(defaultFailoverDeps(), request.params.machine, await jsonBody(request), id);
-    return startOperation(request, context, ORCHESTRATION.failover, id, run, { failoverId: record.failoverId, machine: record.machine });
+    const { record, run } = await prepareChangePoint(
+      defaultFailoverDeps(),
+      request.params.machine,
+      await jsonBody(request),
+      id,
+    );
+    return startOperation(request, context, ORCHESTRATION.failover, id, run, {
+      failoverId: record.failoverId,
+      machine: record.machine,
+    });
   }),
 });
 

@@ -21,7 +21,10 @@ export async function startOperation(
     await onStartFailed?.().catch(() => undefined);
     throw err;
   }
-  const management = (await client.createCheckStatusResponse(request, operationId).json()) as Record<string, unknown>;
+  const management = (await client.createCheckStatusResponse(request, operationId).json()) as Record<
+    string,
+    unknown
+  >;
   const statusUri = new URL(`/api/operations/${encodeURIComponent(operationId)}`, request.url).toString();
   return {
     status: 202,
@@ -43,7 +46,10 @@ export interface OperationView {
 
 async function readOperation(context: InvocationContext, id: string): Promise<OperationView> {
   if (!/^[A-Za-z0-9:._-]{1,200}$/.test(id)) {
-    throw new ValidationError(`Operation id ${JSON.stringify(id)} is not valid; use the operationId a start returned.`, 'id');
+    throw new ValidationError(
+      `Operation id ${JSON.stringify(id)} is not valid; use the operationId a start returned.`,
+      'id',
+    );
   }
   let status: df.DurableOrchestrationStatus;
   try {
@@ -62,7 +68,11 @@ async function readOperation(context: InvocationContext, id: string): Promise<Op
     createdTime: new Date(status.createdTime).toISOString(),
     lastUpdatedTime: new Date(status.lastUpdatedTime).toISOString(),
     progress: status.customStatus ?? null,
-    ...(failed ? { error: String(status.output) } : status.output !== undefined && status.output !== null ? { output: status.output } : {}),
+    ...(failed
+      ? { error: String(status.output) }
+      : status.output !== undefined && status.output !== null
+        ? { output: status.output }
+        : {}),
   };
 }
 
@@ -97,8 +107,17 @@ async function answerWait(
       'NotWaiting',
     );
   }
-  if (type === 'manual' && wait.type === 'manual' && typeof body.step === 'string' && body.step !== wait.step) {
-    throw new ConflictError(`Operation ${id} waits for approval of step ${wait.step}, not ${body.step}.`, 'step', 'NotWaiting');
+  if (
+    type === 'manual' &&
+    wait.type === 'manual' &&
+    typeof body.step === 'string' &&
+    body.step !== wait.step
+  ) {
+    throw new ConflictError(
+      `Operation ${id} waits for approval of step ${wait.step}, not ${body.step}.`,
+      'step',
+      'NotWaiting',
+    );
   }
   await df.getClient(context).raiseEvent(id, wait.event, payload(wait, body));
   return { status: 202, jsonBody: { operationId: id, answered: wait } };
@@ -109,7 +128,9 @@ app.http('operations-get', {
   methods: ['GET'],
   authLevel: 'function',
   extraInputs: [df.input.durableClient()],
-  handler: withErrors(async (request, context) => ({ jsonBody: await readOperation(context, request.params.id) })),
+  handler: withErrors(async (request, context) => ({
+    jsonBody: await readOperation(context, request.params.id),
+  })),
 });
 
 app.http('operations-approve', {
@@ -131,7 +152,9 @@ app.http('operations-retry', {
   methods: ['POST'],
   authLevel: 'function',
   extraInputs: [df.input.durableClient()],
-  handler: withErrors((request, context) => answerWait(request, context, 'decision', () => ({ action: 'retry' }))),
+  handler: withErrors((request, context) =>
+    answerWait(request, context, 'decision', () => ({ action: 'retry' })),
+  ),
 });
 
 app.http('operations-abort', {
@@ -139,5 +162,7 @@ app.http('operations-abort', {
   methods: ['POST'],
   authLevel: 'function',
   extraInputs: [df.input.durableClient()],
-  handler: withErrors((request, context) => answerWait(request, context, 'decision', () => ({ action: 'abort' }))),
+  handler: withErrors((request, context) =>
+    answerWait(request, context, 'decision', () => ({ action: 'abort' })),
+  ),
 });

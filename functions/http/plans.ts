@@ -15,7 +15,13 @@ app.http('plans-put', {
   authLevel: 'function',
   handler: withErrors(async (request) => {
     const deps = defaultFailoverDeps();
-    const { created, plan } = await savePlan(deps.tables, deps.replication, request.params.plan, await jsonBody(request), deps.now());
+    const { created, plan } = await savePlan(
+      deps.tables,
+      deps.replication,
+      request.params.plan,
+      await jsonBody(request),
+      deps.now(),
+    );
     return { status: created ? 201 : 200, jsonBody: plan };
   }),
 });
@@ -24,7 +30,9 @@ app.http('plans-get', {
   route: 'plans/{plan}',
   methods: ['GET'],
   authLevel: 'function',
-  handler: withErrors(async (request) => ({ jsonBody: await readPlan(defaultFailoverDeps().tables, request.params.plan) })),
+  handler: withErrors(async (request) => ({
+    jsonBody: await readPlan(defaultFailoverDeps().tables, request.params.plan),
+  })),
 });
 
 app.http('plans-failover', {

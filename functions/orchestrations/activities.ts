@@ -1,5 +1,9 @@
 import * as df from 'durable-functions';
-import { createFailoverActivities, defaultFailoverDeps, type FailoverActivities } from '../../shared/failover';
+import {
+  createFailoverActivities,
+  defaultFailoverDeps,
+  type FailoverActivities,
+} from '../../shared/failover';
 import { ACTIVITY } from './names';
 
 // The failover and plan activities, wired to the process's dependencies on first use.

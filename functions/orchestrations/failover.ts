@@ -1,6 +1,13 @@
 import * as df from 'durable-functions';
 import type { OrchestrationContext, Task } from 'durable-functions';
-import type { ApplyTarget, ChosenPoint, FailoverOutcome, FailoverRun, MaterialisedDisk, TargetMachine } from '../../shared/failover';
+import type {
+  ApplyTarget,
+  ChosenPoint,
+  FailoverOutcome,
+  FailoverRun,
+  MaterialisedDisk,
+  TargetMachine,
+} from '../../shared/failover';
 import './activities';
 import { ACTIVITY, ORCHESTRATION } from './names';
 
@@ -39,7 +46,9 @@ export function* pollUntil<T>(
   }
 }
 
-export function* failoverOrchestrator(context: OrchestrationContext): Generator<Task, FailoverOutcome, unknown> {
+export function* failoverOrchestrator(
+  context: OrchestrationContext,
+): Generator<Task, FailoverOutcome, unknown> {
   const run = context.df.getInput() as FailoverRun;
   const ref = { machine: run.machine, failoverId: run.failoverId };
   const test = run.kind === 'test';
@@ -100,7 +109,9 @@ export function* failoverOrchestrator(context: OrchestrationContext): Generator<
         step = 'applying pending change logs';
         report('applying-pending');
         yield progress('applying-pending');
-        const targets = (yield context.df.callActivity(ACTIVITY.pendingChangeLogs, { machine: run.machine })) as ApplyTarget[];
+        const targets = (yield context.df.callActivity(ACTIVITY.pendingChangeLogs, {
+          machine: run.machine,
+        })) as ApplyTarget[];
         report('applying-pending', { applyTargets: targets });
         yield* pollUntil<{ disk: string; appliedSeq: number; targetSeq: number }[]>(
           context,
@@ -115,7 +126,10 @@ export function* failoverOrchestrator(context: OrchestrationContext): Generator<
       }
       step = 'resolving the recovery point';
       report('resolving');
-      point = (yield context.df.callActivity(ACTIVITY.resolvePoint, { machine: run.machine, selector: run.selector })) as ChosenPoint;
+      point = (yield context.df.callActivity(ACTIVITY.resolvePoint, {
+        machine: run.machine,
+        selector: run.selector,
+      })) as ChosenPoint;
     }
 
     const chosen: ChosenPoint = point!;
@@ -130,7 +144,9 @@ export function* failoverOrchestrator(context: OrchestrationContext): Generator<
 
     step = 'creating the target machine';
     yield progress('creating-target');
-    report('creating-target', { disks: disks.map((d) => ({ id: d.id, state: 'materialised', resource: d.resource })) });
+    report('creating-target', {
+      disks: disks.map((d) => ({ id: d.id, state: 'materialised', resource: d.resource })),
+    });
     const machine = (yield context.df.callActivityWithRetry(ACTIVITY.createTarget, RETRY, {
       ...ref,
       test,
@@ -142,14 +158,22 @@ export function* failoverOrchestrator(context: OrchestrationContext): Generator<
     step = 'recording the target machine';
     yield context.df.callActivity(ACTIVITY.completeFailover, { ...ref, point: chosen, target: machine });
     step = 'done';
-    report('failed-over', { target: { name: machine.name, resource: machine.resource, network: machine.network } });
+    report('failed-over', {
+      target: { name: machine.name, resource: machine.resource, network: machine.network },
+    });
     return { ok: true, ...ref, point: chosen, target: machine };
   } catch (err) {
     const message = failureMessage(err);
     const failedStep = step;
     step = 'cleaning up';
     report('failed', { error: { step: failedStep, message } });
-    yield context.df.callActivityWithRetry(ACTIVITY.failFailover, RETRY, { ...ref, test, target, step: failedStep, message });
+    yield context.df.callActivityWithRetry(ACTIVITY.failFailover, RETRY, {
+      ...ref,
+      test,
+      target,
+      step: failedStep,
+      message,
+    });
     report('failed', { error: { step: failedStep, message } });
     if (run.planRun) return { ok: false, ...ref, step: failedStep, message };
     throw new Error(
@@ -169,18 +193,38 @@ export interface FailoverActionRun {
 /** Commit: the failover is final; its point may be released by retention. */
 export function* commitOrchestrator(context: OrchestrationContext): Generator<Task, unknown, unknown> {
   const run = context.df.getInput() as FailoverActionRun;
-  context.df.setCustomStatus({ type: 'commit', machine: run.machine, failoverId: run.failoverId, state: 'committing' });
+  context.df.setCustomStatus({
+    type: 'commit',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    state: 'committing',
+  });
   yield context.df.callActivityWithRetry(ACTIVITY.commitFailover, RETRY, run);
-  context.df.setCustomStatus({ type: 'commit', machine: run.machine, failoverId: run.failoverId, state: 'committed' });
+  context.df.setCustomStatus({
+    type: 'commit',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    state: 'committed',
+  });
   return { machine: run.machine, failoverId: run.failoverId, state: 'committed' };
 }
 
 /** Cancel: removes every blob and record the failover created and frees the machine. */
 export function* cancelOrchestrator(context: OrchestrationContext): Generator<Task, unknown, unknown> {
   const run = context.df.getInput() as FailoverActionRun;
-  context.df.setCustomStatus({ type: 'cancel', machine: run.machine, failoverId: run.failoverId, state: 'cancelling' });
+  context.df.setCustomStatus({
+    type: 'cancel',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    state: 'cancelling',
+  });
   const deleted = (yield context.df.callActivityWithRetry(ACTIVITY.cancelFailover, RETRY, run)) as string[];
-  context.df.setCustomStatus({ type: 'cancel', machine: run.machine, failoverId: run.failoverId, state: 'cancelled' });
+  context.df.setCustomStatus({
+    type: 'cancel',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    state: 'cancelled',
+  });
   return { machine: run.machine, failoverId: run.failoverId, state: 'cancelled', deleted };
 }
 

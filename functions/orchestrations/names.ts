@@ -29,5 +29,12 @@ export const ACTIVITY = {
 
 /** What a plan waits for: `waitingFor.event` in its custom status names the event to raise. */
 export type PlanWait =
-  | { type: 'manual'; event: string; group: string; step: string; instructions: string; timeoutSeconds?: number }
+  | {
+      type: 'manual';
+      event: string;
+      group: string;
+      step: string;
+      instructions: string;
+      timeoutSeconds?: number;
+    }
   | { type: 'decision'; event: string };

@@ -76,7 +76,8 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
   const input = context.df.getInput() as PlanRunInput;
   const { plan } = input;
   const runId = context.df.instanceId;
-  let state: 'running' | 'waiting-for-approval' | 'waiting-for-decision' | 'completed' | 'aborted' = 'running';
+  let state: 'running' | 'waiting-for-approval' | 'waiting-for-decision' | 'completed' | 'aborted' =
+    'running';
   let current = 0;
   let waitingFor: PlanWait | undefined;
   let failure: PlanFailure | undefined;
@@ -85,9 +86,27 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
     name: g.name,
     state: 'pending',
     steps: [
-      ...g.pre.map((a) => ({ name: a.name, phase: 'pre' as const, type: a.type, state: 'pending' as StepState, attempts: 0 })),
-      { name: 'failover', phase: 'failover' as const, type: 'failover' as const, state: 'pending' as StepState, attempts: 0 },
-      ...g.post.map((a) => ({ name: a.name, phase: 'post' as const, type: a.type, state: 'pending' as StepState, attempts: 0 })),
+      ...g.pre.map((a) => ({
+        name: a.name,
+        phase: 'pre' as const,
+        type: a.type,
+        state: 'pending' as StepState,
+        attempts: 0,
+      })),
+      {
+        name: 'failover',
+        phase: 'failover' as const,
+        type: 'failover' as const,
+        state: 'pending' as StepState,
+        attempts: 0,
+      },
+      ...g.post.map((a) => ({
+        name: a.name,
+        phase: 'post' as const,
+        type: a.type,
+        state: 'pending' as StepState,
+        attempts: 0,
+      })),
     ],
     machines: Object.fromEntries(g.machines.map((m) => [m.machine, { state: 'pending' as const }])),
   }));
@@ -142,13 +161,17 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
         state = 'waiting-for-decision';
         waitingFor = { type: 'decision', event: `decision-${++events}` };
         publish();
-        const decision = (yield context.df.waitForExternalEvent(waitingFor.event)) as { action?: string } | null;
+        const decision = (yield context.df.waitForExternalEvent(waitingFor.event)) as {
+          action?: string;
+        } | null;
         waitingFor = undefined;
         if (decision?.action !== 'retry') {
           state = 'aborted';
           group.state = 'failed';
           publish();
-          throw new Error(`Recovery plan ${plan.name} was aborted at ${where} after attempt ${step.attempts}: ${message}`);
+          throw new Error(
+            `Recovery plan ${plan.name} was aborted at ${where} after attempt ${step.attempts}: ${message}`,
+          );
         }
         failure = undefined;
         state = 'running';
@@ -156,7 +179,11 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
     }
   }
 
-  function* runAction(group: GroupStatus, action: PlanAction, attempt: number): Generator<Task, void, unknown> {
+  function* runAction(
+    group: GroupStatus,
+    action: PlanAction,
+    attempt: number,
+  ): Generator<Task, void, unknown> {
     switch (action.type) {
       case 'webhook': {
         const retry = new df.RetryOptions(action.retryIntervalSeconds * 1000, action.retries + 1);
@@ -196,7 +223,10 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
           const winner = yield context.df.Task.any([approval, timer]);
           waitingFor = undefined;
           state = 'running';
-          if (winner === timer) throw new StepFailed(`manual step ${action.name} was not approved within ${action.timeoutSeconds} s`);
+          if (winner === timer)
+            throw new StepFailed(
+              `manual step ${action.name} was not approved within ${action.timeoutSeconds} s`,
+            );
           timer.cancel();
         } else {
           yield approval;
@@ -231,7 +261,12 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
       if (o.ok) {
         group.machines[o.machine] = { state: 'failed-over', failoverId: o.failoverId, target: o.target.name };
       } else {
-        group.machines[o.machine] = { state: 'failed', failoverId: o.failoverId, step: o.step, message: o.message };
+        group.machines[o.machine] = {
+          state: 'failed',
+          failoverId: o.failoverId,
+          step: o.step,
+          message: o.message,
+        };
         failed.push({ machine: o.machine, failoverId: o.failoverId, step: o.step, message: o.message });
       }
     }
@@ -249,18 +284,26 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
     const spec = plan.groups[gi];
     group.state = 'running';
     for (const action of spec.pre) {
-      yield* guarded(group, group.steps.find((s) => s.name === action.name && s.phase === 'pre')!, (attempt) =>
-        runAction(group, action, attempt),
+      yield* guarded(
+        group,
+        group.steps.find((s) => s.name === action.name && s.phase === 'pre')!,
+        (attempt) => runAction(group, action, attempt),
       );
     }
     if (spec.machines.length > 0) {
-      yield* guarded(group, group.steps.find((s) => s.phase === 'failover')!, (attempt) => failoverMachines(gi, attempt));
+      yield* guarded(
+        group,
+        group.steps.find((s) => s.phase === 'failover')!,
+        (attempt) => failoverMachines(gi, attempt),
+      );
     } else {
       group.steps.find((s) => s.phase === 'failover')!.state = 'succeeded';
     }
     for (const action of spec.post) {
-      yield* guarded(group, group.steps.find((s) => s.name === action.name && s.phase === 'post')!, (attempt) =>
-        runAction(group, action, attempt),
+      yield* guarded(
+        group,
+        group.steps.find((s) => s.name === action.name && s.phase === 'post')!,
+        (attempt) => runAction(group, action, attempt),
       );
     }
     group.state = 'succeeded';

@@ -1,5 +1,9 @@
 import * as df from 'durable-functions';
-import { createProtectionActivities, defaultProtectionDeps, type ProtectionActivities } from '../../shared/reprotect';
+import {
+  createProtectionActivities,
+  defaultProtectionDeps,
+  type ProtectionActivities,
+} from '../../shared/reprotect';
 
 // The resync, reprotect and failback activities, wired to the process's dependencies on first use.
 

@@ -32,7 +32,9 @@ export function* resyncOrchestrator(context: OrchestrationContext): Generator<Ta
       if (status.done) break;
       const now = context.df.currentUtcDateTime.getTime();
       if (now >= deadline) {
-        const behind = status.disks.filter((d) => !d.done).map((d) => `${d.disk} (epoch ${d.epoch}, ${d.state})`);
+        const behind = status.disks
+          .filter((d) => !d.done)
+          .map((d) => `${d.disk} (epoch ${d.epoch}, ${d.state})`);
         throw new Error(
           `the resync did not complete within ${run.waitSeconds} s: ${behind.join(', ')} did not apply a marker of the new epoch ` +
             '(is the agent running and polling the proxy for commands?)',
@@ -41,12 +43,26 @@ export function* resyncOrchestrator(context: OrchestrationContext): Generator<Ta
       yield context.df.createTimer(new Date(Math.min(now + delay, deadline)));
       delay = Math.min(Math.round(delay * 1.5), MAX_POLL_MS);
     }
-    yield context.df.callActivity(PROTECTION_ACTIVITY.completeResync, { machine: run.machine, operationId: run.operationId, ok: true });
+    yield context.df.callActivity(PROTECTION_ACTIVITY.completeResync, {
+      machine: run.machine,
+      operationId: run.operationId,
+      ok: true,
+    });
     context.df.setCustomStatus({ ...base, state: 'completed', ...status });
-    return { machine: run.machine, state: 'completed', epochs: Object.fromEntries(plans.map((p) => [p.disk, p.targetEpoch])), ...status };
+    return {
+      machine: run.machine,
+      state: 'completed',
+      epochs: Object.fromEntries(plans.map((p) => [p.disk, p.targetEpoch])),
+      ...status,
+    };
   } catch (err) {
     const message = failureMessage(err);
-    yield context.df.callActivity(PROTECTION_ACTIVITY.completeResync, { machine: run.machine, operationId: run.operationId, ok: false, message });
+    yield context.df.callActivity(PROTECTION_ACTIVITY.completeResync, {
+      machine: run.machine,
+      operationId: run.operationId,
+      ok: false,
+      message,
+    });
     context.df.setCustomStatus({ ...base, state: 'failed', error: message });
     throw new Error(`The resync of ${run.machine} failed: ${message}`);
   }

@@ -1,8 +1,29 @@
-import { closeCommands, deleteCommands, issueQuiesce, quiesceIds } from './commands';
+import { closeCommands, deleteCommands, issueQuiesce } from './commands';
 import type { FailoverDeps } from './context';
-import type { AzureTarget, ChosenPoint, FailoverKind, FailoverState, MaterialisedDisk, RecoveryPointSelector, TargetMachine } from './model';
-import { findRecoveryPoint, pendingChangeLogs, resolveRecoveryPoint, unappliedDisks, type ApplyTarget } from './recovery-point';
-import { beginFailover, deleteRecord, readRecord, releaseMachine, updateRecord, type BeginFailover } from './records';
+import type {
+  AzureTarget,
+  ChosenPoint,
+  FailoverKind,
+  FailoverState,
+  MaterialisedDisk,
+  RecoveryPointSelector,
+  TargetMachine,
+} from './model';
+import {
+  findRecoveryPoint,
+  pendingChangeLogs,
+  resolveRecoveryPoint,
+  unappliedDisks,
+  type ApplyTarget,
+} from './recovery-point';
+import {
+  beginFailover,
+  deleteRecord,
+  readRecord,
+  releaseMachine,
+  updateRecord,
+  type BeginFailover,
+} from './records';
 import { isNotFound, listPartition, TABLES, type DiskEntity } from '../replication';
 import type { WebhookAction } from './plan';
 
@@ -54,9 +75,9 @@ export interface WebhookResult {
 /** A failover's disks: those of the chosen point, or all registered ones before a point is chosen. */
 async function failoverDiskIds(deps: FailoverDeps, machine: string, failoverId: string): Promise<string[]> {
   const record = await readRecord(deps.tables, machine, failoverId);
-  const registered = (await listPartition<DiskEntity>(await deps.replication.tables.get(TABLES.disks), machine)).map(
-    (d) => d.rowKey,
-  );
+  const registered = (
+    await listPartition<DiskEntity>(await deps.replication.tables.get(TABLES.disks), machine)
+  ).map((d) => d.rowKey);
   return [...new Set([...(record?.point?.disks.map((d) => d.id) ?? []), ...registered])];
 }
 
@@ -96,7 +117,12 @@ export function createFailoverActivities(deps: FailoverDeps) {
       const behind = await unappliedDisks(deps.replication, input.machine, targets);
       for (const b of behind) {
         const t = targets.find((x) => x.disk === b.disk)!;
-        await deps.replication.nudge({ machine: input.machine, disk: b.disk, epoch: t.epoch, seq: b.appliedSeq + 1 });
+        await deps.replication.nudge({
+          machine: input.machine,
+          disk: b.disk,
+          epoch: t.epoch,
+          seq: b.appliedSeq + 1,
+        });
       }
       return targets;
     },
@@ -107,16 +133,23 @@ export function createFailoverActivities(deps: FailoverDeps) {
     resolvePoint: async (input: { machine: string; selector: RecoveryPointSelector }): Promise<ChosenPoint> =>
       resolveRecoveryPoint(deps.replication, input.machine, input.selector),
 
-    materialiseDisk: async (input: MaterialiseInput): Promise<MaterialisedDisk> => deps.compute.materialiseDisk(input),
+    materialiseDisk: async (input: MaterialiseInput): Promise<MaterialisedDisk> =>
+      deps.compute.materialiseDisk(input),
 
-    createTarget: async (input: CreateTargetInput): Promise<TargetMachine> => deps.compute.createTarget(input),
+    createTarget: async (input: CreateTargetInput): Promise<TargetMachine> =>
+      deps.compute.createTarget(input),
 
     /** Removes the target and disks of a failover (before a change of point, or on failure). */
     removeTarget: async (input: CleanupInput): Promise<string[]> =>
-      deps.compute.cleanup({ ...input, diskIds: await failoverDiskIds(deps, input.machine, input.failoverId) }),
+      deps.compute.cleanup({
+        ...input,
+        diskIds: await failoverDiskIds(deps, input.machine, input.failoverId),
+      }),
 
     /** The failover reached its target: failed-over; a planned failover's command is done. */
-    completeFailover: async (input: MachineRef & { point: ChosenPoint; target: TargetMachine }): Promise<void> => {
+    completeFailover: async (
+      input: MachineRef & { point: ChosenPoint; target: TargetMachine },
+    ): Promise<void> => {
       await updateRecord(
         deps.tables,
         input.machine,
@@ -152,7 +185,13 @@ export function createFailoverActivities(deps: FailoverDeps) {
 
     commitFailover: async (input: MachineRef): Promise<void> => {
       const now = deps.now();
-      await updateRecord(deps.tables, input.machine, input.failoverId, { state: 'committed', committedAt: now.toISOString() }, now);
+      await updateRecord(
+        deps.tables,
+        input.machine,
+        input.failoverId,
+        { state: 'committed', committedAt: now.toISOString() },
+        now,
+      );
     },
 
     /** Cancel: removes every blob and record the failover created, and frees the machine. */
@@ -185,7 +224,10 @@ export function createFailoverActivities(deps: FailoverDeps) {
         });
       } catch (err) {
         const e = err as Error;
-        const why = e.name === 'TimeoutError' ? `did not answer within ${action.timeoutSeconds} s` : `could not be reached (${e.message})`;
+        const why =
+          e.name === 'TimeoutError'
+            ? `did not answer within ${action.timeoutSeconds} s`
+            : `could not be reached (${e.message})`;
         throw new Error(`webhook ${action.name} (${action.method} ${action.url}) ${why}`);
       }
       const text = (await response.text()).slice(0, 500);

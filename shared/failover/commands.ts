@@ -121,7 +121,11 @@ export async function readCommand(
 }
 
 /** Deletes a failover's commands (cancel removes every record a failover created). */
-export async function deleteCommands(tables: FailoverTables, machine: string, failoverId: string): Promise<string[]> {
+export async function deleteCommands(
+  tables: FailoverTables,
+  machine: string,
+  failoverId: string,
+): Promise<string[]> {
   const table: TableClient = await tables.get(FAILOVER_TABLES.commands);
   const { commandId } = quiesceIds(failoverId);
   try {

@@ -3,7 +3,12 @@ import type { ContainerClient } from '@azure/storage-blob';
 import { SETTING, type Settings } from '../config';
 import { ConfigError } from '../errors';
 import { createLogger, type Logger } from '../logger';
-import { defaultReplicationDeps, replicationDepsFromSettings, SEED_CONTAINER, type ReplicationDeps } from '../replication';
+import {
+  defaultReplicationDeps,
+  replicationDepsFromSettings,
+  SEED_CONTAINER,
+  type ReplicationDeps,
+} from '../replication';
 import { StorageClients } from '../storage';
 import { AzureComputeProvider } from './compute/azure';
 import { FAILOVER_DISKS_CONTAINER, LocalComputeProvider } from './compute/local';
@@ -28,14 +33,19 @@ export type ComputeKind = 'local' | 'azure';
 export function computeKind(settings: Settings): ComputeKind {
   const raw = (settings[SETTING.compute] ?? 'local').trim() || 'local';
   if (raw !== 'local' && raw !== 'azure') {
-    throw new ConfigError(`The setting ${SETTING.compute} must be local or azure; got ${JSON.stringify(raw)}.`, SETTING.compute);
+    throw new ConfigError(
+      `The setting ${SETTING.compute} must be local or azure; got ${JSON.stringify(raw)}.`,
+      SETTING.compute,
+    );
   }
   return raw;
 }
 
 export function failoverDepsFromSettings(
   settings: Settings = process.env,
-  overrides: Partial<Pick<FailoverDeps, 'compute' | 'fetch' | 'now' | 'log'>> & { replication?: ReplicationDeps } = {},
+  overrides: Partial<Pick<FailoverDeps, 'compute' | 'fetch' | 'now' | 'log'>> & {
+    replication?: ReplicationDeps;
+  } = {},
 ): FailoverDeps {
   const replica = new StorageClients(SETTING.replicaStorage, settings);
   const replication = overrides.replication ?? replicationDepsFromSettings(settings);

@@ -8,11 +8,7 @@ import { isMarkerId } from '../segment';
 
 /** Which recovery point a failover uses (DESIGN.md §2). */
 export type RecoveryPointSelector =
-  | 'latest'
-  | 'latest-processed'
-  | 'latest-app-consistent'
-  | { id: string }
-  | { time: string };
+  'latest' | 'latest-processed' | 'latest-app-consistent' | { id: string } | { time: string };
 
 export const selectorSchema = z.union(
   [
@@ -167,18 +163,25 @@ export function nextState(
     };
   }
   if (IN_PROGRESS.includes(state)) {
-    return { ok: false, reason: `${name} is ${state}; wait until it is failed-over (GET its operation) and retry.` };
+    return {
+      ok: false,
+      reason: `${name} is ${state}; wait until it is failed-over (GET its operation) and retry.`,
+    };
   }
   switch (action) {
     case 'commit':
-      if (kind === 'test') return { ok: false, reason: `${name} is a test failover; end it with cancel, not commit.` };
+      if (kind === 'test')
+        return { ok: false, reason: `${name} is a test failover; end it with cancel, not commit.` };
       return state === 'failed-over'
         ? { ok: true, state: 'committing' }
         : { ok: false, reason: `${name} is ${state}; only a failed-over machine can be committed.` };
     case 'change-recovery-point':
       return state === 'failed-over'
         ? { ok: true, state: 'changing-point' }
-        : { ok: false, reason: `${name} is ${state}; only a failed-over machine can change its recovery point.` };
+        : {
+            ok: false,
+            reason: `${name} is ${state}; only a failed-over machine can change its recovery point.`,
+          };
     case 'cancel':
       return state === 'failed-over' || state === 'failed'
         ? { ok: true, state: 'cancelling' }

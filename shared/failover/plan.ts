@@ -1,9 +1,22 @@
 import { z } from 'zod';
 import { NotFoundError, ValidationError } from '../errors';
 import { isDnsLabel, validateName } from '../names';
-import { MACHINES_PARTITION, readEntity, TABLES, type MachineEntity, type ReplicationDeps } from '../replication';
+import {
+  MACHINES_PARTITION,
+  readEntity,
+  TABLES,
+  type MachineEntity,
+  type ReplicationDeps,
+} from '../replication';
 import { parseOrThrow } from '../replication/policy';
-import { azureTargetSchema, requireObject, selectorSchema, toSelector, type AzureTarget, type RecoveryPointSelector } from './model';
+import {
+  azureTargetSchema,
+  requireObject,
+  selectorSchema,
+  toSelector,
+  type AzureTarget,
+  type RecoveryPointSelector,
+} from './model';
 import { FAILOVER_TABLES, PLANS_PARTITION, type FailoverTables } from './tables';
 
 const label = (what: string) =>
@@ -56,7 +69,11 @@ export type WebhookAction = z.infer<typeof webhookSchema>;
 const planMachineSchema = z.union(
   [
     label('machine'),
-    z.strictObject({ machine: label('machine'), recoveryPoint: selectorSchema.optional(), target: azureTargetSchema.optional() }),
+    z.strictObject({
+      machine: label('machine'),
+      recoveryPoint: selectorSchema.optional(),
+      target: azureTargetSchema.optional(),
+    }),
   ],
   { error: 'must be a machine name or { "machine": name, "recoveryPoint"?, "target"? }' },
 );
@@ -81,7 +98,11 @@ export const planSchema = z
     const groups = new Set<string>();
     plan.groups.forEach((g, gi) => {
       if (groups.has(g.name)) {
-        ctx.addIssue({ code: 'custom', path: ['groups', gi, 'name'], message: `repeats group ${g.name}; group names must be unique` });
+        ctx.addIssue({
+          code: 'custom',
+          path: ['groups', gi, 'name'],
+          message: `repeats group ${g.name}; group names must be unique`,
+        });
       }
       groups.add(g.name);
       g.machines.forEach((m, mi) => {
@@ -99,7 +120,11 @@ export const planSchema = z
       const steps = new Set<string>();
       [...g.pre, ...g.post].forEach((a) => {
         if (steps.has(a.name)) {
-          ctx.addIssue({ code: 'custom', path: ['groups', gi], message: `repeats step ${a.name}; step names must be unique within a group` });
+          ctx.addIssue({
+            code: 'custom',
+            path: ['groups', gi],
+            message: `repeats step ${a.name}; step names must be unique within a group`,
+          });
         }
         steps.add(a.name);
       });
@@ -186,7 +211,11 @@ export async function savePlan(
 export async function readPlan(tables: FailoverTables, name: string): Promise<RecoveryPlan> {
   validateName(name, 'plan');
   const row = await readEntity<PlanEntity>(await tables.get(FAILOVER_TABLES.plans), PLANS_PARTITION, name);
-  if (!row) throw new NotFoundError(`Recovery plan ${name} does not exist; create it with PUT /api/plans/${name}.`, 'plan');
+  if (!row)
+    throw new NotFoundError(
+      `Recovery plan ${name} does not exist; create it with PUT /api/plans/${name}.`,
+      'plan',
+    );
   return JSON.parse(row.plan) as RecoveryPlan;
 }
 
@@ -206,7 +235,10 @@ export function parsePlanRun(body: unknown) {
   }
   const parsed = parseOrThrow(planRunSchema, body ?? {});
   if (parsed.test && parsed.planned) {
-    throw new ValidationError('planned cannot be combined with test: a drill never quiesces the source.', 'planned');
+    throw new ValidationError(
+      'planned cannot be combined with test: a drill never quiesces the source.',
+      'planned',
+    );
   }
   return { ...parsed, recoveryPoint: parsed.recoveryPoint ? toSelector(parsed.recoveryPoint) : undefined };
 }

@@ -1,6 +1,13 @@
 import type { TableEntityResult } from '@azure/data-tables';
 import { ConflictError, NotFoundError } from '../errors';
-import { insertIfAbsent, isConflict, isNotFound, isPreconditionFailed, listPartition, readEntity } from '../replication';
+import {
+  insertIfAbsent,
+  isConflict,
+  isNotFound,
+  isPreconditionFailed,
+  listPartition,
+  readEntity,
+} from '../replication';
 import {
   nextState,
   type AzureTarget,
@@ -74,7 +81,11 @@ export interface BeginFailover {
  * the machine gets a 409 naming the first), then the record. Idempotent for the same failover id
  * (an activity that runs twice).
  */
-export async function beginFailover(tables: FailoverTables, begin: BeginFailover, now: Date): Promise<FailoverRecord> {
+export async function beginFailover(
+  tables: FailoverTables,
+  begin: BeginFailover,
+  now: Date,
+): Promise<FailoverRecord> {
   const table = await tables.get(FAILOVER_TABLES.failovers);
   const lock: LockEntity = {
     partitionKey: begin.machine,
@@ -119,7 +130,11 @@ export async function readRecord(
   machine: string,
   failoverId: string,
 ): Promise<FailoverRecord | undefined> {
-  const row = await readEntity<RecordEntity>(await tables.get(FAILOVER_TABLES.failovers), machine, failoverId);
+  const row = await readEntity<RecordEntity>(
+    await tables.get(FAILOVER_TABLES.failovers),
+    machine,
+    failoverId,
+  );
   return row ? toRecord(row) : undefined;
 }
 
@@ -166,7 +181,13 @@ export async function beginAction(
   const table = await tables.get(FAILOVER_TABLES.failovers);
   try {
     await table.updateEntity(
-      { partitionKey: machine, rowKey: record.failoverId, state: next.state, operationId, updatedAt: now.toISOString() },
+      {
+        partitionKey: machine,
+        rowKey: record.failoverId,
+        state: next.state,
+        operationId,
+        updatedAt: now.toISOString(),
+      },
       'Merge',
       { etag: record.etag },
     );
@@ -214,7 +235,11 @@ export async function updateRecord(
 }
 
 /** Frees the machine for another failover, if `failoverId` still holds it. */
-export async function releaseMachine(tables: FailoverTables, machine: string, failoverId: string): Promise<boolean> {
+export async function releaseMachine(
+  tables: FailoverTables,
+  machine: string,
+  failoverId: string,
+): Promise<boolean> {
   const table = await tables.get(FAILOVER_TABLES.failovers);
   const lock = await readEntity<LockEntity>(table, machine, ACTIVE_ROW);
   if (!lock || lock.failoverId !== failoverId) return false;
@@ -228,7 +253,11 @@ export async function releaseMachine(tables: FailoverTables, machine: string, fa
 }
 
 /** Deletes the failover's record (cancel removes every record a failover created). */
-export async function deleteRecord(tables: FailoverTables, machine: string, failoverId: string): Promise<boolean> {
+export async function deleteRecord(
+  tables: FailoverTables,
+  machine: string,
+  failoverId: string,
+): Promise<boolean> {
   try {
     await (await tables.get(FAILOVER_TABLES.failovers)).deleteEntity(machine, failoverId);
     return true;

@@ -46,7 +46,8 @@ export async function resolveRecoveryPoint(
   selector: RecoveryPointSelector,
 ): Promise<ChosenPoint> {
   let row: RecoveryPointEntity | undefined;
-  if (selector === 'latest' || selector === 'latest-processed') row = await latestRecoveryPoint(deps.tables, machine);
+  if (selector === 'latest' || selector === 'latest-processed')
+    row = await latestRecoveryPoint(deps.tables, machine);
   else if (selector === 'latest-app-consistent') row = await latestRecoveryPoint(deps.tables, machine, 'app');
   else if ('id' in selector) row = await findRecoveryPoint(deps, machine, selector.id);
   else row = await pointAtOrBefore(deps, machine, new Date(selector.time));
@@ -59,7 +60,10 @@ export async function resolveRecoveryPoint(
   }
   const point = toRecoveryPoint(row);
   const sizes = new Map(
-    (await listPartition<DiskEntity>(await deps.tables.get(TABLES.disks), machine)).map((d) => [d.rowKey, d.sizeBytes]),
+    (await listPartition<DiskEntity>(await deps.tables.get(TABLES.disks), machine)).map((d) => [
+      d.rowKey,
+      d.sizeBytes,
+    ]),
   );
   return {
     id: point.id,
@@ -122,4 +126,3 @@ export async function unappliedDisks(
   }
   return behind;
 }
-

@@ -1,6 +1,12 @@
 import { readMachine } from '../replication';
 import type { FailoverDeps } from './context';
-import { parseChangePoint, parseFailoverRequest, toSelector, type FailoverRecord, type FailoverRun } from './model';
+import {
+  parseChangePoint,
+  parseFailoverRequest,
+  toSelector,
+  type FailoverRecord,
+  type FailoverRun,
+} from './model';
 import { resolveRecoveryPoint } from './recovery-point';
 import { beginAction, beginFailover } from './records';
 
@@ -18,11 +24,19 @@ export async function prepareFailover(
   const request = parseFailoverRequest(body);
   await readMachine(deps.replication, machine);
   const selector = toSelector(request.recoveryPoint);
-  if (selector !== 'latest' && !request.planned) await resolveRecoveryPoint(deps.replication, machine, selector);
+  if (selector !== 'latest' && !request.planned)
+    await resolveRecoveryPoint(deps.replication, machine, selector);
   const kind = request.test ? 'test' : request.planned ? 'planned' : 'unplanned';
   await beginFailover(
     deps.tables,
-    { machine, failoverId, operationId: failoverId, kind, selector, ...(request.target ? { target: request.target } : {}) },
+    {
+      machine,
+      failoverId,
+      operationId: failoverId,
+      kind,
+      selector,
+      ...(request.target ? { target: request.target } : {}),
+    },
     deps.now(),
   );
   return {

@@ -74,7 +74,10 @@ describe('failover over HTTP through the local host', () => {
     for (const d of source.disks) {
       const blob = deps.failoverDisks.getPageBlobClient(failoverDiskName(source.machine, d.id, failoverId));
       const bytes = await readRange(blob, 0, d.sizeBytes);
-      expect(bytes.equals(marker.images.get(d.id)!), `${source.machine}/${d.id} of ${failoverId} at ${markerId}`).toBe(true);
+      expect(
+        bytes.equals(marker.images.get(d.id)!),
+        `${source.machine}/${d.id} of ${failoverId} at ${markerId}`,
+      ).toBe(true);
     }
     const target = await readLocalTarget(deps.tables, source.machine, failoverId);
     expect(target?.running).toBe(true);
@@ -108,7 +111,8 @@ describe('failover over HTTP through the local host', () => {
       [failovers, `PartitionKey eq '${machine}'`],
       [commands, `PartitionKey eq '${machine}'`],
     ] as const) {
-      for await (const e of table.listEntities({ queryOptions: { filter } })) rows.push(`${table.tableName}/${e.rowKey}`);
+      for await (const e of table.listEntities({ queryOptions: { filter } }))
+        rows.push(`${table.tableName}/${e.rowKey}`);
     }
     return { blobs, rows };
   }
@@ -209,14 +213,21 @@ describe('failover over HTTP through the local host', () => {
     expect(target).toMatchObject({ name: alpha.machine, test: false, network: 'recovery' });
 
     // Change the point: by id, then by time.
-    const change = await api('POST', `machines/${alpha.machine}/change-recovery-point`, { recoveryPoint: 'm1' });
+    const change = await api('POST', `machines/${alpha.machine}/change-recovery-point`, {
+      recoveryPoint: 'm1',
+    });
     expect(change.status).toBe(202);
     expect((await completed(change.body.operationId)).output.point.id).toBe('m1');
     await expectDisksAt(alpha, started.failoverId, 'm1');
-    expect((await api('POST', `machines/${alpha.machine}/change-recovery-point`, { recoveryPoint: 'nope' })).status).toBe(404);
+    expect(
+      (await api('POST', `machines/${alpha.machine}/change-recovery-point`, { recoveryPoint: 'nope' }))
+        .status,
+    ).toBe(404);
     expect((await api('POST', `machines/${alpha.machine}/change-recovery-point`, {})).status).toBe(400);
     const between = new Date(alpha.markers.get('m3')!.time + 5).toISOString();
-    const change2 = await api('POST', `machines/${alpha.machine}/change-recovery-point`, { recoveryPoint: { time: between } });
+    const change2 = await api('POST', `machines/${alpha.machine}/change-recovery-point`, {
+      recoveryPoint: { time: between },
+    });
     expect((await completed(change2.body.operationId)).output.point.id).toBe('m3');
     await expectDisksAt(alpha, started.failoverId, 'm3');
 
@@ -225,7 +236,9 @@ describe('failover over HTTP through the local host', () => {
     await completed(commit.body.operationId);
     expect((await readRecord(deps.tables, alpha.machine, started.failoverId))?.state).toBe('committed');
 
-    const late = await api('POST', `machines/${alpha.machine}/change-recovery-point`, { recoveryPoint: 'm2' });
+    const late = await api('POST', `machines/${alpha.machine}/change-recovery-point`, {
+      recoveryPoint: 'm2',
+    });
     expect(late.status).toBe(409);
     expect(late.body.error.message).toMatch(/committed/);
     expect((await api('POST', `machines/${alpha.machine}/cancel`)).status).toBe(409);
@@ -233,7 +246,11 @@ describe('failover over HTTP through the local host', () => {
     const again = await api('POST', `machines/${alpha.machine}/failover`, { recoveryPoint: 'latest' });
     expect(again.status).toBe(409);
     const list = await api('GET', `machines/${alpha.machine}/failovers`);
-    expect(list.body.value[0]).toMatchObject({ failoverId: started.failoverId, state: 'committed', kind: 'unplanned' });
+    expect(list.body.value[0]).toMatchObject({
+      failoverId: started.failoverId,
+      state: 'committed',
+      kind: 'unplanned',
+    });
   });
 
   it('planned failover: the agent quiesces on the command, cuts the final marker, and no acknowledged write is lost', async () => {

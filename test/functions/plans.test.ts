@@ -44,7 +44,10 @@ function webhookServer() {
   return {
     hits,
     state,
-    listen: () => new Promise<string>((r) => server.listen(0, '127.0.0.1', () => r(`http://127.0.0.1:${(server.address() as AddressInfo).port}`))),
+    listen: () =>
+      new Promise<string>((r) =>
+        server.listen(0, '127.0.0.1', () => r(`http://127.0.0.1:${(server.address() as AddressInfo).port}`)),
+      ),
     close: () => new Promise<void>((r) => server.close(() => r())),
   };
 }
@@ -59,7 +62,9 @@ describe('recovery plans over HTTP through the local host', () => {
   let api: Api;
   let sender: MessageSender;
   const disks = [{ id: 'd0', sizeBytes: 1 * MiB }];
-  const machines = ['web', 'app', 'db'].map((name, i) => new SourceMachine(`${name}-${suffix}`, disks, 10 + i));
+  const machines = ['web', 'app', 'db'].map(
+    (name, i) => new SourceMachine(`${name}-${suffix}`, disks, 10 + i),
+  );
 
   beforeAll(async () => {
     hookBase = await hooks.listen();
@@ -87,9 +92,26 @@ describe('recovery plans over HTTP through the local host', () => {
     const bad: [unknown, number, string][] = [
       [{}, 400, 'groups'],
       [{ groups: [] }, 400, 'groups'],
-      [{ groups: [{ name: 'g1', machines: [web.machine], pre: [{ type: 'teleport', name: 'x' }] }] }, 400, 'groups[0].pre[0].type'],
-      [{ groups: [{ name: 'g1', pre: [{ type: 'webhook', name: 'x', url: 'ftp://example' }] }] }, 400, 'groups[0].pre[0].url'],
-      [{ groups: [{ name: 'g1', machines: [web.machine] }, { name: 'g2', machines: [web.machine] }] }, 400, 'groups[1].machines[0]'],
+      [
+        { groups: [{ name: 'g1', machines: [web.machine], pre: [{ type: 'teleport', name: 'x' }] }] },
+        400,
+        'groups[0].pre[0].type',
+      ],
+      [
+        { groups: [{ name: 'g1', pre: [{ type: 'webhook', name: 'x', url: 'ftp://example' }] }] },
+        400,
+        'groups[0].pre[0].url',
+      ],
+      [
+        {
+          groups: [
+            { name: 'g1', machines: [web.machine] },
+            { name: 'g2', machines: [web.machine] },
+          ],
+        },
+        400,
+        'groups[1].machines[0]',
+      ],
       [{ groups: [{ name: 'g1', machines: [`ghost-${suffix}`] }] }, 404, 'groups[0].machines[0]'],
     ];
     for (const [body, status, target] of bad) {
@@ -108,12 +130,16 @@ describe('recovery plans over HTTP through the local host', () => {
         {
           name: 'data',
           machines: [db.machine],
-          pre: [{ type: 'webhook', name: 'announce', url: `${hookBase}/ok`, retries: 1, retryIntervalSeconds: 1 }],
+          pre: [
+            { type: 'webhook', name: 'announce', url: `${hookBase}/ok`, retries: 1, retryIntervalSeconds: 1 },
+          ],
         },
         {
           name: 'apps',
           machines: [appServer.machine],
-          pre: [{ type: 'manual', name: 'check-db', instructions: 'Check the database answers, then approve.' }],
+          pre: [
+            { type: 'manual', name: 'check-db', instructions: 'Check the database answers, then approve.' },
+          ],
         },
         { name: 'front', machines: [web.machine], pre: [{ type: 'wait', name: 'settle', seconds: 2 }] },
       ],
@@ -136,7 +162,12 @@ describe('recovery plans over HTTP through the local host', () => {
     expect(waiting.progress.groups[2].state).toBe('pending');
     expect(waiting.progress.waitingFor).toMatchObject({ group: 'apps', step: 'check-db' });
     expect(hooks.hits.filter((h) => h.path === '/ok')).toHaveLength(1);
-    expect(hooks.hits[0].body).toMatchObject({ plan: `drill-${suffix}`, group: 'data', step: 'announce', test: true });
+    expect(hooks.hits[0].body).toMatchObject({
+      plan: `drill-${suffix}`,
+      group: 'data',
+      step: 'announce',
+      test: true,
+    });
     expect((await api('GET', `machines/${appServer.machine}/failovers`)).body.value).toEqual([]);
 
     // Kill the host mid-plan, start a new one, approve over HTTP.
@@ -150,19 +181,32 @@ describe('recovery plans over HTTP through the local host', () => {
     const done = await waitForOperation(api, id);
     expect(done.status, done.error).toBe('Completed');
     expect(done.progress.state).toBe('completed');
-    const order = [db, appServer, web].map((m) => done.progress.groups.flatMap((g: any) => (g.machines[m.machine] ? [g.machines[m.machine]] : []))[0]);
+    const order = [db, appServer, web].map(
+      (m) =>
+        done.progress.groups.flatMap((g: any) => (g.machines[m.machine] ? [g.machines[m.machine]] : []))[0],
+    );
     for (const [i, m] of [db, appServer, web].entries()) {
       expect(order[i].state).toBe('failed-over');
       const target = await readLocalTarget(deps.tables, m.machine, order[i].failoverId);
       expect(target?.test).toBe(true);
-      const bytes = await readRange(deps.failoverDisks.getPageBlobClient(failoverDiskName(m.machine, 'd0', order[i].failoverId)), 0, MiB);
+      const bytes = await readRange(
+        deps.failoverDisks.getPageBlobClient(failoverDiskName(m.machine, 'd0', order[i].failoverId)),
+        0,
+        MiB,
+      );
       expect(bytes.equals(m.markers.get('p1')!.images.get('d0')!)).toBe(true);
     }
     // Group order: each group's failovers were claimed after the previous group's.
     const records = await Promise.all(
-      [db, appServer, web].map(async (m, i) => (await api('GET', `machines/${m.machine}/failovers`)).body.value.find((r: any) => r.failoverId === order[i].failoverId)),
+      [db, appServer, web].map(async (m, i) =>
+        (await api('GET', `machines/${m.machine}/failovers`)).body.value.find(
+          (r: any) => r.failoverId === order[i].failoverId,
+        ),
+      ),
     );
-    expect(records[0].createdAt <= records[1].createdAt && records[1].createdAt <= records[2].createdAt).toBe(true);
+    expect(records[0].createdAt <= records[1].createdAt && records[1].createdAt <= records[2].createdAt).toBe(
+      true,
+    );
     // The drills are ended machine by machine.
     for (const m of [db, appServer, web]) {
       const cancel = await api('POST', `machines/${m.machine}/cancel`);
@@ -178,7 +222,16 @@ describe('recovery plans over HTTP through the local host', () => {
         {
           name: 'second',
           machines: [db.machine],
-          pre: [{ type: 'webhook', name: 'freeze-changes', url: `${hookBase}/fail`, retries: 2, retryIntervalSeconds: 1, timeoutSeconds: 5 }],
+          pre: [
+            {
+              type: 'webhook',
+              name: 'freeze-changes',
+              url: `${hookBase}/fail`,
+              retries: 2,
+              retryIntervalSeconds: 1,
+              timeoutSeconds: 5,
+            },
+          ],
         },
       ],
     };
@@ -188,7 +241,12 @@ describe('recovery plans over HTTP through the local host', () => {
     const id = started.body.operationId as string;
     const isWaiting = (op: Operation) => op.progress?.waitingFor?.type === 'decision';
     const failed = await waitForOperation(api, id, isWaiting);
-    expect(failed.progress.failure).toMatchObject({ group: 'second', step: 'freeze-changes', phase: 'pre', attempt: 1 });
+    expect(failed.progress.failure).toMatchObject({
+      group: 'second',
+      step: 'freeze-changes',
+      phase: 'pre',
+      attempt: 1,
+    });
     expect(failed.progress.failure.message).toMatch(/webhook freeze-changes .* answered 500/);
     expect(failed.progress.failure.message).toContain('the change-freeze service is down');
     expect(failed.progress.failure.message).toContain('3 attempts');
@@ -198,7 +256,11 @@ describe('recovery plans over HTTP through the local host', () => {
 
     // Retry the step: it fails again (three more calls), and waits again.
     expect((await api('POST', `operations/${id}/retry`)).status).toBe(202);
-    const again = await waitForOperation(api, id, (op) => isWaiting(op) && op.progress.failure?.attempt === 2);
+    const again = await waitForOperation(
+      api,
+      id,
+      (op) => isWaiting(op) && op.progress.failure?.attempt === 2,
+    );
     expect(again.progress.failure.step).toBe('freeze-changes');
     expect(hooks.hits.filter((h) => h.path === '/fail')).toHaveLength(6);
 
@@ -206,10 +268,15 @@ describe('recovery plans over HTTP through the local host', () => {
     expect((await api('POST', `operations/${id}/abort`)).status).toBe(202);
     const end = await waitForOperation(api, id);
     expect(end.status).toBe('Failed');
-    expect(end.error).toMatch(/aborted at group second, step freeze-changes after attempt 2: webhook freeze-changes/);
+    expect(end.error).toMatch(
+      /aborted at group second, step freeze-changes after attempt 2: webhook freeze-changes/,
+    );
     expect(end.progress.state).toBe('aborted');
     expect((await api('POST', `machines/${db.machine}/cancel`)).status).toBe(404);
-    expect((await waitForOperation(api, (await api('POST', `machines/${web.machine}/cancel`)).body.operationId)).status).toBe('Completed');
+    expect(
+      (await waitForOperation(api, (await api('POST', `machines/${web.machine}/cancel`)).body.operationId))
+        .status,
+    ).toBe('Completed');
   });
 
   it('a busy machine refuses the start (409); failed machines are reported with their step and reason (onFailure abort) and left clean', async () => {
@@ -217,20 +284,37 @@ describe('recovery plans over HTTP through the local host', () => {
     const manual = await api('POST', `machines/${db.machine}/failover`, { recoveryPoint: 'p1', test: true });
     expect(manual.status).toBe(202);
     await waitForOperation(api, manual.body.operationId);
-    expect((await api('PUT', `plans/busy-${suffix}`, { groups: [{ name: 'only', machines: [appServer.machine, db.machine] }] })).status).toBe(201);
+    expect(
+      (
+        await api('PUT', `plans/busy-${suffix}`, {
+          groups: [{ name: 'only', machines: [appServer.machine, db.machine] }],
+        })
+      ).status,
+    ).toBe(201);
     // The start refuses at once while a machine is busy...
     const refused = await api('POST', `plans/busy-${suffix}/failover`, { test: true });
     expect(refused.status).toBe(409);
     expect(refused.body.error.message).toContain(db.machine);
     // Free db; then a run whose point does not exist fails on every machine, and aborts at once.
     await waitForOperation(api, (await api('POST', `machines/${db.machine}/cancel`)).body.operationId);
-    const run = await api('POST', `plans/busy-${suffix}/failover`, { test: true, recoveryPoint: 'no-such-point', onFailure: 'abort' });
+    const run = await api('POST', `plans/busy-${suffix}/failover`, {
+      test: true,
+      recoveryPoint: 'no-such-point',
+      onFailure: 'abort',
+    });
     expect(run.status).toBe(202);
     const end = await waitForOperation(api, run.body.operationId);
     expect(end.status).toBe('Failed');
-    expect(end.error).toMatch(new RegExp(`machine ${appServer.machine} failed while resolving the recovery point: Machine ${appServer.machine} has no recovery point matching point no-such-point`));
-    expect(end.progress.failure.machines.map((m: any) => m.machine).sort()).toEqual([appServer.machine, db.machine].sort());
+    expect(end.error).toMatch(
+      new RegExp(
+        `machine ${appServer.machine} failed while resolving the recovery point: Machine ${appServer.machine} has no recovery point matching point no-such-point`,
+      ),
+    );
+    expect(end.progress.failure.machines.map((m: any) => m.machine).sort()).toEqual(
+      [appServer.machine, db.machine].sort(),
+    );
     // Nothing is left: both machines are free.
-    for (const m of [appServer, db]) expect((await api('POST', `machines/${m.machine}/cancel`)).status).toBe(404);
+    for (const m of [appServer, db])
+      expect((await api('POST', `machines/${m.machine}/cancel`)).status).toBe(404);
   });
 });

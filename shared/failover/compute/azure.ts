@@ -5,7 +5,13 @@ import type { ContainerClient } from '@azure/storage-blob';
 import { ValidationError } from '../../errors';
 import { seedBlob, statusOf } from '../../replication';
 import type { AzureTarget, MaterialisedDisk, TargetMachine } from '../model';
-import { targetName, type CleanupRequest, type ComputeProvider, type CreateTargetRequest, type MaterialiseRequest } from './port';
+import {
+  targetName,
+  type CleanupRequest,
+  type ComputeProvider,
+  type CreateTargetRequest,
+  type MaterialiseRequest,
+} from './port';
 
 export interface AzureComputeDeps {
   credential: TokenCredential;
@@ -53,7 +59,12 @@ export class AzureComputeProvider implements ComputeProvider {
 
   private options() {
     const endpoint = this.deps.endpoint ?? 'https://management.azure.com';
-    return { endpoint, $host: endpoint, credentialScopes: ['https://management.azure.com/.default'], ...this.deps.clientOptions };
+    return {
+      endpoint,
+      $host: endpoint,
+      credentialScopes: ['https://management.azure.com/.default'],
+      ...this.deps.clientOptions,
+    };
   }
 
   private compute(target: AzureTarget) {
@@ -113,7 +124,9 @@ export class AzureComputeProvider implements ComputeProvider {
       names.nic,
       {
         location: target.location,
-        ipConfigurations: [{ name: 'ipconfig1', subnet: { id: subnetId }, privateIPAllocationMethod: 'Dynamic' }],
+        ipConfigurations: [
+          { name: 'ipconfig1', subnet: { id: subnetId }, privateIPAllocationMethod: 'Dynamic' },
+        ],
         tags,
       },
       this.lro,
@@ -170,7 +183,9 @@ export class AzureComputeProvider implements ComputeProvider {
     );
     for (const diskId of request.diskIds) {
       const disk = azureNames(machine, failoverId, test, diskId).disk;
-      await remove(`disks/${disk}`, () => compute.disks.beginDeleteAndWait(target.resourceGroup, disk, this.lro));
+      await remove(`disks/${disk}`, () =>
+        compute.disks.beginDeleteAndWait(target.resourceGroup, disk, this.lro),
+      );
     }
     if (test) {
       await remove(`virtualNetworks/${names.vnet}`, () =>

@@ -2,7 +2,13 @@ import type { ContainerClient } from '@azure/storage-blob';
 import { ensureContainer, isNotFound, readEntity, seedBlob } from '../../replication';
 import type { MaterialisedDisk, TargetMachine } from '../model';
 import { FAILOVER_TABLES, type FailoverTables } from '../tables';
-import { targetName, type CleanupRequest, type ComputeProvider, type CreateTargetRequest, type MaterialiseRequest } from './port';
+import {
+  targetName,
+  type CleanupRequest,
+  type ComputeProvider,
+  type CreateTargetRequest,
+  type MaterialiseRequest,
+} from './port';
 
 /** Failover disks: page blobs `{machine}/{disk}/{failoverId}.img`, in ReplicaStorage beside the seeds. */
 export const FAILOVER_DISKS_CONTAINER = 'failover-disks';
@@ -56,9 +62,16 @@ export class LocalComputeProvider implements ComputeProvider {
     const poller = await target.beginCopyFromURL(source.url, { intervalInMs: this.deps.pollMs ?? 250 });
     const result = await poller.pollUntilDone();
     if (result.copyStatus !== undefined && result.copyStatus !== 'success') {
-      throw new Error(`The copy of ${machine}/${disk.id} at snapshot ${disk.snapshot} ended ${result.copyStatus}.`);
+      throw new Error(
+        `The copy of ${machine}/${disk.id} at snapshot ${disk.snapshot} ended ${result.copyStatus}.`,
+      );
     }
-    return { id: disk.id, sizeBytes: disk.sizeBytes, snapshot: disk.snapshot, resource: `${FAILOVER_DISKS_CONTAINER}/${name}` };
+    return {
+      id: disk.id,
+      sizeBytes: disk.sizeBytes,
+      snapshot: disk.snapshot,
+      resource: `${FAILOVER_DISKS_CONTAINER}/${name}`,
+    };
   }
 
   async createTarget(request: CreateTargetRequest): Promise<TargetMachine> {
@@ -121,6 +134,10 @@ export async function readLocalTarget(
   machine: string,
   failoverId: string,
 ): Promise<TargetMachine | undefined> {
-  const row = await readEntity<TargetMachineEntity>(await tables.get(FAILOVER_TABLES.targets), machine, failoverId);
+  const row = await readEntity<TargetMachineEntity>(
+    await tables.get(FAILOVER_TABLES.targets),
+    machine,
+    failoverId,
+  );
   return row ? toTargetMachine(row) : undefined;
 }

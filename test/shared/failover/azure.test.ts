@@ -20,22 +20,37 @@ const target: AzureTarget = {
 };
 
 const credential: TokenCredential = {
-  getToken: async (): Promise<AccessToken> => ({ token: 'fake-token', expiresOnTimestamp: Date.now() + 3_600_000 }),
+  getToken: async (): Promise<AccessToken> => ({
+    token: 'fake-token',
+    expiresOnTimestamp: Date.now() + 3_600_000,
+  }),
 };
 
 describe('the azure compute provider against the ARM fake', () => {
   let arm: ArmFake;
   let provider: AzureComputeProvider;
-  const seed = StorageClients.fromConnectionString(inject('azuriteConnectionString')).blobService().getContainerClient(SEED_CONTAINER);
+  const seed = StorageClients.fromConnectionString(inject('azuriteConnectionString'))
+    .blobService()
+    .getContainerClient(SEED_CONTAINER);
 
   beforeAll(async () => {
     arm = await startArmFake();
     arm.seed(vnetId, {
       type: 'Microsoft.Network/virtualNetworks',
       location: 'westeurope',
-      properties: { subnets: [{ name: 'servers', id: `${vnetId}/subnets/servers`, properties: { addressPrefix: '10.0.1.0/24' } }] },
+      properties: {
+        subnets: [
+          { name: 'servers', id: `${vnetId}/subnets/servers`, properties: { addressPrefix: '10.0.1.0/24' } },
+        ],
+      },
     });
-    provider = new AzureComputeProvider({ credential, seed, endpoint: arm.url, clientOptions: { tlsOptions: { ca: arm.ca } }, pollMs: 10 });
+    provider = new AzureComputeProvider({
+      credential,
+      seed,
+      endpoint: arm.url,
+      clientOptions: { tlsOptions: { ca: arm.ca } },
+      pollMs: 10,
+    });
   });
   afterAll(async () => arm?.close());
 
@@ -45,8 +60,20 @@ describe('the azure compute provider against the ARM fake', () => {
   ];
 
   async function failOver(machine: string, failoverId: string, test: boolean) {
-    const materialised = await Promise.all(disks.map((disk) => provider.materialiseDisk({ machine, failoverId, test, disk, target })));
-    return { materialised, vm: await provider.createTarget({ machine, failoverId, test, pointId: 'm1', disks: materialised, target }) };
+    const materialised = await Promise.all(
+      disks.map((disk) => provider.materialiseDisk({ machine, failoverId, test, disk, target })),
+    );
+    return {
+      materialised,
+      vm: await provider.createTarget({
+        machine,
+        failoverId,
+        test,
+        pointId: 'm1',
+        disks: materialised,
+        target,
+      }),
+    };
   }
 
   it('failover: managed disks imported from the seed snapshots, a NIC in the target subnet, a VM attaching them; cleanup removes all of it', async () => {
@@ -57,30 +84,65 @@ describe('the azure compute provider against the ARM fake', () => {
       `${prefix}/Microsoft.Compute/disks/lb-fo-aaaaaaaaaaaa-os`,
       `${prefix}/Microsoft.Compute/disks/lb-fo-aaaaaaaaaaaa-data`,
     ]);
-    const diskPut = arm.calls.find((c) => c.method === 'PUT' && c.path.endsWith('/disks/lb-fo-aaaaaaaaaaaa-os'))!;
+    const diskPut = arm.calls.find(
+      (c) => c.method === 'PUT' && c.path.endsWith('/disks/lb-fo-aaaaaaaaaaaa-os'),
+    )!;
     expect(diskPut.body.properties.creationData).toEqual({
       createOption: 'Import',
       sourceUri: `${seed.url}/web1/os.img?snapshot=${encodeURIComponent(disks[0].snapshot)}`,
       storageAccountId: target.storageAccountId,
     });
     expect(diskPut.body.tags).toMatchObject({ 'lifeboat-machine': 'web1', 'lifeboat-disk': 'os' });
-    const nicPut = arm.calls.find((c) => c.method === 'PUT' && c.path.endsWith(`/networkInterfaces/${names.nic}`))!;
+    const nicPut = arm.calls.find(
+      (c) => c.method === 'PUT' && c.path.endsWith(`/networkInterfaces/${names.nic}`),
+    )!;
     expect(nicPut.body.properties.ipConfigurations[0].properties.subnet.id).toBe(target.subnetId);
     const vmPut = arm.calls.find((c) => c.method === 'PUT' && c.path.endsWith('/virtualMachines/web1'))!;
     expect(vmPut.body.properties.hardwareProfile).toEqual({ vmSize: 'Standard_D2s_v5' });
-    expect(vmPut.body.properties.storageProfile.osDisk).toMatchObject({ osType: 'Linux', createOption: 'Attach', managedDisk: { id: materialised[0].resource } });
+    expect(vmPut.body.properties.storageProfile.osDisk).toMatchObject({
+      osType: 'Linux',
+      createOption: 'Attach',
+      managedDisk: { id: materialised[0].resource },
+    });
     expect(vmPut.body.properties.storageProfile.dataDisks).toEqual([
-      expect.objectContaining({ lun: 0, createOption: 'Attach', managedDisk: expect.objectContaining({ id: materialised[1].resource }) }),
+      expect.objectContaining({
+        lun: 0,
+        createOption: 'Attach',
+        managedDisk: expect.objectContaining({ id: materialised[1].resource }),
+      }),
     ]);
-    expect(vm).toMatchObject({ name: 'web1', provider: 'azure', network: target.subnetId, test: false, running: true });
+    expect(vm).toMatchObject({
+      name: 'web1',
+      provider: 'azure',
+      network: target.subnetId,
+      test: false,
+      running: true,
+    });
     for (const c of arm.calls) expect(c.apiVersion, `${c.method} ${c.path}`).toMatch(/^\d{4}-\d{2}-\d{2}/);
     expect(arm.calls.every((c) => c.status < 300)).toBe(true);
 
-    const deleted = await provider.cleanup({ machine: 'web1', failoverId: 'fo-aaaaaaaaaaaa', test: false, diskIds: ['os', 'data'], target });
-    expect(deleted).toEqual(['virtualMachines/web1', `networkInterfaces/${names.nic}`, 'disks/lb-fo-aaaaaaaaaaaa-os', 'disks/lb-fo-aaaaaaaaaaaa-data']);
+    const deleted = await provider.cleanup({
+      machine: 'web1',
+      failoverId: 'fo-aaaaaaaaaaaa',
+      test: false,
+      diskIds: ['os', 'data'],
+      target,
+    });
+    expect(deleted).toEqual([
+      'virtualMachines/web1',
+      `networkInterfaces/${names.nic}`,
+      'disks/lb-fo-aaaaaaaaaaaa-os',
+      'disks/lb-fo-aaaaaaaaaaaa-data',
+    ]);
     expect([...arm.resources.keys()]).toEqual([vnetId.toLowerCase()]);
     // Cleanup again (a retried activity) is harmless.
-    await provider.cleanup({ machine: 'web1', failoverId: 'fo-aaaaaaaaaaaa', test: false, diskIds: ['os', 'data'], target });
+    await provider.cleanup({
+      machine: 'web1',
+      failoverId: 'fo-aaaaaaaaaaaa',
+      test: false,
+      diskIds: ['os', 'data'],
+      target,
+    });
     expect(arm.calls.filter((c) => c.status >= 400)).toEqual([]);
   });
 
@@ -91,18 +153,35 @@ describe('the azure compute provider against the ARM fake', () => {
     expect(vm.name).toBe(names.vm);
     expect(vm.name).not.toBe('web1');
     const calls = arm.calls.slice(before);
-    const vnetPut = calls.find((c) => c.method === 'PUT' && c.path.endsWith(`/virtualNetworks/${names.vnet}`))!;
+    const vnetPut = calls.find(
+      (c) => c.method === 'PUT' && c.path.endsWith(`/virtualNetworks/${names.vnet}`),
+    )!;
     expect(vnetPut.body.properties.addressSpace.addressPrefixes).toEqual(['10.250.0.0/24']);
     const nicPut = calls.find((c) => c.method === 'PUT' && c.path.includes('/networkInterfaces/'))!;
-    expect(nicPut.body.properties.ipConfigurations[0].properties.subnet.id).toMatch(new RegExp(`/virtualNetworks/${names.vnet}/subnets/default$`));
+    expect(nicPut.body.properties.ipConfigurations[0].properties.subnet.id).toMatch(
+      new RegExp(`/virtualNetworks/${names.vnet}/subnets/default$`),
+    );
     expect(JSON.stringify(calls.map((c) => c.body))).not.toContain(target.subnetId);
-    const deleted = await provider.cleanup({ machine: 'web1', failoverId: 'fo-bbbbbbbbbbbb', test: true, diskIds: ['os', 'data'], target });
+    const deleted = await provider.cleanup({
+      machine: 'web1',
+      failoverId: 'fo-bbbbbbbbbbbb',
+      test: true,
+      diskIds: ['os', 'data'],
+      target,
+    });
     expect(deleted).toContain(`virtualNetworks/${names.vnet}`);
     expect([...arm.resources.keys()]).toEqual([vnetId.toLowerCase()]);
   });
 
   it('fails with a message naming "target" when the request has none', async () => {
-    await expect(provider.materialiseDisk({ machine: 'web1', failoverId: 'fo-cccccccccccc', test: false, disk: disks[0] })).rejects.toMatchObject({
+    await expect(
+      provider.materialiseDisk({
+        machine: 'web1',
+        failoverId: 'fo-cccccccccccc',
+        test: false,
+        disk: disks[0],
+      }),
+    ).rejects.toMatchObject({
       status: 400,
       target: 'target',
     });
@@ -115,7 +194,14 @@ describe('the azure compute provider against the ARM fake', () => {
         failoverId: 'fo-dddddddddddd',
         test: false,
         pointId: 'm1',
-        disks: [{ id: 'os', sizeBytes: 1, snapshot: 's', resource: `/subscriptions/${sub}/resourceGroups/${rg}/providers/Microsoft.Compute/disks/missing` }],
+        disks: [
+          {
+            id: 'os',
+            sizeBytes: 1,
+            snapshot: 's',
+            resource: `/subscriptions/${sub}/resourceGroups/${rg}/providers/Microsoft.Compute/disks/missing`,
+          },
+        ],
         target,
       }),
     ).rejects.toThrow(/does not exist/);

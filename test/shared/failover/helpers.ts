@@ -194,7 +194,14 @@ export class SourceMachine {
       const seq = this.seq.get(d.id)! + 1;
       this.seq.set(d.id, seq);
       out.push({
-        header: { machine: this.machine, disk: d.id, epoch: this.epoch, seq, firstWriteTime: this.time - 1, lastWriteTime: this.time },
+        header: {
+          machine: this.machine,
+          disk: d.id,
+          epoch: this.epoch,
+          seq,
+          firstWriteTime: this.time - 1,
+          lastWriteTime: this.time,
+        },
         records,
       });
       this.pending.set(d.id, []);
@@ -212,7 +219,10 @@ export async function ship(
 ): Promise<void> {
   for (const s of segments) {
     await uploadSegment(deps, s);
-    if (nudge) await sender.send({ body: { machine: s.header.machine, disk: s.header.disk, epoch: s.header.epoch, seq: s.header.seq } });
+    if (nudge)
+      await sender.send({
+        body: { machine: s.header.machine, disk: s.header.disk, epoch: s.header.epoch, seq: s.header.seq },
+      });
   }
 }
 
@@ -221,11 +231,18 @@ export function queueSender(stack: TestStack): MessageSender {
 }
 
 /** Waits until the machine lists a recovery point with this id. */
-export async function waitForPoint(api: Api, machine: string, pointId: string, timeoutMs = 30_000): Promise<void> {
+export async function waitForPoint(
+  api: Api,
+  machine: string,
+  pointId: string,
+  timeoutMs = 30_000,
+): Promise<void> {
   await waitFor(
     async () => {
       const res = await api('GET', `machines/${machine}/recovery-points?top=1000`);
-      return res.status === 200 && (res.body.value as { id: string }[]).some((p) => p.id === pointId) ? true : undefined;
+      return res.status === 200 && (res.body.value as { id: string }[]).some((p) => p.id === pointId)
+        ? true
+        : undefined;
     },
     `recovery point ${pointId} of ${machine}`,
     timeoutMs,

@@ -14,8 +14,17 @@ import {
 } from '../../../shared/failover';
 
 const STATES: FailoverState[] = [
-  'accepted', 'quiescing', 'applying-pending', 'materialising', 'creating-target', 'failed-over',
-  'changing-point', 'committing', 'committed', 'cancelling', 'failed',
+  'accepted',
+  'quiescing',
+  'applying-pending',
+  'materialising',
+  'creating-target',
+  'failed-over',
+  'changing-point',
+  'committing',
+  'committed',
+  'cancelling',
+  'failed',
 ];
 const KINDS: FailoverKind[] = ['test', 'planned', 'unplanned'];
 
@@ -33,12 +42,19 @@ describe('failover state machine', () => {
         if (commit.ok) expect(commit.state).toBe('committing');
         if (change.ok) expect(change.state).toBe('changing-point');
         if (cancel.ok) expect(cancel.state).toBe('cancelling');
-        for (const r of [commit, change, cancel]) if (!r.ok) expect(r.reason).toMatch(/^(Test failover|Failover) fo-000000000000 of m /);
+        for (const r of [commit, change, cancel])
+          if (!r.ok) expect(r.reason).toMatch(/^(Test failover|Failover) fo-000000000000 of m /);
         if (IN_PROGRESS.includes(state)) expect((cancel as { reason: string }).reason).toMatch(/wait until/);
       }
     }
-    const committed = nextState({ state: 'committed', kind: 'unplanned', machine: 'm', failoverId: 'fo-000000000000' }, 'change-recovery-point');
-    expect(committed).toEqual({ ok: false, reason: expect.stringContaining('cannot change its recovery point') });
+    const committed = nextState(
+      { state: 'committed', kind: 'unplanned', machine: 'm', failoverId: 'fo-000000000000' },
+      'change-recovery-point',
+    );
+    expect(committed).toEqual({
+      ok: false,
+      reason: expect.stringContaining('cannot change its recovery point'),
+    });
   });
 
   it('failover ids are fo- and 12 lower-case hex digits', () => {
@@ -49,8 +65,14 @@ describe('failover state machine', () => {
 describe('failover request validation', () => {
   it('reads every kind of recovery point', () => {
     expect(parseFailoverRequest({ recoveryPoint: 'latest' }).recoveryPoint).toBe('latest');
-    expect(parseFailoverRequest({ recoveryPoint: 'm00001', test: true })).toMatchObject({ test: true, planned: false, waitSeconds: 900 });
-    expect(parseFailoverRequest({ recoveryPoint: { time: '2026-01-01T00:00:00+01:00' } }).recoveryPoint).toEqual({ time: '2026-01-01T00:00:00+01:00' });
+    expect(parseFailoverRequest({ recoveryPoint: 'm00001', test: true })).toMatchObject({
+      test: true,
+      planned: false,
+      waitSeconds: 900,
+    });
+    expect(
+      parseFailoverRequest({ recoveryPoint: { time: '2026-01-01T00:00:00+01:00' } }).recoveryPoint,
+    ).toEqual({ time: '2026-01-01T00:00:00+01:00' });
   });
 
   it.each([
@@ -85,7 +107,10 @@ describe('recovery plan validation', () => {
             name: 'g1',
             machines: ['a', { machine: 'b', recoveryPoint: { time: '2026-01-01T00:00:00Z' } }],
             pre: [{ type: 'webhook', name: 'hook', url: 'https://example.test/x' }],
-            post: [{ type: 'manual', name: 'ok' }, { type: 'wait', name: 'w', seconds: 5 }],
+            post: [
+              { type: 'manual', name: 'ok' },
+              { type: 'wait', name: 'w', seconds: 5 },
+            ],
           },
         ],
       },
@@ -95,14 +120,30 @@ describe('recovery plan validation', () => {
       { machine: 'a', recoveryPoint: 'latest-app-consistent' },
       { machine: 'b', recoveryPoint: { time: '2026-01-01T00:00:00.000Z' } },
     ]);
-    expect(plan.groups[0].pre[0]).toMatchObject({ method: 'POST', timeoutSeconds: 30, retries: 3, retryIntervalSeconds: 5 });
+    expect(plan.groups[0].pre[0]).toMatchObject({
+      method: 'POST',
+      timeoutSeconds: 30,
+      retries: 3,
+      retryIntervalSeconds: 5,
+    });
     expect(plan.groups[0].post[0]).toMatchObject({ type: 'manual', instructions: '' });
   });
 
   it.each([
     [{ groups: [{ name: 'g', pre: [{ type: 'wait', name: 'w', seconds: 0 }] }] }, 'groups[0].pre[0].seconds'],
     [{ groups: [{ name: 'g' }, { name: 'g' }] }, 'groups[1].name'],
-    [{ groups: [{ name: 'g', pre: [{ type: 'wait', name: 'x', seconds: 1 }], post: [{ type: 'manual', name: 'x' }] }] }, 'groups[0]'],
+    [
+      {
+        groups: [
+          {
+            name: 'g',
+            pre: [{ type: 'wait', name: 'x', seconds: 1 }],
+            post: [{ type: 'manual', name: 'x' }],
+          },
+        ],
+      },
+      'groups[0]',
+    ],
     [{ groups: [{ name: 'G' }] }, 'groups[0].name'],
     [{ groups: [{ name: 'g', machines: ['a', 'a'] }] }, 'groups[0].machines[1]'],
   ])('rejects %j naming %s', (body, target) => {
@@ -111,7 +152,11 @@ describe('recovery plan validation', () => {
 
   it('plan runs: defaults, and planned with test refused', () => {
     expect(parsePlanRun(undefined)).toMatchObject({ test: false, planned: false, onFailure: 'wait' });
-    expect(() => parsePlanRun({ test: true, planned: true })).toThrow(expect.objectContaining({ target: 'planned' }));
-    expect(() => parsePlanRun({ onFailure: 'ignore' })).toThrow(expect.objectContaining({ target: 'onFailure' }));
+    expect(() => parsePlanRun({ test: true, planned: true })).toThrow(
+      expect.objectContaining({ target: 'planned' }),
+    );
+    expect(() => parsePlanRun({ onFailure: 'ignore' })).toThrow(
+      expect.objectContaining({ target: 'onFailure' }),
+    );
   });
 });
