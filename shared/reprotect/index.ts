@@ -3,3 +3,5 @@ export * from './tables';
 export * from './context';
 export * from './resync';
 export * from './activities';
+export * from './changes';
+export * from './ship';

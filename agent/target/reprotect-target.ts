@@ -1,0 +1,202 @@
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { ContainerClient } from '@azure/storage-blob';
+import type { Logger } from 'pino';
+import { changelogBlobName, openEnvelope, type KeyRing } from '../../shared/envelope';
+import { createLogger } from '../../shared/logger';
+import { CHANGE_BLOCK_BYTES, targetRow, uploadSiteChecksums, type ProtectionTables } from '../../shared/reprotect';
+import { decodeSegment } from '../../shared/segment';
+
+// The target role (ASR's master target): applies the reprotect change logs of a failed-over
+// machine to its site disks. First it uploads the site disks' block checksums, so the cloud's
+// first pass ships only blocks that really differ; then it applies segments `1, 2, …` of the
+// epoch in order, each made durable (fdatasync) before the cursor moves, and reports its cursor
+// in the protection table. It resumes from its state file after a crash or a lost link: a
+// segment applied twice leaves the same bytes (writes are absolute).
+
+export interface TargetDisk {
+  id: string;
+  path: string;
+}
+
+export interface ReprotectTargetOptions {
+  /** `reprotect` in CacheStorage. */
+  container: ContainerClient;
+  keyRing: KeyRing;
+  tables: ProtectionTables;
+  machine: string;
+  epoch: number;
+  disks: TargetDisk[];
+  /** Where the per-disk cursors live. */
+  stateDir: string;
+  pollMs?: number;
+  logger?: Logger;
+}
+
+interface DiskCursor {
+  epoch: number;
+  appliedSeq: number;
+  lastMarkerId?: string;
+  checksumsUploaded: boolean;
+}
+
+export interface ApplyReport {
+  disk: string;
+  appliedSeq: number;
+  lastMarkerId?: string;
+  appliedBytes: number;
+}
+
+/** SHA-256 per block of a file (the last block may be short). */
+export async function fileChecksums(file: string, block = CHANGE_BLOCK_BYTES): Promise<Buffer[]> {
+  const fd = await fs.promises.open(file, 'r');
+  try {
+    const size = (await fd.stat()).size;
+    const sums: Buffer[] = [];
+    const buf = Buffer.alloc(4 * 1024 * 1024);
+    for (let at = 0; at < size; at += buf.length) {
+      const n = Math.min(buf.length, size - at);
+      let done = 0;
+      while (done < n) done += (await fd.read(buf, done, n - done, at + done)).bytesRead;
+      for (let b = 0; b < n; b += block) sums.push(createHash('sha256').update(buf.subarray(b, Math.min(n, b + block))).digest());
+    }
+    return sums;
+  } finally {
+    await fd.close();
+  }
+}
+
+export class ReprotectTarget {
+  private readonly log: Logger;
+  private timer?: NodeJS.Timeout;
+  private running?: Promise<void>;
+  private stopped = false;
+
+  constructor(private readonly options: ReprotectTargetOptions) {
+    this.log = (options.logger ?? createLogger('target')).child({ machine: options.machine, epoch: options.epoch });
+    fs.mkdirSync(options.stateDir, { recursive: true });
+  }
+
+  private cursorFile(disk: string): string {
+    return path.join(this.options.stateDir, `${disk}.json`);
+  }
+
+  cursor(disk: string): DiskCursor {
+    try {
+      const c = JSON.parse(fs.readFileSync(this.cursorFile(disk), 'utf8')) as DiskCursor;
+      if (c.epoch === this.options.epoch) return c;
+    } catch {
+      // first run for this epoch
+    }
+    return { epoch: this.options.epoch, appliedSeq: 0, checksumsUploaded: false };
+  }
+
+  private saveCursor(disk: string, cursor: DiskCursor): void {
+    const file = this.cursorFile(disk);
+    const tmp = `${file}.tmp`;
+    const fd = fs.openSync(tmp, 'w');
+    fs.writeSync(fd, JSON.stringify(cursor));
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    fs.renameSync(tmp, file);
+  }
+
+  private async report(disk: string, cursor: DiskCursor): Promise<void> {
+    const table = await this.options.tables.get();
+    await table.upsertEntity(
+      {
+        partitionKey: this.options.machine,
+        rowKey: targetRow(disk),
+        epoch: cursor.epoch,
+        appliedSeq: cursor.appliedSeq,
+        ...(cursor.lastMarkerId ? { lastMarkerId: cursor.lastMarkerId } : {}),
+        checksumsUploaded: cursor.checksumsUploaded,
+        updatedAt: new Date().toISOString(),
+      },
+      'Merge',
+    );
+  }
+
+  /** Uploads each site disk's block checksums once per epoch (the first pass compares with them). */
+  async uploadChecksums(): Promise<void> {
+    for (const d of this.options.disks) {
+      const cursor = this.cursor(d.id);
+      if (cursor.checksumsUploaded) continue;
+      const sums = await fileChecksums(d.path);
+      await uploadSiteChecksums(this.options.container, this.options.keyRing, { machine: this.options.machine, disk: d.id, epoch: this.options.epoch }, sums);
+      cursor.checksumsUploaded = true;
+      this.saveCursor(d.id, cursor);
+      await this.report(d.id, cursor);
+      this.log.info({ disk: d.id, blocks: sums.length }, 'site checksums uploaded');
+    }
+  }
+
+  /** Applies every segment available after the disk's cursor, in order. */
+  async applyAvailable(disk: TargetDisk): Promise<ApplyReport> {
+    const { machine, epoch, keyRing, container } = this.options;
+    const cursor = this.cursor(disk.id);
+    let appliedBytes = 0;
+    const fd = await fs.promises.open(disk.path, 'r+');
+    try {
+      for (;;) {
+        const seq = cursor.appliedSeq + 1;
+        const name = changelogBlobName({ machine, disk: disk.id, epoch, seq });
+        let sealed: Buffer;
+        try {
+          sealed = await container.getBlockBlobClient(name).downloadToBuffer();
+        } catch (err) {
+          if ((err as { statusCode?: number }).statusCode === 404) break;
+          throw err;
+        }
+        const segment = decodeSegment(openEnvelope(sealed, { name, keyRing }));
+        const h = segment.header;
+        if (h.machine !== machine || h.disk !== disk.id || h.epoch !== epoch || h.seq !== seq) {
+          throw new Error(`The reprotect change log ${name} names ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; refusing it.`);
+        }
+        for (const r of segment.records) {
+          if (r.type === 'write') {
+            await fd.write(r.data, 0, r.data.length, r.offset);
+            appliedBytes += r.data.length;
+          } else if (r.type === 'zero' || r.type === 'trim') {
+            const zeros = Buffer.alloc(Math.min(r.length, 4 * 1024 * 1024));
+            for (let at = 0; at < r.length; at += zeros.length) await fd.write(zeros, 0, Math.min(zeros.length, r.length - at), r.offset + at);
+            appliedBytes += r.length;
+          } else cursor.lastMarkerId = r.id;
+        }
+        await fd.datasync();
+        cursor.appliedSeq = seq;
+        this.saveCursor(disk.id, cursor);
+        await this.report(disk.id, cursor);
+      }
+    } finally {
+      await fd.close();
+    }
+    return { disk: disk.id, appliedSeq: cursor.appliedSeq, lastMarkerId: cursor.lastMarkerId, appliedBytes };
+  }
+
+  /** Uploads the checksums, then applies what arrives every `pollMs` until stopped. */
+  start(): void {
+    const tick = async () => {
+      try {
+        await this.uploadChecksums();
+        for (const d of this.options.disks) await this.applyAvailable(d);
+      } catch (err) {
+        this.log.warn({ err }, 'reprotect apply failed; retrying');
+      }
+    };
+    const loop = () => {
+      if (this.stopped) return;
+      this.running = tick().finally(() => {
+        if (!this.stopped) this.timer = setTimeout(loop, this.options.pollMs ?? 1000);
+      });
+    };
+    loop();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    await this.running;
+  }
+}
