@@ -5,3 +5,4 @@ export * from './resync';
 export * from './activities';
 export * from './changes';
 export * from './ship';
+export * from './reprotect';

@@ -3,9 +3,9 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { blockChecksum } from '../../agent/mobility/sync';
 import { spawnLocalHost, type HostProcess } from '../../infra/local/host-process';
-import { failoverDepsFromSettings } from '../../shared/failover';
+import { beginFailover, failoverDepsFromSettings, updateRecord } from '../../shared/failover';
 import { createMessageSender, type MessageSender } from '../../shared/messaging';
-import { pendingResyncCommands, reportResyncProgress, type ResyncCommand, type ResyncStatus } from '../../shared/reprotect';
+import { claimMachine, pendingResyncCommands, protectionDepsFromSettings, reportResyncProgress, type ResyncCommand, type ResyncStatus } from '../../shared/reprotect';
 import { seedBlob, TABLES, type DiskEntity } from '../../shared/replication';
 import type { Segment, SegmentRecord } from '../../shared/segment';
 import { waitFor } from '../helpers/host';
@@ -35,6 +35,7 @@ describe('POST /api/machines/{m}/resync', () => {
   });
   const deps = testDeps(connection);
   const failover = failoverDepsFromSettings(settings, { replication: deps });
+  const protection = protectionDepsFromSettings(settings, { failover });
   let host: HostProcess;
   let sender: MessageSender;
   const url = (p: string) => `http://127.0.0.1:${host.port}/api${p}`;
@@ -167,5 +168,39 @@ describe('POST /api/machines/{m}/resync', () => {
     const bad = await call('POST', `/machines/${machine}/resync`, { disks: 'd0' });
     expect(bad.status).toBe(400);
     expect((await call('POST', `/machines/nobody-${suffix}/resync`)).status).toBe(404);
+  });
+
+  it('reprotect and failback: 409 before a committed failover, without reprotect, and during another operation', async () => {
+    const machine = `rp-pre-${suffix}`;
+    expect((await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: MiB }] })).status).toBe(201);
+    const error = async (res: Response) => ((await res.json()) as { error: { code: string; message: string } }).error;
+
+    const none = await call('POST', `/machines/${machine}/reprotect`);
+    expect(none.status).toBe(409);
+    expect(await error(none)).toMatchObject({ code: 'NotFailedOver' });
+
+    const back = await call('POST', `/machines/${machine}/failback`);
+    expect(back.status).toBe(409);
+    const backError = await error(back);
+    expect(backError.code).toBe('NotReprotected');
+    expect(backError.message).toContain('/reprotect');
+
+    // A failover that is failed-over but not committed.
+    const failoverId = `fo-${suffix}abcd`;
+    await beginFailover(failover.tables, { machine, failoverId, operationId: failoverId, kind: 'unplanned', selector: 'latest' }, new Date());
+    await updateRecord(failover.tables, machine, failoverId, { state: 'failed-over' }, new Date());
+    const early = await call('POST', `/machines/${machine}/reprotect`);
+    expect(early.status).toBe(409);
+    const earlyError = await error(early);
+    expect(earlyError.code).toBe('FailoverNotCommitted');
+    expect(earlyError.message).toContain('/commit');
+
+    // Committed, but a resync holds the machine.
+    await updateRecord(failover.tables, machine, failoverId, { state: 'committed' }, new Date());
+    await claimMachine(protection.tables, machine, 'resync', 'op-test-holder', new Date());
+    const busy = await call('POST', `/machines/${machine}/reprotect`);
+    expect(busy.status).toBe(409);
+    expect(await error(busy)).toMatchObject({ code: 'OperationInProgress' });
+    expect((await error(await call('POST', `/machines/${machine}/resync`))).message).toContain('op-test-holder');
   });
 });
