@@ -8,6 +8,7 @@ import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { agentCommand } from './mobility/command';
 import { proxyCommand } from './proxy/command';
+import { targetCommand } from './target/command';
 import { formatReport, runDemo } from './demo/demo';
 import { resolveDataDir, startStack } from './up';
 
@@ -97,6 +98,7 @@ program
 
 program.addCommand(proxyCommand());
 program.addCommand(agentCommand());
+program.addCommand(targetCommand());
 
 program.parseAsync(process.argv).catch((err) => {
   console.error(`lifeboat: ${err instanceof Error ? err.message : String(err)}`);

@@ -84,8 +84,9 @@ export async function issueQuiesce(
 /** What the proxy serves the agent: the machine's pending commands, oldest first. */
 export async function pendingCommands(tables: FailoverTables, machine: string): Promise<AgentCommand[]> {
   const rows = await listPartition<CommandEntity>(await tables.get(FAILOVER_TABLES.commands), machine);
+  // The table also holds other kinds of command (resync: shared/reprotect/resync.ts), read by their own functions.
   return rows
-    .filter((r) => r.state === 'pending')
+    .filter((r) => r.state === 'pending' && r.type === 'quiesce')
     .map(fromEntity)
     .sort((a, b) => a.createdAt.localeCompare(b.createdAt));
 }
