@@ -20,6 +20,7 @@ import { createMessageSender, type MessageSender } from '../../shared/messaging'
 import { MAX_SEGMENT_BYTES } from '../../shared/segment';
 import { StorageClients } from '../../shared/storage';
 import { MachineAuthenticator, TableCredentialLookup, type CredentialLookup } from './auth';
+import { TableCommandStore, type CommandStore } from './commands';
 import { createIngestHandler } from './server';
 import { Spool } from './spool';
 import { buildStatus, type IngestCounters, type ProxyStatus } from './status';
@@ -64,6 +65,8 @@ export interface ProxyOptions {
   logger?: Logger;
   /** Overrides for what is otherwise built from `settings`. */
   credentials?: CredentialLookup;
+  /** Agent commands (default: table `commands` of ReplicaStorage). */
+  commands?: CommandStore;
   container?: ContainerClient;
   sender?: MessageSender;
 }
@@ -195,6 +198,7 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
     spool,
     uploader: up,
     auth: new MachineAuthenticator(lookup, options.credentialCacheMs),
+    commands: options.commands ?? new TableCommandStore(settings),
     logger,
     maxSegmentBytes,
     spoolCapBytes,

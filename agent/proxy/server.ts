@@ -4,6 +4,7 @@ import { LifeboatError, ValidationError, ensureError } from '../../shared/errors
 import { validateName } from '../../shared/names';
 import { TRAILER_BYTES, decodeSegment } from '../../shared/segment';
 import type { MachineAuthenticator } from './auth';
+import { ackCommand, getCommands, type CommandStore } from './commands';
 import type { Spool } from './spool';
 import type { IngestCounters, ProxyStatus } from './status';
 import type { Uploader } from './uploader';
@@ -12,6 +13,7 @@ import type { Uploader } from './uploader';
 //   PUT /v1/machines/{m}/disks/{d}/segments/{epoch}/{seq}  201 new · 200 same bytes · 409 other bytes
 //   GET /v1/machines/{m}/disks/{d}                          last acknowledged (epoch, seq)
 //   GET /v1/status                                          spool, backlog, upload rate, errors
+//   GET /v1/machines/{m}/commands, POST …/commands/{id}/ack  agent commands (commands.ts)
 // A segment is checked (credential, names, size, its own checksum, header = URL) before a byte of
 // it reaches the spool, and acknowledged only once it is durable there.
 
@@ -19,6 +21,7 @@ export interface IngestServerDeps {
   spool: Spool;
   uploader: Uploader;
   auth: MachineAuthenticator;
+  commands: CommandStore;
   logger: Logger;
   maxSegmentBytes: number;
   spoolCapBytes: number;
@@ -268,6 +271,17 @@ export function createIngestHandler(
       allow('GET');
       return sendJson(res, 200, deps.status());
     }
+    if (parts[0] === 'v1' && parts[1] === 'machines' && parts[3] === 'commands') {
+      const commandDeps = { auth: deps.auth, commands: deps.commands, logger: deps.logger, sendJson };
+      if (parts.length === 4) {
+        allow('GET');
+        return getCommands(commandDeps, req, res, parts[2]);
+      }
+      if (parts.length === 6 && parts[5] === 'ack') {
+        allow('POST');
+        return ackCommand(commandDeps, req, res, parts[2], parts[4]);
+      }
+    }
     if (parts[0] === 'v1' && parts[1] === 'machines' && parts[3] === 'disks') {
       if (parts.length === 5) {
         allow('GET');
@@ -281,7 +295,8 @@ export function createIngestHandler(
     throw new LifeboatError(
       'NotFound',
       `No route ${method} ${pathname}; the proxy serves PUT /v1/machines/{machine}/disks/{disk}/segments/{epoch}/{seq}, ` +
-        'GET /v1/machines/{machine}/disks/{disk} and GET /v1/status.',
+        'GET /v1/machines/{machine}/disks/{disk}, GET /v1/machines/{machine}/commands, ' +
+        'POST /v1/machines/{machine}/commands/{id}/ack and GET /v1/status.',
       { status: 404 },
     );
   }
