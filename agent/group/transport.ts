@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from 'pino';
 import { ensureError, LifeboatError, NotFoundError, ValidationError } from '../../shared/errors';
@@ -35,7 +36,6 @@ interface Pending {
   answer?: (a: PrepareAnswer) => void;
   decision?: Decision;
   decided?: (d: Decision) => void;
-  outcome?: (o: DecisionOutcome | undefined) => void;
 }
 
 interface Mailbox {
@@ -49,8 +49,9 @@ export type Authorize = (authorization: string | undefined, machine: string) => 
 /**
  * The coordinator's end of the HTTP transport (mounted on the proxy's server). `link(machine)`
  * gives the GroupCoordinator a MemberLink whose prepare waits for that member to poll and answer.
+ * Emits 'outcome' (DecisionOutcome) when a member reports what it did with a commit.
  */
-export class BarrierHub {
+export class BarrierHub extends EventEmitter {
   private readonly boxes = new Map<string, Mailbox>();
   private readonly log: Logger;
 
@@ -59,6 +60,7 @@ export class BarrierHub {
     private readonly authorize: Authorize,
     logger?: Logger,
   ) {
+    super();
     validateName(group, 'group');
     this.log = (logger ?? createLogger('group')).child({ group });
   }
@@ -101,10 +103,9 @@ export class BarrierHub {
             if (!p.delivered) b.pending = undefined;
             return resolve(undefined);
           }
-          p.outcome = resolve;
+          // Delivered on the member's open POST; its outcome comes later, as an 'outcome' event.
           p.decided(decision);
-          // The member reports its outcome; do not wait long for it.
-          setTimeout(() => resolve(undefined), 5_000).unref();
+          resolve(undefined);
         }),
     };
   }
@@ -136,10 +137,8 @@ export class BarrierHub {
         }
         if (parts[7] === 'outcome') {
           const p = b.pending;
-          if (p && p.command.markerId === markerId) {
-            p.outcome?.(body as DecisionOutcome);
-            b.pending = undefined;
-          }
+          if (p && p.command.markerId === markerId) b.pending = undefined;
+          this.emit('outcome', { ...(body as DecisionOutcome), machine, markerId });
           res.writeHead(204).end();
           return true;
         }

@@ -70,6 +70,13 @@ function placeOf(chain: number, step: number): { machine: string; disk: string; 
   return { machine, disk: disks[step % disks.length], slot: chain };
 }
 
+async function waitUntil(check: () => boolean): Promise<void> {
+  for (let i = 0; !check(); i++) {
+    if (i > 1500) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 describe('group markers keep causality across machines', () => {
   const site = new TestSite();
   const dir = tempDir('group-causality');
@@ -98,6 +105,8 @@ describe('group markers keep causality across machines', () => {
 
   it('over HTTP: thousands of chained records, every committed cut is a prefix of every chain and equals the model', async () => {
     const hub = site.hub('app');
+    const outcomes = new Set<string>();
+    hub.on('outcome', (o: { machine: string; markerId: string; cut: boolean }) => o.cut && outcomes.add(`${o.markerId}/${o.machine}`));
     const clients = MACHINES.map((m) => new GroupMemberClient(participants.get(m)!, { url: site.url, group: 'app', credential: credentialOf(m), pollMs: 2_000, logger: silent }));
     for (const c of clients) c.start();
     const coordinator = new GroupCoordinator({ group: 'app', members: MACHINES.map((m) => hub.link(m)), prepareTimeoutMs: 3_000, logger: silent });
@@ -120,6 +129,9 @@ describe('group markers keep causality across machines', () => {
     await Promise.all(chains);
     writing = false;
     await markers;
+    // A commit is a decision; each member reports its cut afterwards.
+    const last = results[results.length - 1];
+    if (last.decision === 'commit') await waitUntil(() => MACHINES.every((m) => outcomes.has(`${last.markerId}/${m}`)));
     for (const c of clients) await c.stop();
     for (const a of agents.values()) await a.cutAll();
     for (const a of agents.values()) await a.settled(30_000);
