@@ -1,7 +1,9 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { SETTING } from '../../shared/config';
 import { failoverDepsFromSettings } from '../../shared/failover';
+import { protectionDepsFromSettings } from '../../shared/reprotect';
 import { FailoverMachineExport } from './failover-machine';
+import { ReprotectTargetRunner, type TargetDisk } from './reprotect-target';
 
 // `lifeboat target …`: the site-side roles of bringing machines home. agent/cli.ts mounts
 // targetCommand(). Storage comes from the same settings the functions read (ReplicaStorage,
@@ -51,5 +53,36 @@ export function targetCommand(): Command {
       await Promise.race([exp.stopped, untilSignal(() => exp.stop())]);
       console.log('Stopped.');
     });
+  target
+    .command('reprotect')
+    .description(
+      `Apply a failed-over machine's reprotect change logs to its site disks (the master target role): uploads the site checksums for the first pass, then applies each pass in order, durably, resuming from its cursor. Reads ${SETTING.replicaStorage}, ${SETTING.cacheStorage} and LIFEBOAT_ENCRYPTION_KEYS from the environment.`,
+    )
+    .requiredOption('--machine <name>', 'the protected machine')
+    .requiredOption('--disk <id=path...>', 'a site disk (image file or block device) per disk id, e.g. --disk d0=/dev/sdb', collectDisk, [])
+    .requiredOption('--state-dir <dir>', 'where the per-disk cursors are kept')
+    .option('--poll-ms <ms>', 'how often new change logs are looked for', (v) => Number(v), 1000)
+    .action(async (opts: { machine: string; disk: TargetDisk[]; stateDir: string; pollMs: number }) => {
+      const protection = protectionDepsFromSettings(process.env);
+      const runner = new ReprotectTargetRunner({
+        container: protection.reprotect,
+        keyRing: protection.failover.replication.keyRing(),
+        tables: protection.tables,
+        machine: opts.machine,
+        disks: opts.disk,
+        stateDir: opts.stateDir,
+        pollMs: opts.pollMs,
+      });
+      runner.start();
+      console.log(`Applying reprotect change logs of ${opts.machine} to ${opts.disk.map((d) => `${d.id}=${d.path}`).join(', ')}`);
+      await untilSignal(() => runner.stop());
+      console.log('Stopped.');
+    });
   return target;
+}
+
+function collectDisk(value: string, previous: TargetDisk[]): TargetDisk[] {
+  const at = value.indexOf('=');
+  if (at <= 0 || at === value.length - 1) throw new InvalidArgumentError('a disk is id=path, e.g. d0=/var/lib/site/d0.img.');
+  return [...previous, { id: value.slice(0, at), path: value.slice(at + 1) }];
 }

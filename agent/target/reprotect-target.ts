@@ -5,7 +5,8 @@ import type { ContainerClient } from '@azure/storage-blob';
 import type { Logger } from 'pino';
 import { changelogBlobName, openEnvelope, type KeyRing } from '../../shared/envelope';
 import { createLogger } from '../../shared/logger';
-import { CHANGE_BLOCK_BYTES, targetRow, uploadSiteChecksums, type ProtectionTables } from '../../shared/reprotect';
+import { CHANGE_BLOCK_BYTES, REPROTECT_ROW, targetRow, uploadSiteChecksums, type ProtectionTables } from '../../shared/reprotect';
+import { readEntity } from '../../shared/replication';
 import { decodeSegment } from '../../shared/segment';
 
 // The target role (ASR's master target): applies the reprotect change logs of a failed-over
@@ -165,6 +166,14 @@ export class ReprotectTarget {
           } else cursor.lastMarkerId = r.id;
         }
         await fd.datasync();
+        const final = segment.records.find((r) => r.type === 'marker' && r.id.startsWith('final-'));
+        if (final && final.type === 'marker') {
+          // Failback's final pass: the site's checksums go up before the cursor says it is applied,
+          // so the cloud can verify the site disk as soon as it sees the cursor there.
+          const sums = await fileChecksums(disk.path);
+          await uploadSiteChecksums(container, keyRing, { machine, disk: disk.id, epoch, markerId: final.id }, sums);
+          this.log.info({ disk: disk.id, marker: final.id }, 'final pass applied; site checksums uploaded for verification');
+        }
         cursor.appliedSeq = seq;
         this.saveCursor(disk.id, cursor);
         await this.report(disk.id, cursor);
@@ -198,5 +207,52 @@ export class ReprotectTarget {
     this.stopped = true;
     clearTimeout(this.timer);
     await this.running;
+  }
+}
+
+/**
+ * `lifeboat target reprotect`: follows the machine's reprotect row and runs a ReprotectTarget for
+ * its current epoch (a new reprotect starts a new epoch: a fresh cursor and checksum pass).
+ */
+export class ReprotectTargetRunner {
+  private target?: ReprotectTarget;
+  private epoch?: number;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+  private checking?: Promise<void>;
+
+  constructor(private readonly options: Omit<ReprotectTargetOptions, 'epoch' | 'stateDir'> & { stateDir: string }) {}
+
+  private async check(): Promise<void> {
+    const table = await this.options.tables.get();
+    const row = await readEntity<{ epoch: number; state: string }>(table, this.options.machine, REPROTECT_ROW);
+    if (!row || row.epoch === this.epoch || this.stopped) return;
+    await this.target?.stop();
+    this.epoch = row.epoch;
+    this.target = new ReprotectTarget({ ...this.options, epoch: row.epoch, stateDir: path.join(this.options.stateDir, `epoch-${row.epoch}`) });
+    this.target.start();
+  }
+
+  start(): void {
+    const loop = () => {
+      if (this.stopped) return;
+      this.checking = this.check()
+        .catch((err: unknown) => (this.options.logger ?? createLogger('target')).warn({ err }, 'cannot read the reprotect row; retrying'))
+        .finally(() => {
+          if (!this.stopped) this.timer = setTimeout(loop, this.options.pollMs ?? 1000);
+        });
+    };
+    loop();
+  }
+
+  get currentEpoch(): number | undefined {
+    return this.epoch;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    await this.checking;
+    await this.target?.stop();
   }
 }

@@ -1,21 +1,29 @@
 import { randomUUID } from 'node:crypto';
 import { app, type HttpRequest } from '@azure/functions';
 import * as df from 'durable-functions';
-import { defaultProtectionDeps, prepareFailback, prepareReprotect, prepareResync, releaseMachine } from '../../shared/reprotect';
-import { PROTECTION_ORCHESTRATION } from '../orchestrations/protection-activities';
+import { z } from 'zod';
+import {
+  activeOperation,
+  defaultProtectionDeps,
+  prepareFailback,
+  prepareReprotect,
+  prepareResync,
+  releaseMachine,
+  requestFailback,
+  type FailbackRun,
+  type ReprotectDisk,
+  type ReprotectRun,
+} from '../../shared/reprotect';
+import { parseOrThrow } from '../../shared/replication';
+import { FAILBACK_EVENT, PROTECTION_ORCHESTRATION } from '../orchestrations/protection-activities';
 import '../orchestrations/resync';
+import '../orchestrations/reprotect';
+import '../orchestrations/failback';
 import { startOperation } from './operations';
-import { LifeboatError, ValidationError } from '../../shared/errors';
-import { errorResponse, withErrors } from './respond';
+import { ValidationError } from '../../shared/errors';
+import { withErrors } from './respond';
 
 // POST /api/machines/{m}/resync, /reprotect, /failback → 202 + operation (docs/reprotect.md).
-
-/** 501: the operation exists in the API but not yet in this build. */
-class NotImplementedError extends LifeboatError {
-  constructor(message: string) {
-    super('NotImplemented', message, { status: 501 });
-  }
-}
 
 const operationId = () => `op-${randomUUID().replace(/-/g, '').slice(0, 16)}`;
 
@@ -45,22 +53,59 @@ app.http('machines-resync', {
   }),
 });
 
-// Reprotect and failback: the preconditions (404, 409) are checked; the orchestrations that run
-// the passes and the failback are not built yet (docs/reprotect.md), so a valid request gets 501.
+// Reprotect runs until failback takes over; failback asks it to stop (row flag + event) and
+// continues from its pass rows (docs/reprotect.md).
+
+const reprotectRequestSchema = z.strictObject({
+  /** Seconds between passes (snapshot, changed ranges, ship). */
+  intervalSeconds: z.number().int().min(1).max(86_400).default(300),
+});
+
+const failbackRequestSchema = z.strictObject({
+  /** Delete the failover machine and its disks once the site is verified. */
+  cleanup: z.boolean({ error: 'must be true or false' }).default(true),
+  /** How long to wait for the site's target, and then for the agent to resume protection. */
+  waitSeconds: z.number().int().min(10).max(7 * 86_400).default(3600),
+});
+
+function parseBody<T extends z.ZodType>(schema: T, body: unknown, fields: string): z.infer<T> {
+  if (body !== undefined && (body === null || typeof body !== 'object' || Array.isArray(body))) {
+    throw new ValidationError(`The request body must be a JSON object (or empty) with optionally ${fields}.`, 'body');
+  }
+  return parseOrThrow(schema, body ?? {});
+}
+
+const RUNNING = new Set<string>([
+  df.OrchestrationRuntimeStatus.Running,
+  df.OrchestrationRuntimeStatus.Pending,
+  df.OrchestrationRuntimeStatus.ContinuedAsNew,
+]);
 
 app.http('machines-reprotect', {
   route: 'machines/{machine}/reprotect',
   methods: ['POST'],
   authLevel: 'function',
-  handler: withErrors(async (request) => {
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
     const deps = defaultProtectionDeps();
+    const machine = request.params.machine;
+    const body = parseBody(reprotectRequestSchema, await optionalBody(request), '"intervalSeconds"');
     const id = operationId();
-    const record = await prepareReprotect(deps, request.params.machine, id);
-    await releaseMachine(deps.tables, request.params.machine, id);
-    return errorResponse(new NotImplementedError(
-      `Reprotect of ${request.params.machine} (failover ${record.failoverId}) is not available yet: its orchestration is not built. ` +
-        'The data path exists: lifeboat target and the reprotect passes (docs/reprotect.md).',
-    ));
+    const record = await prepareReprotect(deps, machine, id);
+    const run: ReprotectRun = {
+      machine,
+      operationId: id,
+      failoverId: record.failoverId,
+      epoch: 0,
+      disks: [],
+      intervalSeconds: body.intervalSeconds,
+      pass: 1,
+      shippedBytes: 0,
+      sealedBytes: 0,
+    };
+    return startOperation(request, context, PROTECTION_ORCHESTRATION.reprotect, id, run, { machine, failoverId: record.failoverId }, () =>
+      releaseMachine(deps.tables, machine, id),
+    );
   }),
 });
 
@@ -68,8 +113,35 @@ app.http('machines-failback', {
   route: 'machines/{machine}/failback',
   methods: ['POST'],
   authLevel: 'function',
-  handler: withErrors(async (request) => {
-    await prepareFailback(defaultProtectionDeps(), request.params.machine);
-    return errorResponse(new NotImplementedError(`Failback of ${request.params.machine} is not available yet: its orchestration is not built (docs/reprotect.md).`));
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const deps = defaultProtectionDeps();
+    const machine = request.params.machine;
+    const body = parseBody(failbackRequestSchema, await optionalBody(request), '"cleanup" and "waitSeconds"');
+    const row = await prepareFailback(deps, machine);
+    const id = operationId();
+    const client = df.getClient(context);
+    const active = await activeOperation(deps.tables, machine);
+    let reprotectRunning = false;
+    if (active?.kind === 'reprotect') {
+      const status = await client.getStatus(active.operationId).catch(() => undefined);
+      reprotectRunning = status !== undefined && RUNNING.has(status.runtimeStatus);
+    }
+    await requestFailback(deps, row, id);
+    // The row flag is what the reprotect loop obeys; the event only wakes it from its interval.
+    if (reprotectRunning) await client.raiseEvent(active!.operationId, FAILBACK_EVENT, { operationId: id }).catch(() => undefined);
+    const run: FailbackRun = {
+      machine,
+      operationId: id,
+      failoverId: row.failoverId,
+      epoch: row.epoch,
+      disks: JSON.parse(row.disks) as ReprotectDisk[],
+      cleanup: body.cleanup,
+      waitForHandover: reprotectRunning,
+      waitSeconds: body.waitSeconds,
+    };
+    return startOperation(request, context, PROTECTION_ORCHESTRATION.failback, id, run, { machine, failoverId: row.failoverId }, () =>
+      releaseMachine(deps.tables, machine, id),
+    );
   }),
 });

@@ -11,6 +11,20 @@ export const PROTECTION_ACTIVITY = {
   issueResync: 'resync-issue',
   resyncProgress: 'resync-progress',
   completeResync: 'resync-complete',
+  beginReprotect: 'reprotect-begin',
+  siteChecksumsReady: 'reprotect-site-checksums-ready',
+  reprotectPass: 'reprotect-pass',
+  targetProgress: 'reprotect-target-progress',
+  markProtecting: 'reprotect-mark-protecting',
+  handOver: 'reprotect-hand-over',
+  releaseMachine: 'protection-release-machine',
+  handedOver: 'failback-handed-over',
+  stopFailoverMachine: 'failback-stop-failover-machine',
+  failoverMachineStopped: 'failback-failover-machine-stopped',
+  verifySite: 'failback-verify-site',
+  markFailedBack: 'failback-mark-failed-back',
+  resumeForwardProtection: 'failback-resume-forward-protection',
+  cleanUpFailback: 'failback-clean-up',
 } as const satisfies Record<keyof ProtectionActivities, string>;
 
 export const PROTECTION_ORCHESTRATION = {
@@ -18,6 +32,9 @@ export const PROTECTION_ORCHESTRATION = {
   reprotect: 'reprotect',
   failback: 'failback',
 } as const;
+
+/** The event POST …/failback raises on a running reprotect: stop between passes and hand over. */
+export const FAILBACK_EVENT = 'failback';
 
 let activities: ProtectionActivities | undefined;
 const real = () => (activities ??= createProtectionActivities(defaultProtectionDeps()));

@@ -134,7 +134,14 @@ export type FailoverState =
   | 'committing'
   | 'committed'
   | 'cancelling'
-  | 'failed';
+  | 'failed'
+  // After commit (docs/reprotect.md): reprotect replicates the failover disks back to the site
+  // (reprotecting until its first pass is applied, then reprotected); failback stops the failover
+  // machine, ships the last changes and verifies the site (failing-back), then failed-back (final).
+  | 'reprotecting'
+  | 'reprotected'
+  | 'failing-back'
+  | 'failed-back';
 
 export const IN_PROGRESS: readonly FailoverState[] = [
   'accepted',
@@ -147,6 +154,9 @@ export const IN_PROGRESS: readonly FailoverState[] = [
   'cancelling',
 ];
 
+/** The states of a committed failover on its way home (reprotect, failback). */
+export const AFTER_COMMIT: readonly FailoverState[] = ['reprotecting', 'reprotected', 'failing-back', 'failed-back'];
+
 export type FailoverAction = 'commit' | 'change-recovery-point' | 'cancel';
 
 /** The state an action moves a failover to, or why it may not (the 409's message). */
@@ -156,10 +166,10 @@ export function nextState(
 ): { ok: true; state: FailoverState } | { ok: false; reason: string } {
   const { state, kind, machine, failoverId } = record;
   const name = `${kind === 'test' ? 'Test failover' : 'Failover'} ${failoverId} of ${machine}`;
-  if (state === 'committed') {
+  if (state === 'committed' || AFTER_COMMIT.includes(state)) {
     return {
       ok: false,
-      reason: `${name} is already committed; a committed failover cannot ${action === 'commit' ? 'be committed again' : action === 'cancel' ? 'be cancelled' : 'change its recovery point'}.`,
+      reason: `${name} is already committed${state === 'committed' ? '' : ` (${state})`}; a committed failover cannot ${action === 'commit' ? 'be committed again' : action === 'cancel' ? 'be cancelled' : 'change its recovery point'}.`,
     };
   }
   if (IN_PROGRESS.includes(state)) {

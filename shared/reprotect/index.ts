@@ -6,3 +6,5 @@ export * from './activities';
 export * from './changes';
 export * from './ship';
 export * from './reprotect';
+export * from './passes';
+export * from './failback';

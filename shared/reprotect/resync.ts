@@ -198,14 +198,17 @@ export async function prepareResync(
   return { machine, operationId, disks, waitSeconds: request.waitSeconds };
 }
 
-/** Picks each disk's next epoch and writes the agent's command (idempotent: a rerun reuses it). */
-export async function issueResync(deps: ProtectionDeps, run: ResyncRun): Promise<ResyncDiskPlan[]> {
+/**
+ * Picks each disk's next epoch (or takes `given`, failback's) and writes the agent's command
+ * (idempotent: a rerun reuses it).
+ */
+export async function issueResync(deps: ProtectionDeps, run: ResyncRun, given?: ResyncDiskPlan[]): Promise<ResyncDiskPlan[]> {
   const disksTable = await deps.failover.replication.tables.get(TABLES.disks);
   const commands = await deps.failover.tables.get(FAILOVER_TABLES.commands);
   const existing = await readEntity<ResyncCommandEntity & { plans?: string }>(commands, run.machine, resyncCommandId(run.operationId));
   if (existing?.plans) return JSON.parse(existing.plans) as ResyncDiskPlan[];
-  const plans: ResyncDiskPlan[] = [];
-  for (const disk of run.disks) {
+  const plans: ResyncDiskPlan[] = given ? [...given] : [];
+  for (const disk of given ? [] : run.disks) {
     const row = await readEntity<DiskEntity>(disksTable, run.machine, disk);
     if (!row) throw new NotFoundError(`Disk ${disk} of machine ${run.machine} is not registered.`, 'disk');
     plans.push({

@@ -81,24 +81,33 @@ export function siteChecksumsName(machine: string, disk: string, epoch: number):
   return `${machine}/${disk}/${epoch}/site-checksums.bin`;
 }
 
+/** The site disk's block checksums after it applied failback's final pass (`markerId`): the verification. */
+export function finalChecksumsName(machine: string, disk: string, epoch: number, markerId: string): string {
+  return `${machine}/${disk}/${epoch}/checksums-${markerId}.bin`;
+}
+
 export async function uploadSiteChecksums(
   container: ContainerClient,
   keyRing: KeyRing,
-  address: { machine: string; disk: string; epoch: number },
+  address: { machine: string; disk: string; epoch: number; markerId?: string },
   sums: Buffer[],
 ): Promise<void> {
   await ensureContainer(container);
-  const name = siteChecksumsName(address.machine, address.disk, address.epoch);
+  const name = address.markerId
+    ? finalChecksumsName(address.machine, address.disk, address.epoch, address.markerId)
+    : siteChecksumsName(address.machine, address.disk, address.epoch);
   await container.getBlockBlobClient(name).uploadData(sealEnvelope(Buffer.concat(sums), { name, keyRing, codec: 'none' }));
 }
 
-/** The site checksums, or undefined while the target has not uploaded them. */
+/** The site checksums (of the first pass, or after `markerId`), or undefined while the target has not uploaded them. */
 export async function readSiteChecksums(
   container: ContainerClient,
   keyRing: KeyRing,
-  address: { machine: string; disk: string; epoch: number },
+  address: { machine: string; disk: string; epoch: number; markerId?: string },
 ): Promise<Buffer[] | undefined> {
-  const name = siteChecksumsName(address.machine, address.disk, address.epoch);
+  const name = address.markerId
+    ? finalChecksumsName(address.machine, address.disk, address.epoch, address.markerId)
+    : siteChecksumsName(address.machine, address.disk, address.epoch);
   let sealed: Buffer;
   try {
     sealed = await container.getBlockBlobClient(name).downloadToBuffer();

@@ -8,11 +8,13 @@ import type { StorageClients } from '../storage';
 //   protection   PK {machine}  RK "active"      the machine's one running resync/reprotect/failback (insert-if-absent = the 409)
 //                PK {machine}  RK "reprotect"   the reprotect state: failover, epoch, per-disk last snapshot and seq
 //                PK {machine}  RK "target-{d}"  what the site's target role applied of disk d (written by the target)
+//                PK {machine}  RK "pass-{d}"    the cloud side of disk d's last reprotect pass: snapshot, seqs, shipped
 
 export const PROTECTION_TABLE = 'protection';
 export const ACTIVE_ROW = 'active';
 export const REPROTECT_ROW = 'reprotect';
 export const targetRow = (disk: string) => `target-${disk}`;
+export const passRow = (disk: string) => `pass-${disk}`;
 
 export type ProtectionKind = 'resync' | 'reprotect' | 'failback';
 
