@@ -80,7 +80,7 @@ program
 program
   .command('demo')
   .description('Show Lifeboat doing its whole job on this machine, narrated, ending with a report.')
-  .option('--data <dir>', 'folder for the demo (emptied first; default: .lifeboat-demo)', '.lifeboat-demo')
+  .option('--data <dir>', 'folder for the demo (emptied first)', '.lifeboat-demo')
   .option('--short', 'small disks and few rounds (CI)', false)
   .option('--json <file>', 'also write the report as JSON to this file')
   .action(async (opts: { data: string; short: boolean; json?: string }) => {
