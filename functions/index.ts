@@ -16,3 +16,4 @@ import './http/failover';
 import './http/plans';
 import './http/operations';
 import './http/protection';
+import './http/groups';
