@@ -6,8 +6,9 @@ import type { Logger } from 'pino';
 import { ConfigError, ensureError } from '../../shared/errors';
 import { createLogger } from '../../shared/logger';
 import { validateName } from '../../shared/names';
-import { decodeSegment, encodeSegment, type MarkerKind } from '../../shared/segment';
+import { decodeSegment, encodeSegment, isMarkerId, type MarkerKind } from '../../shared/segment';
 import { writeFileDurably } from './bitmap';
+import { CommandPoller, ProxyCommandClient, type AgentCommand, type CommandChannel, type CommandResult } from './commands';
 import { JournalDamagedError, SegmentJournal, bootId, type DiskMode, type DiskState } from './journal';
 import { FileBacking, NbdExport, NbdServer } from './nbd';
 import { BlockScanner } from './scan';
@@ -56,6 +57,16 @@ export interface MachineAgentOptions {
   freezeCommand?: string;
   thawCommand?: string;
   hookTimeoutMs?: number;
+  /**
+   * Where commands from the cloud (planned failover's quiesce) come from: default, the proxy's
+   * command routes with the same URL and credential; false turns polling off. Without proxy
+   * options (a ready ProxyClient) there is no default channel.
+   */
+  commands?: CommandChannel | false;
+  /** Command poll interval (default 3 s); the agent also polls after acknowledged segments. */
+  commandPollMs?: number;
+  /** How long a quiesce waits for every disk to be in data mode before failing (default 10 min). */
+  quiesceReadyTimeoutMs?: number;
   /** The cloud copy's checksums for resync (default: an empty cloud disk). */
   remoteChecksums?: (disk: string, sizeBytes: number) => RemoteChecksums;
   segment?: Pick<SegmenterOptions, 'maxSegmentBytes' | 'maxSegmentAgeMs' | 'maxJournalBytes' | 'blockBytes'>;
@@ -108,7 +119,20 @@ export interface AgentStatus {
   markersSkipped: number;
   lastSkip?: string;
   lastHookFailure?: HookResult;
+  /** Set while writes are held after a quiesce (planned failover): new writes wait, unacknowledged. */
+  hold?: WriteHold;
+  /** The last command carried out, and its answer. */
+  lastCommand?: { id: string; type: string; result: CommandResult; at: string };
   disks: DiskStatus[];
+}
+
+export interface WriteHold {
+  commandId: string;
+  failoverId: string;
+  markerId: string;
+  /** The seq of the segment that ends with the final marker, per disk. */
+  seqs: Record<string, number>;
+  since: string;
 }
 
 interface Protected {
@@ -129,6 +153,8 @@ interface Protected {
 
 interface MachineFile {
   markerCounter: number;
+  /** The last quiesce whose marker was cut (so a command seen again after a restart is not cut twice). */
+  quiesced?: WriteHold;
 }
 
 /**
@@ -158,6 +184,10 @@ export class MachineAgent extends EventEmitter {
   private lastHookFailure: HookResult | undefined;
   private readonly startedAt = new Date();
   private statusTimer: NodeJS.Timeout | undefined;
+  private readonly commands: CommandPoller | undefined;
+  private readonly channel: CommandChannel | undefined;
+  private hold: WriteHold | undefined;
+  private lastCommand: AgentStatus['lastCommand'];
 
   constructor(private readonly options: MachineAgentOptions) {
     super();
@@ -175,6 +205,13 @@ export class MachineAgent extends EventEmitter {
     }
     this.client = options.proxy instanceof ProxyClient ? options.proxy : new ProxyClient(options.proxy);
     this.log = (options.logger ?? createLogger('agent')).child({ machine: this.machine });
+    const channel = (this.channel =
+      options.commands === false
+        ? undefined
+        : (options.commands ?? (options.proxy instanceof ProxyClient ? undefined : new ProxyCommandClient(options.proxy, this.machine))));
+    this.commands = channel
+      ? new CommandPoller({ channel, handle: (c) => this.handleCommand(c), intervalMs: options.commandPollMs, logger: this.log })
+      : undefined;
   }
 
   get statusPath(): string {
@@ -225,6 +262,7 @@ export class MachineAgent extends EventEmitter {
       const app = this.options.appIntervalSeconds ?? 0;
       if (app > 0) this.every(app, () => this.cutAppMarker());
     }
+    this.commands?.start();
     this.statusTimer = setInterval(() => void this.writeStatus(), 1000);
     this.statusTimer.unref();
     await this.writeStatus();
@@ -317,7 +355,10 @@ export class MachineAgent extends EventEmitter {
       this.wakeDisk(spec.id);
     });
     segmenter.on('fault', (err: Error) => this.emit('fault', { disk: spec.id, error: err }));
-    shipper.on('acked', () => this.onAcked());
+    shipper.on('acked', () => {
+      this.onAcked();
+      this.commands?.poke();
+    });
     shipper.on('idle', () => this.wakeDisk(spec.id));
     shipper.on('conflict', (err: Error) => void this.onConflict(spec.id, err));
     let exp: NbdExport | undefined;
@@ -549,8 +590,11 @@ export class MachineAgent extends EventEmitter {
    * the writes in flight, ends every disk's segment with the same marker record, resumes.
    * Skipped (resolves undefined, emits 'marker-skipped') while any disk is not in data mode.
    */
-  cutMarker(kind: MarkerKind = 'crash', tag = ''): Promise<MarkerEvent | undefined> {
-    const run = this.markerChain.then(() => this.doCutMarker(kind, tag));
+  cutMarker(kind: MarkerKind = 'crash', tag = '', options: { id?: string } = {}): Promise<MarkerEvent | undefined> {
+    if (options.id !== undefined && !isMarkerId(options.id)) {
+      return Promise.reject(new ConfigError(`The marker id ${JSON.stringify(options.id)} is not valid: 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit.`, 'markerId'));
+    }
+    const run = this.markerChain.then(() => this.doCutMarker(kind, tag, options.id));
     this.markerChain = run.catch(() => undefined);
     return run;
   }
@@ -568,8 +612,9 @@ export class MachineAgent extends EventEmitter {
     return d ? `disk ${d.id} is in ${d.segmenter.mode} mode` : undefined;
   }
 
-  private async doCutMarker(kind: MarkerKind, tag: string): Promise<MarkerEvent | undefined> {
+  private async doCutMarker(kind: MarkerKind, tag: string, id?: string, final = false): Promise<MarkerEvent | undefined> {
     if (this.stopping) return undefined;
+    if (this.hold && !final) return this.skip(kind, `writes are held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId} was the last)`);
     const early = this.notReady();
     if (early) return this.skip(kind, early);
     const exps = this.disks.map((d) => d.export).filter((e): e is NbdExport => e !== undefined);
@@ -583,7 +628,7 @@ export class MachineAgent extends EventEmitter {
       const counter = this.machineFile.markerCounter + 1;
       this.machineFile.markerCounter = counter;
       const time = Date.now();
-      spec = { id: `${kind}-${time.toString(36)}-${counter}`, kind, time, tag };
+      spec = { id: id ?? `${kind}-${time.toString(36)}-${counter}`, kind, time, tag };
       const marker = spec;
       cuts = this.disks.map((d) => d.segmenter.cut(marker));
       await this.options.whilePaused?.(marker);
@@ -614,6 +659,119 @@ export class MachineAgent extends EventEmitter {
     } finally {
       await this.runHook('thaw', this.options.thawCommand);
     }
+  }
+
+  // ---- commands from the cloud: planned failover's quiesce ----
+
+  private async handleCommand(command: AgentCommand): Promise<CommandResult> {
+    let result: CommandResult;
+    if (command.type === 'quiesce') result = await this.quiesce(command);
+    else result = { state: 'failed', message: `This agent does not know the command type ${JSON.stringify(command.type)}; upgrade the agent.` };
+    this.lastCommand = { id: command.id, type: command.type, result, at: new Date().toISOString() };
+    this.emit('command', { command, result });
+    return result;
+  }
+
+  /**
+   * Planned failover, site side: freeze hook → hold new writes on every disk (NBD pause, in one
+   * synchronous step) → flush the images and journals → cut the final marker with the command's
+   * id on every disk → thaw hook (always) → wait until the proxy acknowledged every segment up to
+   * the marker → done. Writes stay held (not failed, not acknowledged) until releaseHold() or the
+   * agent stops (then they are refused). Every write acknowledged before the hold is before the
+   * marker in every disk's stream, so the recovery point at that marker loses none of them.
+   *
+   * The freeze hook runs before the hold, not inside it: a freeze (fsfreeze, a database
+   * checkpoint) writes the application's data to the disks, and with writes held it would wait
+   * on itself. The marker is `app` when the freeze hook succeeded; without a hook, or when it
+   * failed, it is `crash` (tagged with why): the disks are still exactly as acknowledged.
+   */
+  async quiesce(command: Pick<AgentCommand, 'id' | 'markerId' | 'failoverId'>): Promise<CommandResult> {
+    const failed = (message: string): CommandResult => ({ state: 'failed', message });
+    if (this.source !== 'nbd') {
+      return failed(`Machine ${this.machine} is protected by scanning (--scan): the agent cannot hold its writes, so a planned failover cannot guarantee zero data loss; shut the machine down and use an unplanned failover with recoveryPoint "latest".`);
+    }
+    if (!isMarkerId(command.markerId)) return failed(`The command's marker id ${JSON.stringify(command.markerId)} is not a valid marker id.`);
+    const done = this.machineFile.quiesced;
+    if (done && done.commandId === command.id) {
+      // Seen again (the answer was lost, or the agent restarted): hold again, never cut twice.
+      await this.holdWrites(done);
+      return this.finishQuiesce(done);
+    }
+    if (this.hold) return failed(`Writes are already held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId}); release them first.`);
+    const readyBy = Date.now() + (this.options.quiesceReadyTimeoutMs ?? 10 * 60_000);
+    for (let reason = this.notReady(); reason; reason = this.notReady()) {
+      if (this.stopping) return failed('The agent is stopping.');
+      if (Date.now() > readyBy) return failed(`No consistent cut exists yet: ${reason} (initial sync, resync or catch-up still running); retry the planned failover when the disks are in data mode.`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const freeze = await this.runHook('freeze', this.options.freezeCommand);
+    let event: MarkerEvent | undefined;
+    let hold: WriteHold | undefined;
+    try {
+      const cut = this.markerChain.then(async () => {
+        const exps = this.disks.map((d) => d.export as NbdExport);
+        const drained = exps.map((e) => e.pause());
+        hold = { commandId: command.id, failoverId: command.failoverId, markerId: command.markerId, seqs: {}, since: new Date().toISOString() };
+        this.hold = hold;
+        await Promise.all(drained);
+        await Promise.all(exps.map((e) => e.flush()));
+        const kind: MarkerKind = freeze?.ok ? 'app' : 'crash';
+        const tag = !freeze ? 'planned failover, no freeze hook' : freeze.ok ? 'planned failover, frozen' : `planned failover, freeze failed (exit ${freeze.exitCode})`;
+        return this.doCutMarker(kind, tag, command.markerId, true);
+      });
+      this.markerChain = cut.catch(() => undefined);
+      event = await cut;
+    } catch (err) {
+      this.releaseHold();
+      return failed(`The final marker could not be cut: ${ensureError(err).message}`);
+    } finally {
+      await this.runHook('thaw', this.options.thawCommand);
+    }
+    if (!event || !hold) {
+      this.releaseHold();
+      return failed(`The final marker could not be cut: ${this.lastSkip ?? 'the agent is stopping'}.`);
+    }
+    hold.seqs = event.seqs;
+    this.machineFile.quiesced = hold;
+    await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+    this.log.info({ failoverId: hold.failoverId, marker: event.id, kind: event.kind, seqs: event.seqs }, 'quiesced: final marker cut, writes held');
+    const result = await this.finishQuiesce(hold);
+    if (result.state === 'done' && freeze && !freeze.ok) result.message += ` The freeze hook failed (exit ${freeze.exitCode}), so the point is crash-consistent.`;
+    return result;
+  }
+
+  /** Holds writes on every disk (idempotent) for an already cut final marker. */
+  private async holdWrites(hold: WriteHold): Promise<void> {
+    if (this.hold) return;
+    this.hold = hold;
+    const exps = this.disks.map((d) => d.export as NbdExport);
+    const drained = exps.map((e) => e.pause());
+    await Promise.all(drained);
+  }
+
+  /** Waits until the proxy acknowledged every segment up to the final marker. */
+  private async finishQuiesce(hold: WriteHold): Promise<CommandResult> {
+    for (;;) {
+      const waiting = this.disks.find((d) => hold.seqs[d.id] !== undefined && d.segmenter.state.ackedSeq < hold.seqs[d.id]);
+      if (!waiting) break;
+      if (this.stopping) return { state: 'failed', message: `The agent stopped before the proxy acknowledged disk ${waiting.id} up to the final marker ${hold.markerId}.` };
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const seqs = Object.entries(hold.seqs).map(([d, seq]) => `${d} seq ${seq}`).join(', ');
+    return { state: 'done', message: `Final marker ${hold.markerId} cut and acknowledged by the proxy (${seqs}); writes are held.` };
+  }
+
+  /** Admits the writes held since a quiesce (e.g. the planned failover was cancelled). */
+  releaseHold(): void {
+    if (!this.hold) return;
+    this.hold = undefined;
+    for (const d of this.disks) d.export?.resume();
+    this.log.info('held writes released');
+  }
+
+  /** Polls for commands now and carries them out (tests, tools). */
+  async pollCommands(): Promise<void> {
+    await this.commands?.pollOnce();
   }
 
   /** Runs a hook with /bin/sh; failures are logged, kept for status and emitted, never thrown. */
@@ -711,6 +869,8 @@ export class MachineAgent extends EventEmitter {
       markersSkipped: this.markersSkipped,
       lastSkip: this.lastSkip,
       lastHookFailure: this.lastHookFailure,
+      ...(this.hold ? { hold: this.hold } : {}),
+      ...(this.lastCommand ? { lastCommand: this.lastCommand } : {}),
       disks: this.disks.map((d) => {
         const s = d.segmenter;
         const oldest = d.journal.list()[0];
@@ -780,7 +940,11 @@ export class MachineAgent extends EventEmitter {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     if (this.statusTimer) clearInterval(this.statusTimer);
+    await this.commands?.stop();
     await this.markerChain;
+    // Writes held after a quiesce are refused (never acknowledged) before the clients are let go:
+    // the server's close waits for every request to be answered.
+    if (this.hold) for (const d of this.disks) await d.export?.close();
     await this.server?.close();
     for (const d of this.disks) {
       if (d.export) await d.export.close();
@@ -796,6 +960,7 @@ export class MachineAgent extends EventEmitter {
       await d.journal.saveState(d.segmenter.state);
     }
     this.client.close();
+    this.channel?.close();
     await this.writeStatus();
     this.log.info('agent stopped cleanly');
   }

@@ -60,7 +60,9 @@ export class TableCommandStore implements CommandStore {
 
   /** Resolved on first use: a proxy whose credentials come from elsewhere may lack ReplicaStorage. */
   private get tables(): FailoverTables {
-    return (this.resolved ??= new ExistingFailoverTables(new StorageClients(SETTING.replicaStorage, this.settings)));
+    return (this.resolved ??= new ExistingFailoverTables(
+      new StorageClients(SETTING.replicaStorage, this.settings),
+    ));
   }
 
   async pending(machine: string): Promise<AgentCommand[]> {
@@ -85,7 +87,8 @@ export class TableCommandStore implements CommandStore {
     try {
       await acknowledgeCommand(this.tables, machine, commandId, ack, new Date());
     } catch (err) {
-      if (isNotFound(err)) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+      if (isNotFound(err))
+        throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
       throw storeUnavailable(err);
     }
   }
@@ -111,7 +114,10 @@ function parseAck(body: Buffer): CommandAck {
   try {
     parsed = JSON.parse(body.toString('utf8'));
   } catch {
-    throw new ValidationError('The acknowledgement is not JSON; send { "state": "done" | "failed", "message"? }.', 'body');
+    throw new ValidationError(
+      'The acknowledgement is not JSON; send { "state": "done" | "failed", "message"? }.',
+      'body',
+    );
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
     throw new ValidationError('The acknowledgement must be a JSON object { "state", "message"? }.', 'body');
@@ -121,11 +127,17 @@ function parseAck(body: Buffer): CommandAck {
     throw new ValidationError(`state must be "done" or "failed"; got ${JSON.stringify(state)}.`, 'state');
   }
   if (message !== undefined && (typeof message !== 'string' || message.length > MAX_MESSAGE_CHARS)) {
-    throw new ValidationError(`message must be a string of at most ${MAX_MESSAGE_CHARS} characters.`, 'message');
+    throw new ValidationError(
+      `message must be a string of at most ${MAX_MESSAGE_CHARS} characters.`,
+      'message',
+    );
   }
   const unknown = Object.keys(rest);
   if (unknown.length > 0) {
-    throw new ValidationError(`Unknown field ${unknown[0]}; the acknowledgement has state and message.`, unknown[0]);
+    throw new ValidationError(
+      `Unknown field ${unknown[0]}; the acknowledgement has state and message.`,
+      unknown[0],
+    );
   }
   return message === undefined ? { state } : { state, message };
 }
@@ -139,7 +151,8 @@ function readSmallBody(req: IncomingMessage, max: number): Promise<Buffer> {
       if (total <= max) chunks.push(c);
     });
     req.on('end', () => {
-      if (total > max) reject(new ValidationError(`The acknowledgement is larger than ${max} bytes.`, 'body'));
+      if (total > max)
+        reject(new ValidationError(`The acknowledgement is larger than ${max} bytes.`, 'body'));
       else resolve(Buffer.concat(chunks));
     });
     req.on('error', reject);
@@ -201,7 +214,10 @@ export async function ackCommand(
     );
   }
   if (command.state === 'pending') await deps.commands.acknowledge(machine, commandId, ack);
-  deps.logger.info({ machine, command: commandId, type: command.type, state: ack.state, message: ack.message }, 'agent command acknowledged');
+  deps.logger.info(
+    { machine, command: commandId, type: command.type, state: ack.state, message: ack.message },
+    'agent command acknowledged',
+  );
   res.writeHead(204);
   res.end();
 }
