@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { createHash, webcrypto } from 'node:crypto';
+import { createHash } from 'node:crypto';
+import { Worker } from 'node:worker_threads';
 import { crc32 } from 'node:zlib';
 import { ConfigError, LifeboatError } from '../../shared/errors';
 import {
@@ -364,9 +365,8 @@ export class OpenSegmentFile {
     const header = headerBytes(this.identity, firstWriteTime, lastWriteTime, this.records, payload);
     await writeAt(this.fd, header, 0);
     const total = this.out.appended;
-    const body = Buffer.allocUnsafe(total);
-    await readAt(this.fd, body, 0);
-    const digest = Buffer.from(await webcrypto.subtle.digest('SHA-256', body));
+    // Read back and hashed on a worker thread: the event loop neither copies nor hashes 8 MiB.
+    const digest = await hashFilePrefix(this.fd, total);
     await writeAt(this.fd, digest, total);
     // No fdatasync here: the segmenter syncs sealed segments in batches, at the next FLUSH (or stop).
     await this.close();
@@ -394,15 +394,75 @@ function writeAt(fd: number, data: Buffer, position: number): Promise<void> {
   );
 }
 
-async function readAt(fd: number, into: Buffer, position: number): Promise<void> {
-  let at = 0;
-  while (at < into.length) {
-    const n = await new Promise<number>((resolve, reject) =>
-      fs.read(fd, into, at, into.length - at, position + at, (err, read) => (err ? reject(err) : resolve(read))),
-    );
-    if (n === 0) throw new Error('the open segment file is shorter than what was written to it');
-    at += n;
+// ---- SHA-256 of a file prefix, on a worker thread ----
+
+// The worker reads the sealed file (through the page cache, by descriptor: descriptors are
+// per process) in 1 MiB pieces and hashes them. The event loop only posts the request: webcrypto's
+// digest would copy the whole segment on the event loop first, and reading it back there means an
+// 8 MiB allocation per cut.
+const HASH_WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const fs = require('node:fs');
+const { createHash } = require('node:crypto');
+const piece = Buffer.allocUnsafe(1024 * 1024);
+parentPort.on('message', ({ id, fd, length }) => {
+  try {
+    const hash = createHash('sha256');
+    let at = 0;
+    while (at < length) {
+      const n = fs.readSync(fd, piece, 0, Math.min(piece.length, length - at), at);
+      if (n === 0) throw new Error('the open segment file is shorter than what was written to it');
+      hash.update(piece.subarray(0, n));
+      at += n;
+    }
+    parentPort.postMessage({ id, digest: hash.digest() });
+  } catch (err) {
+    parentPort.postMessage({ id, error: String(err && err.message || err) });
   }
+});
+`;
+
+interface HashJob {
+  resolve: (digest: Buffer) => void;
+  reject: (err: Error) => void;
+}
+
+let hashWorker: Worker | undefined;
+let hashJobs = new Map<number, HashJob>();
+let hashJobId = 0;
+
+function startHashWorker(): Worker {
+  const worker = new Worker(HASH_WORKER_SOURCE, { eval: true });
+  worker.unref();
+  const failAll = (err: Error): void => {
+    if (hashWorker === worker) hashWorker = undefined;
+    const jobs = hashJobs;
+    hashJobs = new Map();
+    for (const job of jobs.values()) job.reject(err);
+  };
+  worker.on('message', (m: { id: number; digest?: Uint8Array; error?: string }) => {
+    const job = hashJobs.get(m.id);
+    if (!job) return;
+    hashJobs.delete(m.id);
+    if (hashJobs.size === 0) worker.unref();
+    if (m.digest) job.resolve(Buffer.from(m.digest.buffer, m.digest.byteOffset, m.digest.byteLength));
+    else job.reject(new Error(m.error ?? 'the hash worker failed'));
+  });
+  worker.on('error', failAll);
+  worker.on('exit', (code) => failAll(new Error(`the hash worker exited (code ${code})`)));
+  return worker;
+}
+
+/** SHA-256 of the first `length` bytes of the open file `fd`, computed on a worker thread. */
+export function hashFilePrefix(fd: number, length: number): Promise<Buffer> {
+  const worker = (hashWorker ??= startHashWorker());
+  const id = ++hashJobId;
+  return new Promise<Buffer>((resolve, reject) => {
+    hashJobs.set(id, { resolve, reject });
+    // Referenced while a job is pending, so a process waiting only for a cut does not exit.
+    worker.ref();
+    worker.postMessage({ id, fd, length });
+  });
 }
 
 /**
