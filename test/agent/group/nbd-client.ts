@@ -21,7 +21,7 @@ import {
  * acknowledgement, which the causality oracle and the latency figures are about).
  */
 export class GroupNbdClient {
-  private buffered = Buffer.alloc(0);
+  private buffered: Buffer = Buffer.alloc(0);
   private handle = 0n;
   private readonly waiting = new Map<bigint, { length: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
   private handshake: { need: number; resolve: (b: Buffer) => void } | undefined;
