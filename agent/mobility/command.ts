@@ -5,7 +5,8 @@ import { Command, InvalidArgumentError } from 'commander';
 import { ConfigError } from '../../shared/errors';
 import { createLogger } from '../../shared/logger';
 import { MachineAgent, type AgentStatus, type DiskStatus } from './agent';
-import { ImageFileChecksums } from './sync';
+import { ApiChecksums } from './remote-checksums';
+import { ImageFileChecksums, type RemoteChecksums } from './sync';
 
 // `lifeboat agent …`: protect a machine's disks against a proxy, and show the agent's status.
 // agent/cli.ts mounts agentCommand(); this file also runs on its own (node command.js protect …).
@@ -145,7 +146,7 @@ export function readStatusFiles(options: { journalDir?: string; machine?: string
   return out;
 }
 
-interface ProtectOptions {
+export interface ProtectOptions {
   machine: string;
   disk: [string, string][];
   proxy: string;
@@ -163,7 +164,60 @@ interface ProtectOptions {
   thawCmd?: string;
   scan?: boolean;
   remoteImage: [string, string][];
+  api?: string;
+  apiKeyFile?: string;
   progress: boolean;
+}
+
+/** The function key from a file (its first line). */
+export function readApiKey(file: string): string {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8').trim().split('\n')[0].trim();
+  } catch (err) {
+    throw new ConfigError(`The API key file ${file} cannot be read (${(err as Error).message}); save the function key (or the local key of lifeboat up) there.`, 'apiKeyFile');
+  }
+  if (!text) throw new ConfigError(`The API key file ${file} is empty; save the function key there.`, 'apiKeyFile');
+  return text;
+}
+
+/**
+ * Where a resync gets the cloud copy's checksums: --remote-image for that disk, else the API
+ * (--api, --api-key-file), else an empty cloud disk (every non-zero block is sent).
+ */
+export function remoteChecksumsFromFlags(opts: Pick<ProtectOptions, 'machine' | 'remoteImage' | 'api' | 'apiKeyFile'>): (disk: string) => RemoteChecksums {
+  if (opts.apiKeyFile && !opts.api) throw new ConfigError('--api-key-file needs --api <url> (the Lifeboat API the key is for).', 'api');
+  const remotes = new Map(opts.remoteImage);
+  const key = opts.apiKeyFile ? readApiKey(opts.apiKeyFile) : undefined;
+  return (disk) => {
+    const image = remotes.get(disk);
+    if (image) return new ImageFileChecksums(path.resolve(image));
+    if (opts.api) return new ApiChecksums({ apiUrl: opts.api, key, machine: opts.machine, disk });
+    return new ImageFileChecksums('/nonexistent/empty-cloud-disk');
+  };
+}
+
+/** The agent `lifeboat agent protect` runs, from its flags. */
+export function protectAgent(opts: ProtectOptions): { agent: MachineAgent; journalDir: string } {
+  const credential = readCredential(opts.credentialFile);
+  const journalDir = path.resolve(opts.journalDir ?? defaultJournalDir(opts.machine));
+  const ca = opts.proxyCa ? fs.readFileSync(opts.proxyCa) : undefined;
+  const agent = new MachineAgent({
+    machine: opts.machine,
+    disks: opts.disk.map(([id, p]) => ({ id, path: path.resolve(p) })),
+    journalDir,
+    proxy: { url: opts.proxy, credential, ca },
+    source: opts.scan ? 'scan' : 'nbd',
+    nbd: { port: opts.nbdPort, host: opts.nbdHost },
+    crashIntervalSeconds: opts.crashInterval,
+    appIntervalSeconds: opts.appInterval,
+    freezeCommand: opts.freezeCmd,
+    thawCommand: opts.thawCmd,
+    segment: { maxJournalBytes: opts.journalMax, maxSegmentBytes: opts.segmentMax, maxSegmentAgeMs: opts.segmentAge * 1000 },
+    remoteChecksums: remoteChecksumsFromFlags(opts),
+    logger: createLogger('agent'),
+  });
+  return { agent, journalDir };
 }
 
 /** Shows sync progress bars (TTY) or a line every 10 s, until stopped. */
@@ -216,28 +270,7 @@ function startProgress(agent: MachineAgent): () => void {
 }
 
 async function protect(opts: ProtectOptions): Promise<void> {
-  const credential = readCredential(opts.credentialFile);
-  const journalDir = path.resolve(opts.journalDir ?? defaultJournalDir(opts.machine));
-  const remotes = new Map(opts.remoteImage);
-  const ca = opts.proxyCa ? fs.readFileSync(opts.proxyCa) : undefined;
-  const agent = new MachineAgent({
-    machine: opts.machine,
-    disks: opts.disk.map(([id, p]) => ({ id, path: path.resolve(p) })),
-    journalDir,
-    proxy: { url: opts.proxy, credential, ca },
-    source: opts.scan ? 'scan' : 'nbd',
-    nbd: { port: opts.nbdPort, host: opts.nbdHost },
-    crashIntervalSeconds: opts.crashInterval,
-    appIntervalSeconds: opts.appInterval,
-    freezeCommand: opts.freezeCmd,
-    thawCommand: opts.thawCmd,
-    segment: { maxJournalBytes: opts.journalMax, maxSegmentBytes: opts.segmentMax, maxSegmentAgeMs: opts.segmentAge * 1000 },
-    remoteChecksums: (disk) => {
-      const image = remotes.get(disk);
-      return image ? new ImageFileChecksums(path.resolve(image)) : new ImageFileChecksums('/nonexistent/empty-cloud-disk');
-    },
-    logger: createLogger('agent'),
-  });
+  const { agent, journalDir } = protectAgent(opts);
   await agent.start();
   const s = agent.status();
   console.log(
@@ -291,7 +324,9 @@ export function agentCommand(): Command {
     .option('--freeze-cmd <command>', 'run before an app-consistent marker (e.g. "fsfreeze -f /data")')
     .option('--thaw-cmd <command>', 'run after it, always (e.g. "fsfreeze -u /data")')
     .option('--scan', 'scan the disks for changed blocks instead of serving them over NBD')
-    .option('--remote-image <id=path>', "a local copy of the cloud disk to compare checksums with during resync (default: an empty cloud disk)", collectPair, [])
+    .option('--remote-image <id=path>', "a local copy of the cloud disk to compare checksums with during resync (default: --api, else an empty cloud disk)", collectPair, [])
+    .option('--api <url>', "the Lifeboat API (e.g. https://<function app>/api): initial sync and resync compare with the cloud copy's block checksums and send only blocks that differ")
+    .option('--api-key-file <file>', 'file holding the function key for --api (sent as x-functions-key)')
     .option('--no-progress', 'no progress display')
     .action(async (opts: ProtectOptions) => {
       await protect(opts);

@@ -63,7 +63,8 @@ export class ProxyCommandClient implements CommandChannel {
     const res = await this.request('GET', path);
     if (res.status !== 200) throw this.failure(res, `GET ${path}`);
     const body = JSON.parse(res.body.toString('utf8')) as { value?: unknown };
-    if (!Array.isArray(body.value)) throw new ProxyUnavailableError(`The proxy answered GET ${path} without a "value" list.`);
+    if (!Array.isArray(body.value))
+      throw new ProxyUnavailableError(`The proxy answered GET ${path} without a "value" list.`);
     return body.value as AgentCommand[];
   }
 
@@ -72,7 +73,9 @@ export class ProxyCommandClient implements CommandChannel {
     const res = await this.request('POST', path, Buffer.from(JSON.stringify(result)));
     if (res.status === 204 || res.status === 200) return;
     if (res.status === 404 || res.status === 409) {
-      throw new CommandClosedError(`The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`);
+      throw new CommandClosedError(
+        `The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`,
+      );
     }
     throw this.failure(res, `POST ${path}`);
   }
@@ -82,7 +85,11 @@ export class ProxyCommandClient implements CommandChannel {
   }
 
   private failure(res: { status: number; body: Buffer }, what: string): ProxyUnavailableError {
-    return new ProxyUnavailableError(`The proxy answered ${res.status} to ${what}: ${errorMessage(res.body)}`, undefined, res.status);
+    return new ProxyUnavailableError(
+      `The proxy answered ${res.status} to ${what}: ${errorMessage(res.body)}`,
+      undefined,
+      res.status,
+    );
   }
 
   private request(method: string, path: string, body?: Buffer): Promise<{ status: number; body: Buffer }> {
@@ -104,11 +111,23 @@ export class ProxyCommandClient implements CommandChannel {
           const chunks: Buffer[] = [];
           res.on('data', (c: Buffer) => chunks.push(c));
           res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
-          res.on('error', (err) => reject(new ProxyUnavailableError(`The proxy at ${this.url.origin} broke off the answer (${err.message}).`)));
+          res.on('error', (err) =>
+            reject(
+              new ProxyUnavailableError(
+                `The proxy at ${this.url.origin} broke off the answer (${err.message}).`,
+              ),
+            ),
+          );
         },
       );
       req.on('timeout', () => req.destroy(new Error(`no answer within ${timeout} ms`)));
-      req.on('error', (err) => reject(new ProxyUnavailableError(`The proxy at ${this.url.origin} cannot be reached for commands (${err.message}).`)));
+      req.on('error', (err) =>
+        reject(
+          new ProxyUnavailableError(
+            `The proxy at ${this.url.origin} cannot be reached for commands (${err.message}).`,
+          ),
+        ),
+      );
       req.end(body);
     });
   }
@@ -213,7 +232,15 @@ export class CommandPoller {
       let result = this.results.get(command.id);
       if (!result) {
         this.active.add(command.id);
-        this.log.info({ command: command.id, type: command.type, markerId: command.markerId, failoverId: command.failoverId }, 'agent command received');
+        this.log.info(
+          {
+            command: command.id,
+            type: command.type,
+            markerId: command.markerId,
+            failoverId: command.failoverId,
+          },
+          'agent command received',
+        );
         try {
           result = await this.options.handle(command);
         } catch (err) {
@@ -222,7 +249,11 @@ export class CommandPoller {
           this.active.delete(command.id);
         }
         this.results.set(command.id, result);
-        (result.state === 'done' ? this.log.info : this.log.error).call(this.log, { command: command.id, ...result }, `agent command ${result.state}`);
+        (result.state === 'done' ? this.log.info : this.log.error).call(
+          this.log,
+          { command: command.id, ...result },
+          `agent command ${result.state}`,
+        );
       }
       try {
         await this.options.channel.acknowledge(command.id, result);
@@ -232,7 +263,10 @@ export class CommandPoller {
           continue;
         }
         this.lastError = ensureError(err).message;
-        this.log.warn({ command: command.id, err }, 'the answer to a command was not delivered; resending at the next poll');
+        this.log.warn(
+          { command: command.id, err },
+          'the answer to a command was not delivered; resending at the next poll',
+        );
       }
     }
   }

@@ -1,0 +1,192 @@
+import { ConfigError, LifeboatError } from '../../shared/errors';
+import { backoffDelay } from './shipper';
+import type { RemoteChecksums } from './sync';
+
+// The cloud copy's block checksums over the HTTP API (docs/api.md):
+//   GET {api}/machines/{machine}/disks/{disk}/checksums?blockSize=65536&offset=…&length=…
+//   x-functions-key: <key>   →   { sizeBytes, blockSize, offset, length, blocks: [hex SHA-256…], nextOffset? }
+// A resync asks for 1 MiB at a time; this reads a larger window per request (default 64 MiB,
+// 1,024 checksums) and asks for the next window while the current one is being compared.
+
+export interface ApiChecksumsOptions {
+  /** The API base, e.g. https://func-lifeboat.azurewebsites.net/api (a bare origin gets /api). */
+  apiUrl: string;
+  /** The function key, sent as x-functions-key (none for an API without keys). */
+  key?: string;
+  machine: string;
+  disk: string;
+  /** Default 64 KiB, the agent's block size. */
+  blockSize?: number;
+  /** Bytes of checksums fetched per request (default 64 MiB; at most 16,384 blocks). */
+  windowBytes?: number;
+  /** Per-request timeout (default 120 s: the cloud reads the seed blob's written ranges). */
+  timeoutMs?: number;
+  /** Attempts per window on 5xx/429/network errors before the error reaches the resync (default 4). */
+  attempts?: number;
+}
+
+/** The API refused the request in a way retrying will not fix (bad key, unknown disk, bad input). */
+export class ChecksumsRequestError extends LifeboatError {
+  constructor(message: string, status: number) {
+    super('ChecksumsRequestFailed', message, { status, target: 'api' });
+  }
+}
+
+interface Window {
+  offset: number;
+  /** Checksums of the blocks from `offset` on (fewer than asked at the cloud disk's end). */
+  blocks: Buffer[];
+}
+
+/** Normalises the --api value to the API base with no trailing slash. */
+export function apiBase(apiUrl: string): URL {
+  let url: URL;
+  try {
+    url = new URL(apiUrl);
+  } catch {
+    throw new ConfigError(
+      `The API URL ${JSON.stringify(apiUrl)} is not a URL; pass --api https://<function app>/api.`,
+      'api',
+    );
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:')
+    throw new ConfigError(`The API URL ${apiUrl} must start with https:// (or http:// locally).`, 'api');
+  let p = url.pathname.replace(/\/+$/, '');
+  if (p === '') p = '/api';
+  url.pathname = p;
+  url.search = '';
+  return url;
+}
+
+/** RemoteChecksums of a disk's seed copy in the cloud, read through the HTTP API. */
+export class ApiChecksums implements RemoteChecksums {
+  readonly blockSize: number;
+  private readonly base: URL;
+  private readonly windowBytes: number;
+  private current: Window | undefined;
+  private ahead: { offset: number; window: Promise<Window> } | undefined;
+  /** The cloud disk's size, once an answer told it. */
+  sizeBytes: number | undefined;
+  /** Requests made (for tests and status). */
+  requests = 0;
+
+  constructor(private readonly options: ApiChecksumsOptions) {
+    this.base = apiBase(options.apiUrl);
+    this.blockSize = options.blockSize ?? 64 * 1024;
+    const window = options.windowBytes ?? 64 * 1024 * 1024;
+    this.windowBytes = Math.max(
+      this.blockSize,
+      Math.min(16_384, Math.floor(window / this.blockSize)) * this.blockSize,
+    );
+  }
+
+  async checksums(range: { offset: number; length: number }): Promise<Buffer[]> {
+    if (range.offset % this.blockSize !== 0) {
+      throw new LifeboatError(
+        'InvalidChecksumRange',
+        `Checksums are asked from offset ${range.offset}, which is not a multiple of the block size ${this.blockSize}.`,
+      );
+    }
+    const out: Buffer[] = [];
+    const end = range.offset + range.length;
+    for (let at = range.offset; at < end; at += this.blockSize) {
+      if (this.sizeBytes !== undefined && at >= this.sizeBytes) break; // past the cloud disk: differs
+      const window = await this.windowAt(at);
+      const sum = window.blocks[(at - window.offset) / this.blockSize];
+      if (sum === undefined) break;
+      out.push(sum);
+    }
+    return out;
+  }
+
+  private async windowAt(offset: number): Promise<Window> {
+    const within = (w: Window | undefined): boolean =>
+      w !== undefined && offset >= w.offset && offset < w.offset + this.windowBytes;
+    if (!within(this.current)) {
+      const start = offset - (offset % this.windowBytes);
+      if (this.ahead && this.ahead.offset === start) this.current = await this.ahead.window;
+      else this.current = await this.fetchWindow(start);
+      this.ahead = undefined;
+    }
+    const next = this.current!.offset + this.windowBytes;
+    if (!this.ahead && (this.sizeBytes === undefined || next < this.sizeBytes)) {
+      const window = this.fetchWindow(next);
+      window.catch(() => undefined); // an error shows when the window is needed
+      this.ahead = { offset: next, window };
+    }
+    return this.current!;
+  }
+
+  private async fetchWindow(offset: number): Promise<Window> {
+    if (this.sizeBytes !== undefined && offset >= this.sizeBytes) return { offset, blocks: [] };
+    const attempts = this.options.attempts ?? 4;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.request(offset);
+      } catch (err) {
+        if (err instanceof ChecksumsRequestError || attempt + 1 >= attempts) throw err;
+        await new Promise((r) => setTimeout(r, backoffDelay(attempt, { baseMs: 500, maxMs: 10_000 })));
+      }
+    }
+  }
+
+  private async request(offset: number): Promise<Window> {
+    const { machine, disk } = this.options;
+    const url = new URL(
+      `${this.base.pathname}/machines/${encodeURIComponent(machine)}/disks/${encodeURIComponent(disk)}/checksums`,
+      this.base,
+    );
+    url.searchParams.set('blockSize', String(this.blockSize));
+    url.searchParams.set('offset', String(offset));
+    url.searchParams.set('length', String(this.windowBytes));
+    this.requests++;
+    let res: Response;
+    try {
+      res = await fetch(url, {
+        headers: this.options.key ? { 'x-functions-key': this.options.key } : {},
+        signal: AbortSignal.timeout(this.options.timeoutMs ?? 120_000),
+      });
+    } catch (err) {
+      throw new LifeboatError(
+        'ChecksumsUnavailable',
+        `The Lifeboat API at ${this.base.origin} cannot be reached for the checksums of ${machine}/${disk} (${(err as Error).message}); the resync retries.`,
+        { status: 503, target: 'api' },
+      );
+    }
+    const text = await res.text();
+    if (res.status !== 200) {
+      let message = text.slice(0, 300);
+      try {
+        message = (JSON.parse(text) as { error?: { message?: string } }).error?.message ?? message;
+      } catch {
+        // not JSON
+      }
+      const what = `The Lifeboat API answered ${res.status} to GET ${url.pathname}: ${message}`;
+      if (res.status === 401 || res.status === 403)
+        throw new ChecksumsRequestError(`${what} (pass the function key with --api-key-file)`, res.status);
+      if (res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 429)
+        throw new ChecksumsRequestError(what, res.status);
+      throw new LifeboatError('ChecksumsUnavailable', what, { status: 503, target: 'api' });
+    }
+    const body = JSON.parse(text) as {
+      sizeBytes?: unknown;
+      blockSize?: unknown;
+      offset?: unknown;
+      blocks?: unknown;
+    };
+    if (
+      body.blockSize !== this.blockSize ||
+      body.offset !== offset ||
+      typeof body.sizeBytes !== 'number' ||
+      !Array.isArray(body.blocks) ||
+      !body.blocks.every((b) => typeof b === 'string' && /^[0-9a-f]{64}$/.test(b))
+    ) {
+      throw new ChecksumsRequestError(
+        `The Lifeboat API answered GET ${url.pathname} with checksums for another range or block size, or not as hex SHA-256.`,
+        502,
+      );
+    }
+    this.sizeBytes = body.sizeBytes;
+    return { offset, blocks: (body.blocks as string[]).map((h) => Buffer.from(h, 'hex')) };
+  }
+}
