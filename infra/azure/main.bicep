@@ -109,9 +109,10 @@ var changelogContainer = 'changelogs'
 var deploymentContainer = 'app-package'
 var encryptionKeysSecretName = 'lifeboat-encryption-keys'
 var machinesTable = 'machines'
-// The code creates the state tables it uses on first use; `machines` is made here because the
-// proxy's read grant is scoped to it, and a role assignment needs its scope to exist.
-var replicaTables = [machinesTable]
+var commandsTable = 'commands'
+// The code creates the state tables it uses on first use; `machines` and `commands` are made here
+// because the proxy's grants are scoped to them, and a role assignment needs its scope to exist.
+var replicaTables = [machinesTable, commandsTable]
 
 // Built-in role definition ids (test/infra/azure checks each against its name).
 var roles = {
@@ -312,6 +313,11 @@ resource replicaTableService 'Microsoft.Storage/storageAccounts/tableServices@20
 resource machinesTableScope 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
   parent: replicaTableService
   name: machinesTable
+}
+
+resource commandsTableScope 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+  parent: replicaTableService
+  name: commandsTable
 }
 
 resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' existing = {
@@ -527,6 +533,19 @@ resource proxyIdentityReadsMachines 'Microsoft.Authorization/roleAssignments@202
   dependsOn: [replicaStorage]
 }
 
+// Serve agent commands (planned failover's quiesce) and record the agent's answer: read and
+// update rows of the commands table only.
+resource proxyIdentityAnswersCommands 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(commandsTableScope.id, proxyIdentity.id, roles.storageTableDataContributor)
+  scope: commandsTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
 resource proxyPrincipalWritesChangeLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
   name: guid(changelogsContainer.id, proxyServicePrincipalId, 'lifeboat-change-log-writer')
   scope: changelogsContainer
@@ -554,6 +573,17 @@ resource proxyPrincipalReadsMachines 'Microsoft.Authorization/roleAssignments@20
   scope: machinesTableScope
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+resource proxyPrincipalAnswersCommands 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(commandsTableScope.id, proxyServicePrincipalId, roles.storageTableDataContributor)
+  scope: commandsTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
     principalId: proxyServicePrincipalId
     principalType: 'ServicePrincipal'
   }

@@ -3,6 +3,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { MACHINES_TABLE } from '../../../shared/credentials';
+import { FAILOVER_TABLES } from '../../../shared/failover/tables';
 import { CHANGELOG_CONTAINER } from '../../../shared/envelope';
 import {
   objectEntries,
@@ -135,7 +136,8 @@ export const APP_NEEDS: Need[] = [
 /**
  * The proxy's grants follow from the storage calls in agent/proxy (proxyStorageOperations): today
  * it creates the changelogs container if missing, uploads change logs and reads one back to
- * compare a re-sent segment, and reads the machines table — no delete, no list, no table writes.
+ * compare a re-sent segment, reads the machines table, and reads and answers agent commands in the
+ * commands table — no delete, no list, no other table writes.
  */
 export function proxyNeeds(proxy: StorageOperations = proxyStorageOperations()): Need[] {
   const needs: Need[] = [
@@ -160,6 +162,15 @@ export function proxyNeeds(proxy: StorageOperations = proxyStorageOperations()):
       on: { table: MACHINES_TABLE },
       service: 'table',
       why: 'read credential hashes to authenticate agents',
+    });
+  }
+  if (proxy.commands.size > 0) {
+    needs.push({
+      setting: 'ReplicaStorage',
+      role: proxy.commands.has('write') ? 'Storage Table Data Contributor' : 'Storage Table Data Reader',
+      on: { table: FAILOVER_TABLES.commands },
+      service: 'table',
+      why: "serve agent commands (planned failover's quiesce) and record the agents' answers",
     });
   }
   return needs;

@@ -282,13 +282,18 @@ export interface StorageOperations {
   /** Storage permissions relative to `Microsoft.Storage/storageAccounts/blobServices/`. */
   blob: Set<string>;
   table: Set<'read' | 'write'>;
+  /**
+   * The agent-command rows (table `commands`), read and answered through the shared functions of
+   * shared/failover/commands.ts rather than SDK calls in the file itself.
+   */
+  commands: Set<'read' | 'write'>;
   /** Where each permission comes from. */
   at: Map<string, string[]>;
 }
 
 /** Which blob and table permissions the calls in these files need (SDK method → permission). */
 export function storageOperations(files: string[], contents: Record<string, string> = {}): StorageOperations {
-  const ops: StorageOperations = { blob: new Set(), table: new Set(), at: new Map() };
+  const ops: StorageOperations = { blob: new Set(), table: new Set(), commands: new Set(), at: new Map() };
   const rules: Array<[RegExp, 'blob' | 'table', string]> = [
     [/\.createIfNotExists\(/g, 'blob', 'containers/write'],
     [
@@ -317,6 +322,15 @@ export function storageOperations(files: string[], contents: Record<string, stri
         if (service === 'blob') ops.blob.add(permission);
         else ops.table.add(permission as 'read' | 'write');
         add(ops.at, `${service} ${permission}`, `${file}: ${m[0]}`);
+      }
+    }
+    for (const [re, permission] of [
+      [/\b(?:pendingCommands|readCommand)\(/g, 'read'],
+      [/\backnowledgeCommand\(/g, 'write'],
+    ] as const) {
+      for (const m of text.matchAll(re)) {
+        ops.commands.add(permission);
+        add(ops.at, `commands ${permission}`, `${file}: ${m[0]}`);
       }
     }
   }

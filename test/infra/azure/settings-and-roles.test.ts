@@ -76,6 +76,7 @@ describe('infra/azure against the code', () => {
       'containers/write',
     ]);
     expect([...proxy.table]).toEqual(['read']);
+    expect([...proxy.commands].sort()).toEqual(['read', 'write']);
   });
 
   it('names each built-in role by the id Azure gives it', () => {
@@ -144,7 +145,7 @@ describe('infra/azure against the code', () => {
     expect(modules.cacheStorage.containers).toBe("[changelogContainer, 'quarantine']");
     expect(modules.cacheStorage.deleteAfterDays).toBe('changeLogRetentionDays');
     expect(modules.replicaStorage.containers).toBe("['seed-disks', 'failover-disks']");
-    expect(infra.main.vars.replicaTables).toBe('[machinesTable]');
+    expect(infra.main.vars.replicaTables).toBe('[machinesTable, commandsTable]');
     expect(stringLiteral(infra.main.vars.machinesTable)).toBe(MACHINES_TABLE);
     expect(infra.main.params.encryptionKeys.decorators).toContain('@secure()');
     expect(appSettingsOf(infra).LIFEBOAT_ENCRYPTION_KEYS).toBe(
@@ -159,9 +160,12 @@ describe('infra/azure against the code', () => {
     );
     expect(grants).toContain("proxyIdentity | Storage Table Data Reader | table 'stlbrepl${token}'/machines");
     expect(grants).toContain(
+      "proxyIdentity | Storage Table Data Contributor | table 'stlbrepl${token}'/commands",
+    );
+    expect(grants).toContain(
       "param proxyServicePrincipalId | custom: containers/blobs/read, containers/blobs/write, containers/write | container 'stlbcache${token}'/changelogs",
     );
-    expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(6);
+    expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(8);
   });
 });
 
