@@ -1,7 +1,13 @@
+import { randomUUID } from 'node:crypto';
 import { app } from '@azure/functions';
+import * as df from 'durable-functions';
 import { NotFoundError } from '../../shared/errors';
-import { GroupStore, listGroupPoints, putGroup, readGroup, type GroupStore as Store } from '../../shared/groups';
+import { defaultFailoverDeps, failoverIdFromUuid } from '../../shared/failover';
+import { GroupStore, listGroupPoints, prepareGroupFailover, putGroup, readGroup, releaseGroupClaims, type GroupStore as Store } from '../../shared/groups';
 import { defaultReplicationDeps, getMachineStatus } from '../../shared/replication';
+import '../orchestrations/group-failover';
+import { GROUP_ORCHESTRATION } from '../orchestrations/names';
+import { startOperation } from './operations';
 import { intQuery, jsonBody, withErrors } from './respond';
 
 let store: Store | undefined;
@@ -61,5 +67,27 @@ app.http('groups-recovery-points', {
       top: intQuery(request, 'top', 1, 1000),
     });
     return { jsonBody: { value: points } };
+  }),
+});
+
+app.http('groups-failover', {
+  route: 'groups/{group}/failover',
+  methods: ['POST'],
+  authLevel: 'function',
+  extraInputs: [df.input.durableClient()],
+  handler: withErrors(async (request, context) => {
+    const deps = defaultFailoverDeps();
+    const group = request.params.group;
+    const runId = `group-${group}-${randomUUID().replace(/-/g, '').slice(0, 8)}`;
+    const run = await prepareGroupFailover(deps, groups(), group, await jsonBody(request), runId, () => failoverIdFromUuid(randomUUID()));
+    return startOperation(
+      request,
+      context,
+      GROUP_ORCHESTRATION.failover,
+      runId,
+      run,
+      { group, recoveryPoint: run.point.id, members: run.members.map((m) => ({ machine: m.machine, failoverId: m.failoverId })) },
+      () => releaseGroupClaims(deps, run.members),
+    );
   }),
 });

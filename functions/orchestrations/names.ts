@@ -38,3 +38,6 @@ export type PlanWait =
       timeoutSeconds?: number;
     }
   | { type: 'decision'; event: string };
+
+/** Group failover (functions/orchestrations/group-failover.ts): every member to one group point. */
+export const GROUP_ORCHESTRATION = { failover: 'group-failover' } as const;

@@ -2,3 +2,4 @@
 // docs/groups.md describes the design; the barrier that cuts group markers is agent/group.
 export * from './model';
 export * from './points';
+export * from './failover';
