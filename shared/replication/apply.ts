@@ -1,20 +1,14 @@
 import type { TableClient } from '@azure/data-tables';
 import type { PageBlobClient } from '@azure/storage-blob';
 import { z } from 'zod';
-import { changelogBlobName, EnvelopeError, openEnvelope } from '../envelope';
+import { changelogBlobName } from '../envelope';
 import type { Logger } from '../logger';
 import { isDnsLabel } from '../names';
 import { Readable } from 'node:stream';
-import {
-  coalesceRecords,
-  decodeSegment,
-  SegmentFormatError,
-  type MarkerRecord,
-  type Segment,
-  type SegmentRecord,
-} from '../segment';
+import { coalesceRecords, type MarkerRecord, type Segment, type SegmentRecord } from '../segment';
 import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
+import { QuarantineReason } from './open';
 import { readPolicy } from './policy';
 import { completeRecoveryPoint, readArrival, recordArrival } from './recovery-points';
 import { alignedChunks, OrderedPageWriter, PAGE_WRITE_BYTES, SeedLease, seedBlob } from './seed-disk';
@@ -167,9 +161,16 @@ class DiskCursor {
   }
 }
 
-/** Downloads change logs ahead of the applier, in order, a few at a time. */
+/** A change log fetched and opened: its segment, or why it must not be applied. */
+interface Fetched {
+  bytes: Buffer;
+  segment?: Segment;
+  rejected?: QuarantineReason;
+}
+
+/** Downloads and opens change logs ahead of the applier, in order, a few at a time. */
 class ChangelogFetcher {
-  private readonly ahead = new Map<number, Promise<Buffer | undefined>>();
+  private readonly ahead = new Map<number, Promise<Fetched | undefined>>();
 
   constructor(
     private readonly deps: ReplicationDeps,
@@ -181,10 +182,6 @@ class ChangelogFetcher {
 
   name(seq: number): string {
     return changelogBlobName({ machine: this.machine, disk: this.disk, epoch: this.epoch, seq });
-  }
-
-  async exists(seq: number): Promise<boolean> {
-    return this.deps.changelogs.getBlockBlobClient(this.name(seq)).exists();
   }
 
   private async download(seq: number): Promise<Buffer | undefined> {
@@ -199,11 +196,23 @@ class ChangelogFetcher {
     }
   }
 
-  /** The change log `seq`, or undefined when it is not in the cache. */
-  async get(seq: number): Promise<Buffer | undefined> {
+  private async fetch(seq: number): Promise<Fetched | undefined> {
+    const bytes = await this.download(seq);
+    if (!bytes) return undefined;
+    const address = { machine: this.machine, disk: this.disk, epoch: this.epoch, seq };
+    try {
+      return { bytes, segment: await this.deps.opener.open(this.name(seq), bytes, address) };
+    } catch (err) {
+      if (err instanceof QuarantineReason) return { bytes, rejected: err };
+      throw err;
+    }
+  }
+
+  /** The change log `seq`, opened, or undefined when it is not in the cache. */
+  async get(seq: number): Promise<Fetched | undefined> {
     for (let s = seq; s < seq + this.depth; s++) {
       if (!this.ahead.has(s)) {
-        const p = this.download(s);
+        const p = this.fetch(s);
         p.catch(() => undefined);
         this.ahead.set(s, p);
       }
@@ -211,52 +220,12 @@ class ChangelogFetcher {
     const fetched = await this.ahead.get(seq)!;
     this.ahead.delete(seq);
     // Fetched ahead and missing then: it may have arrived since.
-    return fetched ?? (await this.download(seq));
+    return fetched ?? (await this.fetch(seq));
   }
 
   clear(): void {
     this.ahead.clear();
   }
-}
-
-class QuarantineReason extends Error {
-  constructor(
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-/** Opens, verifies and checks one change log; throws QuarantineReason when it must not be applied. */
-function openChangelog(
-  deps: ReplicationDeps,
-  name: string,
-  bytes: Buffer,
-  expect: { machine: string; disk: string; epoch: number; seq: number },
-): Segment {
-  let segment: Segment;
-  try {
-    segment = decodeSegment(openEnvelope(bytes, { name, keyRing: deps.keyRing() }));
-  } catch (err) {
-    if (err instanceof EnvelopeError) throw new QuarantineReason(err.code, err.message);
-    if (err instanceof SegmentFormatError)
-      throw new QuarantineReason(`InvalidSegment:${err.reason}`, err.message);
-    throw err;
-  }
-  const h = segment.header;
-  if (
-    h.machine !== expect.machine ||
-    h.disk !== expect.disk ||
-    h.epoch !== expect.epoch ||
-    h.seq !== expect.seq
-  ) {
-    throw new QuarantineReason(
-      'SegmentMislabelled',
-      `The segment inside ${name} says ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; it does not belong under this name.`,
-    );
-  }
-  return segment;
 }
 
 type ChangeRecord = Exclude<SegmentRecord, MarkerRecord>;
@@ -451,8 +420,8 @@ async function runApply(
       return;
     }
     const name = fetcher.name(seq);
-    const bytes = await fetcher.get(seq);
-    if (!bytes) {
+    const fetched = await fetcher.get(seq);
+    if (!fetched) {
       await settle();
       if (await switchEpoch(deps, log, cursor)) {
         epoch = cursor.row.epoch;
@@ -463,17 +432,14 @@ async function runApply(
       report.outcome = 'caught-up';
       return;
     }
-    let segment: Segment;
-    try {
-      segment = openChangelog(deps, name, bytes, { machine, disk, epoch, seq });
-    } catch (err) {
-      if (!(err instanceof QuarantineReason)) throw err;
+    if (!fetched.segment) {
       await settle();
       fetcher.clear();
-      await quarantine(deps, log, cursor, name, bytes, err, { epoch, seq });
+      await quarantine(deps, log, cursor, name, fetched.bytes, fetched.rejected!, { epoch, seq });
       report.outcome = 'quarantined';
       return;
     }
+    const segment = fetched.segment;
     const extent = segmentExtent(segment);
     if (extent > cursor.row.sizeBytes) {
       await settle();

@@ -4,6 +4,7 @@ import { CHANGELOG_CONTAINER, keyRingFromSettings, type KeyRing } from '../envel
 import { createLogger, type Logger } from '../logger';
 import { createMessageSender, type MessageSender } from '../messaging';
 import { StorageClients } from '../storage';
+import { inlineOpener, WorkerOpener, type ChangelogOpener } from './open';
 import { SEED_CONTAINER } from './seed-disk';
 import { ReplicationTables } from './tables';
 
@@ -26,8 +27,10 @@ export interface ApplyTuning {
   leaseSeconds: number;
   /** Page writes in flight per disk. */
   writeConcurrency: number;
-  /** Change logs fetched ahead of the one being applied. */
+  /** Change logs fetched (and opened) ahead of the one being applied. */
   prefetch: number;
+  /** Worker threads that open change logs; 0 opens them on the main thread. */
+  openWorkers: number;
 }
 
 /** Optional settings of the replication functions (defaults in parentheses). */
@@ -38,6 +41,8 @@ export const REPLICATION_SETTING = {
   leaseSeconds: 'LIFEBOAT_APPLY_LEASE_SECONDS',
   /** Page writes in flight per disk (8). */
   writeConcurrency: 'LIFEBOAT_APPLY_WRITE_CONCURRENCY',
+  /** Worker threads that decrypt, decompress and decode change logs (0 = on the main thread). */
+  openWorkers: 'LIFEBOAT_APPLY_OPEN_WORKERS',
   /** NCRONTAB schedule of the retention timer (every 15 minutes). */
   retentionSchedule: 'LIFEBOAT_RETENTION_SCHEDULE',
   /** NCRONTAB schedule of the RPO monitor (every minute). */
@@ -48,6 +53,7 @@ export const DEFAULT_RETENTION_SCHEDULE = '0 */15 * * * *';
 export const DEFAULT_RPO_SCHEDULE = '0 * * * * *';
 
 export const DEFAULT_TUNING: ApplyTuning = {
+  openWorkers: 0,
   budgetMs: 240_000,
   leaseSeconds: 30,
   writeConcurrency: 8,
@@ -86,6 +92,7 @@ export function tuningFromSettings(settings: Settings): ApplyTuning {
       64,
     ),
     prefetch: DEFAULT_TUNING.prefetch,
+    openWorkers: numberSetting(settings, REPLICATION_SETTING.openWorkers, DEFAULT_TUNING.openWorkers, 0, 16),
   };
 }
 
@@ -100,6 +107,8 @@ export interface ReplicationDeps {
   quarantine: ContainerClient;
   /** The envelope keys (read on first use: only apply needs them). */
   keyRing: () => KeyRing;
+  /** Opens change logs (decrypt, decompress, decode): inline or on worker threads. */
+  opener: ChangelogOpener;
   /** Sends a `changelog-ready` nudge (re-enqueue), optionally delayed. */
   nudge: (message: ChangelogReady, delaySeconds?: number) => Promise<void>;
   tuning: ApplyTuning;
@@ -127,17 +136,20 @@ export function replicationDepsFromSettings(settings: Settings = process.env, lo
   const cache = new StorageClients(SETTING.cacheStorage, settings);
   let keyRing: KeyRing | undefined;
   let sender: MessageSender | undefined;
+  const tuning = tuningFromSettings(settings);
+  const ring = () => (keyRing ??= keyRingFromSettings(settings));
   return {
     tables: new ReplicationTables(replica),
     seed: replica.blobService().getContainerClient(SEED_CONTAINER),
     changelogs: cache.blobService().getContainerClient(CHANGELOG_CONTAINER),
     quarantine: cache.blobService().getContainerClient(QUARANTINE_CONTAINER),
-    keyRing: () => (keyRing ??= keyRingFromSettings(settings)),
+    keyRing: ring,
+    opener: tuning.openWorkers > 0 ? new WorkerOpener(ring, tuning.openWorkers) : inlineOpener(ring),
     nudge: async (message, delaySeconds) => {
       sender ??= createMessageSender(settings, SETTING.serviceBus, changelogQueueName(settings));
       await sender.send({ body: message, delaySeconds });
     },
-    tuning: tuningFromSettings(settings),
+    tuning,
     log: log ?? createLogger('replication'),
   };
 }

@@ -9,6 +9,7 @@ export * from './events';
 export * from './recovery-points';
 export * from './registration';
 export * from './apply';
+export * from './open';
 export * from './retention';
 export * from './rpo';
 export * from './status';

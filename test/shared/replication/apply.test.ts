@@ -68,7 +68,7 @@ async function expectRecoveryPointsMatch(deps: TestDeps, workload: Workload, siz
 
 describe('apply (in-process, against Azurite)', () => {
   it('applies a random two-disk workload: seeds equal the model, every recovery point equals the model at its marker', async () => {
-    const deps = testDeps(connection);
+    const deps = testDeps(connection, { openWorkers: 1 }); // change logs opened on a worker thread
     const machine = uniqueMachine('apply');
     const disks = [
       { id: 'd0', sizeBytes: 2 * MiB },
@@ -212,7 +212,7 @@ describe('apply (in-process, against Azurite)', () => {
   });
 
   it('quarantines a tampered change log: nothing of it applied, an event, the disk marked for resync', async () => {
-    const deps = testDeps(connection);
+    const deps = testDeps(connection, { openWorkers: 1 });
     const machine = uniqueMachine('tamper');
     const disks = [{ id: 'd0', sizeBytes: 1 * MiB }];
     await register(deps, machine, disks);

@@ -13,6 +13,7 @@ import {
   ensureContainer,
   readRange,
   replicationDepsFromSettings,
+  WorkerOpener,
   type ApplyTuning,
   type ChangelogReady,
   type ReplicationDeps,
@@ -45,9 +46,11 @@ export interface TestDeps extends ReplicationDeps {
 export function testDeps(connection: string, tuning: Partial<ApplyTuning> = {}): TestDeps {
   const deps = replicationDepsFromSettings(testSettings(connection, 'unused'), quietLogger());
   const nudges: TestDeps['nudges'] = [];
+  const t = { ...deps.tuning, leaseSeconds: 15, ...tuning };
   return {
     ...deps,
-    tuning: { ...deps.tuning, leaseSeconds: 15, ...tuning },
+    tuning: t,
+    opener: t.openWorkers > 0 ? new WorkerOpener(deps.keyRing, t.openWorkers) : deps.opener,
     nudges,
     nudge: async (message, delaySeconds) => {
       nudges.push({ message, delaySeconds });
