@@ -55,6 +55,8 @@ export interface GroupCoordinatorOptions {
   prepareTimeoutMs?: number;
   /** For app-consistent markers, added to the timeout for the freeze hooks (default 60 s). */
   freezeAllowanceMs?: number;
+  /** Scheduled markers run only while this holds (the site proxy: while members poll it). */
+  shouldRun?: () => boolean;
   logger?: Logger;
 }
 
@@ -105,7 +107,10 @@ export class GroupCoordinator extends EventEmitter {
   schedule(crashIntervalSeconds: number, appIntervalSeconds = 0): void {
     const every = (seconds: number, consistency: GroupConsistency): void => {
       if (seconds <= 0) return;
-      const t = setInterval(() => void this.runMarker(consistency).catch((err) => this.log.error({ err }, 'group marker failed')), seconds * 1000);
+      const t = setInterval(() => {
+        if (this.options.shouldRun && !this.options.shouldRun()) return;
+        void this.runMarker(consistency).catch((err) => this.log.error({ err }, 'group marker failed'));
+      }, seconds * 1000);
       t.unref();
       this.timers.push(t);
     };

@@ -19,6 +19,7 @@ import { createLogger } from '../../shared/logger';
 import { createMessageSender, type MessageSender } from '../../shared/messaging';
 import { MAX_SEGMENT_BYTES } from '../../shared/segment';
 import { StorageClients } from '../../shared/storage';
+import { SiteGroups } from '../group/site';
 import { MachineAuthenticator, TableCredentialLookup, type CredentialLookup } from './auth';
 import { TableCommandStore, type CommandStore } from './commands';
 import { createIngestHandler } from './server';
@@ -69,6 +70,8 @@ export interface ProxyOptions {
   commands?: CommandStore;
   container?: ContainerClient;
   sender?: MessageSender;
+  /** Replication group coordinators (default: from ReplicaStorage's groups table); false = none. */
+  groups?: SiteGroups | false;
 }
 
 export interface RunningProxy {
@@ -194,10 +197,14 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
       ingest: counters,
       uploader: up,
     });
+  const auth = new MachineAuthenticator(lookup, options.credentialCacheMs);
+  const groups = options.groups === false ? undefined : (options.groups ?? SiteGroups.fromSettings(settings, (a, m) => auth.authorize(a, m), logger));
+  groups?.start();
   const handler = createIngestHandler({
+    groups,
     spool,
     uploader: up,
-    auth: new MachineAuthenticator(lookup, options.credentialCacheMs),
+    auth,
     commands: options.commands ?? new TableCommandStore(settings),
     logger,
     maxSegmentBytes,
@@ -243,6 +250,7 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
           server.close(() => resolve());
           server.closeAllConnections();
         });
+        await groups?.stop();
         await up.stop();
         if (!options.sender) await sender.close();
       })()),

@@ -30,6 +30,8 @@ export interface IngestServerDeps {
   maxBufferedBytes: number;
   counters: IngestCounters;
   status(): ProxyStatus;
+  /** Replication group barrier routes (/v1/groups/…, agent/group/site.ts): long polls, so outside the request limit. */
+  groups?: { owns(url: string | undefined): boolean; handle(req: IncomingMessage, res: ServerResponse): Promise<void> };
 }
 
 class PayloadTooLargeError extends LifeboatError {
@@ -302,6 +304,7 @@ export function createIngestHandler(
   }
 
   return (req, res) => {
+    if (deps.groups?.owns(req.url)) return void deps.groups.handle(req, res);
     if (inFlight >= deps.maxConcurrentRequests) {
       deps.counters.throttled++;
       res.setHeader('connection', 'close');

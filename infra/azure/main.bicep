@@ -110,9 +110,12 @@ var deploymentContainer = 'app-package'
 var encryptionKeysSecretName = 'lifeboat-encryption-keys'
 var machinesTable = 'machines'
 var commandsTable = 'commands'
-// The code creates the state tables it uses on first use; `machines` and `commands` are made here
-// because the proxy's grants are scoped to them, and a role assignment needs its scope to exist.
-var replicaTables = [machinesTable, commandsTable]
+var groupsTable = 'groups'
+var eventsTable = 'events'
+// The code creates the state tables it uses on first use; `machines`, `commands`, `groups` and
+// `events` are made here because the proxy's grants are scoped to them, and a role assignment
+// needs its scope to exist.
+var replicaTables = [machinesTable, commandsTable, groupsTable, eventsTable]
 
 // Built-in role definition ids (test/infra/azure checks each against its name).
 var roles = {
@@ -320,6 +323,16 @@ resource commandsTableScope 'Microsoft.Storage/storageAccounts/tableServices/tab
   name: commandsTable
 }
 
+resource groupsTableScope 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+  parent: replicaTableService
+  name: groupsTable
+}
+
+resource eventsTableScope 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+  parent: replicaTableService
+  name: eventsTable
+}
+
 resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' existing = {
   name: names.serviceBus
 }
@@ -361,6 +374,32 @@ resource changeLogWriter 'Microsoft.Authorization/roleDefinitions@2022-04-01' = 
         dataActions: [
           'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read'
           'Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write'
+        ]
+        notDataActions: []
+      }
+    ]
+    assignableScopes: [resourceGroup().id]
+  }
+}
+
+// What the proxy does in the events table (agent/group/site.ts: an aborted group marker names the
+// slow member): create it if missing (an existing table answers 409, which needs tables/write to
+// be allowed to ask) and insert rows. Storage Table Data Contributor would add read, update and
+// delete of every event.
+resource eventWriter 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(resourceGroup().id, 'lifeboat-event-writer')
+  properties: {
+    roleName: 'Lifeboat event writer (${resourceGroup().name}, ${token})'
+    description: 'Insert rows into one table, and create that table; no read, update or delete. Site proxies hold it on the events table.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: [
+          'Microsoft.Storage/storageAccounts/tableServices/tables/write'
+        ]
+        notActions: []
+        dataActions: [
+          'Microsoft.Storage/storageAccounts/tableServices/tables/entities/add/action'
         ]
         notDataActions: []
       }
@@ -546,6 +585,30 @@ resource proxyIdentityAnswersCommands 'Microsoft.Authorization/roleAssignments@2
   dependsOn: [replicaStorage]
 }
 
+// Run the site's group coordinators (agent/group/site.ts): read the groups table (members, policy).
+resource proxyIdentityReadsGroups 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(groupsTableScope.id, proxyIdentity.id, roles.storageTableDataReader)
+  scope: groupsTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+// Record an event when a group marker is aborted (names the slow member): add rows only.
+resource proxyIdentityRecordsEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(eventsTableScope.id, proxyIdentity.id, 'lifeboat-event-writer')
+  scope: eventsTableScope
+  properties: {
+    roleDefinitionId: eventWriter.id
+    principalId: proxyIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
 resource proxyPrincipalWritesChangeLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
   name: guid(changelogsContainer.id, proxyServicePrincipalId, 'lifeboat-change-log-writer')
   scope: changelogsContainer
@@ -584,6 +647,28 @@ resource proxyPrincipalAnswersCommands 'Microsoft.Authorization/roleAssignments@
   scope: commandsTableScope
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+resource proxyPrincipalReadsGroups 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(groupsTableScope.id, proxyServicePrincipalId, roles.storageTableDataReader)
+  scope: groupsTableScope
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataReader)
+    principalId: proxyServicePrincipalId
+    principalType: 'ServicePrincipal'
+  }
+  dependsOn: [replicaStorage]
+}
+
+resource proxyPrincipalRecordsEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(proxyServicePrincipalId)) {
+  name: guid(eventsTableScope.id, proxyServicePrincipalId, 'lifeboat-event-writer')
+  scope: eventsTableScope
+  properties: {
+    roleDefinitionId: eventWriter.id
     principalId: proxyServicePrincipalId
     principalType: 'ServicePrincipal'
   }

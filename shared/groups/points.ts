@@ -3,6 +3,7 @@ import { NotFoundError } from '../errors';
 import { validateName } from '../names';
 import {
   insertIfAbsent,
+  isNotFound,
   listPartition,
   MACHINES_PARTITION,
   odataString,
@@ -127,6 +128,19 @@ export async function readGroup(store: GroupStore, name: string): Promise<Group>
 
 export async function listGroups(store: GroupStore): Promise<Group[]> {
   return (await listPartition<GroupEntity>(await store.get(GROUP_TABLES.groups), GROUPS_PARTITION)).map(toGroup);
+}
+
+/**
+ * The groups as a site proxy reads them (it may only read the table: no table creation). None
+ * while the table does not exist yet.
+ */
+export async function readGroupsTable(table: TableClient): Promise<Group[]> {
+  try {
+    return (await listPartition<GroupEntity>(table, GROUPS_PARTITION)).map(toGroup);
+  } catch (err) {
+    if (isNotFound(err)) return [];
+    throw err;
+  }
 }
 
 function toPoint(e: GroupPointEntity): GroupRecoveryPoint {

@@ -5,6 +5,8 @@ import path from 'node:path';
 import { MACHINES_TABLE } from '../../../shared/credentials';
 import { FAILOVER_TABLES } from '../../../shared/failover/tables';
 import { CHANGELOG_CONTAINER } from '../../../shared/envelope';
+import { GROUP_TABLES } from '../../../shared/groups/points';
+import { TABLES } from '../../../shared/replication/tables';
 import {
   objectEntries,
   parseBicep,
@@ -171,6 +173,24 @@ export function proxyNeeds(proxy: StorageOperations = proxyStorageOperations()):
       on: { table: FAILOVER_TABLES.commands },
       service: 'table',
       why: "serve agent commands (planned failover's quiesce) and record the agents' answers",
+    });
+  }
+  if (proxy.groups.size > 0) {
+    needs.push({
+      setting: 'ReplicaStorage',
+      role: 'Storage Table Data Reader',
+      on: { table: GROUP_TABLES.groups },
+      service: 'table',
+      why: "run the site's replication group coordinators (members, policy)",
+    });
+  }
+  if (proxy.events.size > 0) {
+    needs.push({
+      setting: 'ReplicaStorage',
+      role: customRole(['tables/write', 'tables/entities/add/action']),
+      on: { table: TABLES.events },
+      service: 'table',
+      why: 'record an event naming the slow member when a group marker is aborted (create the table if missing, add rows)',
     });
   }
   return needs;
@@ -350,9 +370,10 @@ export function grantsIn(infra: Infra): Grant[] {
     } else if (custom) {
       const def = resourceBySymbol(infra, custom[1]);
       const perms = objectEntries(def.props.properties ?? '{}').permissions ?? '[]';
-      const prefix = 'Microsoft.Storage/storageAccounts/blobServices/';
       const all = [...perms.matchAll(/'([^']*\/[^']*)'/g)].map((m) => m[1]);
-      const other = all.find((p) => !p.startsWith(prefix));
+      // Blob or table permissions, relative to their service (one service per custom role).
+      const prefix = ['Microsoft.Storage/storageAccounts/blobServices/', 'Microsoft.Storage/storageAccounts/tableServices/'].find((x) => all[0]?.startsWith(x)) ?? '';
+      const other = all.find((p) => !prefix || !p.startsWith(prefix));
       role = other ? `custom with ${other}` : customRole(all.map((p) => p.slice(prefix.length)));
     } else {
       throw new Error(`${r.symbol}: cannot read roleDefinitionId ${definition}`);

@@ -287,13 +287,17 @@ export interface StorageOperations {
    * shared/failover/commands.ts rather than SDK calls in the file itself.
    */
   commands: Set<'read' | 'write'>;
+  /** The replication groups (table `groups`), read through shared/groups' readGroupsTable. */
+  groups: Set<'read'>;
+  /** Events (table `events`) the proxy adds through agent/group/site.ts's recordAbort. */
+  events: Set<'add'>;
   /** Where each permission comes from. */
   at: Map<string, string[]>;
 }
 
 /** Which blob and table permissions the calls in these files need (SDK method → permission). */
 export function storageOperations(files: string[], contents: Record<string, string> = {}): StorageOperations {
-  const ops: StorageOperations = { blob: new Set(), table: new Set(), commands: new Set(), at: new Map() };
+  const ops: StorageOperations = { blob: new Set(), table: new Set(), commands: new Set(), groups: new Set(), events: new Set(), at: new Map() };
   const rules: Array<[RegExp, 'blob' | 'table', string]> = [
     [/\.createIfNotExists\(/g, 'blob', 'containers/write'],
     [
@@ -333,10 +337,19 @@ export function storageOperations(files: string[], contents: Record<string, stri
         add(ops.at, `commands ${permission}`, `${file}: ${m[0]}`);
       }
     }
+    for (const m of text.matchAll(/\breadGroupsTable\(/g)) {
+      ops.groups.add('read');
+      add(ops.at, 'groups read', `${file}: ${m[0]}`);
+    }
+    for (const m of text.matchAll(/\brecordAbort\(/g)) {
+      ops.events.add('add');
+      add(ops.at, 'events add', `${file}: ${m[0]}`);
+    }
   }
   return ops;
 }
 
 export function proxyStorageOperations(): StorageOperations {
-  return storageOperations(listTsFiles(PROXY_SOURCE_DIR));
+  // The proxy also runs the site's group coordinators (agent/group/site.ts).
+  return storageOperations([...listTsFiles(PROXY_SOURCE_DIR), 'agent/group/site.ts']);
 }

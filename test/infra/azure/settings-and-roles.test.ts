@@ -77,6 +77,8 @@ describe('infra/azure against the code', () => {
     ]);
     expect([...proxy.table]).toEqual(['read']);
     expect([...proxy.commands].sort()).toEqual(['read', 'write']);
+    expect([...proxy.groups]).toEqual(['read']);
+    expect([...proxy.events]).toEqual(['add']);
   });
 
   it('names each built-in role by the id Azure gives it', () => {
@@ -145,7 +147,7 @@ describe('infra/azure against the code', () => {
     expect(modules.cacheStorage.containers).toBe("[changelogContainer, 'quarantine']");
     expect(modules.cacheStorage.deleteAfterDays).toBe('changeLogRetentionDays');
     expect(modules.replicaStorage.containers).toBe("['seed-disks', 'failover-disks']");
-    expect(infra.main.vars.replicaTables).toBe('[machinesTable, commandsTable]');
+    expect(infra.main.vars.replicaTables).toBe('[machinesTable, commandsTable, groupsTable, eventsTable]');
     expect(stringLiteral(infra.main.vars.machinesTable)).toBe(MACHINES_TABLE);
     expect(infra.main.params.encryptionKeys.decorators).toContain('@secure()');
     expect(appSettingsOf(infra).LIFEBOAT_ENCRYPTION_KEYS).toBe(
@@ -165,7 +167,9 @@ describe('infra/azure against the code', () => {
     expect(grants).toContain(
       "param proxyServicePrincipalId | custom: containers/blobs/read, containers/blobs/write, containers/write | container 'stlbcache${token}'/changelogs",
     );
-    expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(8);
+    expect(grants).toContain("proxyIdentity | Storage Table Data Reader | table 'stlbrepl${token}'/groups");
+    expect(grants).toContain("proxyIdentity | custom: tables/entities/add/action, tables/write | table 'stlbrepl${token}'/events");
+    expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(12);
   });
 });
 
