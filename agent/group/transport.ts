@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import http, { type IncomingMessage, type ServerResponse } from 'node:http';
+import https from 'node:https';
 import type { Logger } from 'pino';
 import { ensureError, LifeboatError, NotFoundError, ValidationError } from '../../shared/errors';
 import { createLogger } from '../../shared/logger';
@@ -226,8 +227,14 @@ export interface GroupMemberClientOptions {
   /** Long-poll length (default 25 s). */
   pollMs?: number;
   logger?: Logger;
-  /** fetch options for TLS (an undici dispatcher trusting the proxy's CA). */
-  dispatcher?: unknown;
+  /** PEM certificate(s) to trust for an https coordinator (the proxy's self-signed certificate). */
+  ca?: string | Buffer;
+}
+
+interface Reply {
+  status: number;
+  text(): Promise<string>;
+  json(): Promise<unknown>;
 }
 
 /** The member's end: polls the coordinator, runs the participant, posts answers and outcomes. */
@@ -237,6 +244,8 @@ export class GroupMemberClient {
   private readonly abort = new AbortController();
   private readonly log: Logger;
   private readonly base: string;
+  /** Kept-alive connections: a prepare and its answer cost no connection set-up. */
+  private readonly connections: http.Agent;
 
   constructor(
     private readonly participant: GroupParticipant,
@@ -244,6 +253,7 @@ export class GroupMemberClient {
   ) {
     validateName(options.group, 'group');
     this.base = `${options.url.replace(/\/$/, '')}/v1/groups/${options.group}/members/${participant.machine}`;
+    this.connections = this.base.startsWith('https:') ? new https.Agent({ keepAlive: true, ca: options.ca }) : new http.Agent({ keepAlive: true });
     this.log = (options.logger ?? createLogger('group')).child({ machine: participant.machine, group: options.group });
   }
 
@@ -257,16 +267,37 @@ export class GroupMemberClient {
     this.running = false;
     this.abort.abort();
     await this.loop;
+    this.connections.destroy();
   }
 
-  private async call(method: string, path: string, body?: unknown): Promise<Response> {
-    return fetch(`${this.base}${path}`, {
-      method,
-      headers: { authorization: `Bearer ${this.options.credential}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
-      body: body === undefined ? undefined : JSON.stringify(body),
-      signal: this.abort.signal,
-      ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
-    } as RequestInit);
+  private call(method: string, path: string, body?: unknown): Promise<Reply> {
+    const url = new URL(`${this.base}${path}`);
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    return new Promise<Reply>((resolve, reject) => {
+      const req = (url.protocol === 'https:' ? https : http).request(
+        url,
+        {
+          method,
+          agent: this.connections,
+          signal: this.abort.signal,
+          headers: {
+            authorization: `Bearer ${this.options.credential}`,
+            ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}),
+          },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('error', reject);
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            resolve({ status: res.statusCode ?? 0, text: async () => text, json: async () => JSON.parse(text) as unknown });
+          });
+        },
+      );
+      req.on('error', reject);
+      req.end(payload);
+    });
   }
 
   private async run(): Promise<void> {
