@@ -3,6 +3,8 @@ import type { Settings } from '../../shared/config';
 import type { FunctionRegistry, RegisteredFunction } from './functions-core';
 import { resolveBindingExpression } from './queue-trigger';
 
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
 export interface TimerTriggerOptions {
   registry: FunctionRegistry;
   settings: Settings;
@@ -44,10 +46,14 @@ export class TimerTriggers {
     await Promise.allSettled([...this.running.values()]);
   }
 
-  private arm(fn: RegisteredFunction, schedule: string, last: Date | undefined): void {
+  private arm(fn: RegisteredFunction, schedule: string, last: Date | undefined, due = nextOccurrence(schedule, new Date())): void {
     if (this.stopped) return;
-    const due = nextOccurrence(schedule, new Date());
     const delay = Math.max(0, due.getTime() - Date.now());
+    // setTimeout holds at most 2^31-1 ms (24.8 days); a later occurrence waits in steps.
+    if (delay > MAX_TIMEOUT_MS) {
+      this.timers.set(fn.name, setTimeout(() => this.arm(fn, schedule, last, due), MAX_TIMEOUT_MS));
+      return;
+    }
     this.timers.set(
       fn.name,
       setTimeout(() => {

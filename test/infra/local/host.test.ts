@@ -5,6 +5,7 @@ import { randomUUID } from 'node:crypto';
 import { QueueServiceClient } from '@azure/storage-queue';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { spawnLocalHost, type HostProcess } from '../../../infra/local/host-process';
+import { nextOccurrence } from '../../../infra/local/timer-trigger';
 import { createMessageSender } from '../../../shared/messaging';
 import { readJsonLines, waitFor } from '../../helpers/host';
 
@@ -110,5 +111,13 @@ describe('local Functions host', () => {
     }, 'two timer ticks');
     const seconds = ticks.map((t) => new Date(t.at).getUTCSeconds());
     expect(new Set(seconds).size).toBe(seconds.length); // one firing per scheduled second
+  });
+
+  it('computes six-field NCRONTAB occurrences in UTC, including ones further away than a timer can wait', () => {
+    const from = new Date('2026-11-21T10:00:07Z');
+    expect(nextOccurrence('*/5 * * * * *', from).toISOString()).toBe('2026-11-21T10:00:10.000Z');
+    expect(nextOccurrence('0 0 12 * * 3', from).toISOString()).toBe('2026-11-25T12:00:00.000Z');
+    expect(nextOccurrence('0 0 0 1 1 *', from).toISOString()).toBe('2027-01-01T00:00:00.000Z');
+    expect(() => nextOccurrence('0 * * * *', from)).toThrow(/six fields/);
   });
 });
