@@ -17,13 +17,16 @@ import { credentialOf, silent, startAgent, tempDir, TestSite } from '../test/age
 import type { BenchResult } from './types';
 
 const SIZE = 1024 * 1024;
+const PACE_MS = 250;
 
 function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-async function workload(clients: GroupNbdClient[], ms: number): Promise<number[]> {
+const now = (): number => Number(process.hrtime.bigint()) / 1e6;
+
+async function workload(clients: GroupNbdClient[], ms: number, spans?: [number, number][]): Promise<number[]> {
   const latencies: number[] = [];
   const until = Date.now() + ms;
   const block = Buffer.alloc(4096, 7);
@@ -31,9 +34,11 @@ async function workload(clients: GroupNbdClient[], ms: number): Promise<number[]
     clients.map(async (c, i) => {
       let k = i;
       while (Date.now() < until) {
-        const t = process.hrtime.bigint();
+        const t = now();
         await c.write(((k++ * 4096) % SIZE), block);
-        latencies.push(Number(process.hrtime.bigint() - t) / 1e6);
+        const end = now();
+        latencies.push(end - t);
+        spans?.push([t, end]);
       }
     }),
   );
@@ -79,15 +84,42 @@ async function measure(n: number, ms: number): Promise<BenchResult[]> {
     running = false;
     await loop;
     const rate = markers / ((Date.now() - started) / 1000);
+
+    // Paced markers (every PACE_MS, well above the barrier time): the latency of the writes that
+    // overlap a barrier — the added latency a write sees when a group marker meets it.
+    const windows: [number, number][] = [];
+    const spans: [number, number][] = [];
+    let pacing = true;
+    const paced = (async () => {
+      while (pacing) {
+        await new Promise((r) => setTimeout(r, PACE_MS));
+        if (!pacing) break;
+        const t = now();
+        const r = await coordinator.runMarker('crash');
+        if (r.decision === 'commit') windows.push([t, now()]);
+        else aborted++;
+      }
+    })();
+    await workload(clients, ms, spans);
+    pacing = false;
+    await paced;
+    const atMarker = spans.filter(([a, b]) => windows.some(([w0, w1]) => a < w1 && b > w0)).map(([a, b]) => b - a).sort((x, y) => x - y);
     if (aborted > 0) process.stdout.write(`  (${aborted} markers aborted for ${n} machines)\n`);
     const row = (what: string, p: number): BenchResult => {
       const v = percentile(withMarkers, p);
       const ref = percentile(base, p);
       return { name: `group of ${n}: write ${what} with back-to-back group markers`, value: v, unit: 'ms', reference: `same workload, no markers (${what})`, referenceValue: ref, ratio: ref / v };
     };
+    const paceRow = (what: string, p: number): BenchResult => {
+      const v = percentile(atMarker, p);
+      const ref = percentile(base, p);
+      return { name: `group of ${n}: write ${what} of writes meeting a marker (one per ${PACE_MS} ms, ${windows.length} markers, ${atMarker.length} writes)`, value: v, unit: 'ms', reference: `same workload, no markers (${what})`, referenceValue: ref, ratio: ref / v };
+    };
     return [
       row('p50', 50),
       row('p99', 99),
+      paceRow('p50', 50),
+      paceRow('p99', 99),
       { name: `group of ${n}: group markers committed`, value: rate, unit: 'markers/s', reference: 'one marker per second (a 1 s group RPO)', referenceValue: 1, ratio: rate },
     ];
   } finally {
