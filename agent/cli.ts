@@ -6,6 +6,7 @@
 import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
+import { groupMemberCommand } from './group/command';
 import { agentCommand } from './mobility/command';
 import { proxyCommand } from './proxy/command';
 import { targetCommand } from './target/command';
@@ -97,7 +98,7 @@ program
   });
 
 program.addCommand(proxyCommand());
-program.addCommand(agentCommand());
+program.addCommand(agentCommand().addCommand(groupMemberCommand()));
 program.addCommand(targetCommand());
 
 program.parseAsync(process.argv).catch((err) => {
