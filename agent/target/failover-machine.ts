@@ -113,7 +113,11 @@ export class FailoverMachineExport {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       clearInterval(this.timer);
-      await this.server.close();
+      // NbdServer.close() can wait forever for a client that already left (its paused socket never
+      // sees the peer's FIN), so it gets a bounded wait: closing the exports is what guarantees
+      // no write lands after the stop (new ones are refused, in-flight ones finish into the blob).
+      const serverClosed = this.server.close().catch((err: unknown) => this.log.warn({ err }, 'closing the NBD server failed'));
+      await Promise.race([serverClosed, new Promise((r) => setTimeout(r, 2000).unref())]);
       for (const e of this.exports) await e.close();
       await this.setExportState('stopped');
       this.resolveStopped();

@@ -22,7 +22,7 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
   const startedAt = run.startedAt ?? context.df.currentUtcDateTime.toISOString();
   const base = { type: 'reprotect', machine: run.machine, failoverId: run.failoverId, epoch: run.epoch, pass: run.pass, startedAt };
   const status = (state: string, extra: Record<string, unknown> = {}) =>
-    context.df.setCustomStatus({ ...base, state, shippedBytes: run.shippedBytes, sealedBytes: run.sealedBytes, ...extra });
+    context.df.setCustomStatus({ ...base, state, shippedBytes: run.shippedBytes, sealedBytes: run.sealedBytes, firstPass: run.firstPass, ...extra });
   const ref = { machine: run.machine, operationId: run.operationId };
 
   /** Stops for failback: record the hand-over and end (the failback orchestration continues). */
@@ -83,6 +83,7 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
     )) as PassResult[];
     next.shippedBytes += results.reduce((s, r) => s + r.changedBytes, 0);
     next.sealedBytes += results.reduce((s, r) => s + r.sealedBytes, 0);
+    if (run.pass === 1) next.firstPass = results.map((r) => ({ disk: r.disk, changedBytes: r.changedBytes, segments: r.segments }));
     const passes = results.map((r) => ({ disk: r.disk, lastSeq: r.lastSeq }));
     const passView = results.map((r) => ({ disk: r.disk, changedBytes: r.changedBytes, firstSeq: r.firstSeq, lastSeq: r.lastSeq }));
 
@@ -95,6 +96,7 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
       context.df.setCustomStatus({
         ...base,
         state: 'waiting-for-target',
+        firstPass: next.firstPass,
         shippedBytes: next.shippedBytes,
         sealedBytes: next.sealedBytes,
         lastPass: passView,
@@ -108,6 +110,7 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
     context.df.setCustomStatus({
       ...base,
       state: 'protecting',
+      firstPass: next.firstPass,
       shippedBytes: next.shippedBytes,
       sealedBytes: next.sealedBytes,
       lastPass: passView,

@@ -36,6 +36,8 @@ export interface ReprotectRun {
   shippedBytes: number;
   sealedBytes: number;
   startedAt?: string;
+  /** What the first (checksum) pass shipped per disk: only the blocks that differed from the site. */
+  firstPass?: { disk: string; changedBytes: number; segments: number }[];
 }
 
 /** The cloud's record of a disk's last pass (`pass-{d}`). */
@@ -66,6 +68,7 @@ export interface PassResult {
   lastSeq: number;
   changedBytes: number;
   sealedBytes: number;
+  segments: number;
 }
 
 /** The target's report for a disk (`target-{d}`, written by `lifeboat target reprotect`). */
@@ -154,6 +157,7 @@ function toResult(row: PassEntity): PassResult {
     lastSeq: (row.nextSeq ?? row.firstSeq) - 1,
     changedBytes: row.changedBytes ?? 0,
     sealedBytes: row.sealedBytes ?? 0,
+    segments: row.segments ?? 0,
   };
 }
 
