@@ -182,8 +182,25 @@ export class SegmentJournal {
     await syncDir(this.segmentsDir);
   }
 
-  read(entry: JournalEntry): Promise<Buffer> {
-    return fs.promises.readFile(entry.file);
+  /**
+   * The segment's bytes. One positional read of the known size (readFile reads in 512 KiB pieces,
+   * each a round trip through libuv's thread pool, which the NBD export keeps busy).
+   */
+  async read(entry: JournalEntry): Promise<Buffer> {
+    const handle = await fs.promises.open(entry.file, 'r');
+    try {
+      const size = (await handle.stat()).size;
+      const out = Buffer.allocUnsafe(size);
+      let at = 0;
+      while (at < size) {
+        const { bytesRead } = await handle.read(out, at, size - at, at);
+        if (bytesRead === 0) return out.subarray(0, at);
+        at += bytesRead;
+      }
+      return out;
+    } finally {
+      await handle.close();
+    }
   }
 
   async remove(entry: JournalEntry): Promise<void> {
