@@ -35,7 +35,8 @@ async function main(): Promise<void> {
   for (const name of names) {
     process.stdout.write(`\n== ${name}${opts.quick ? ' (quick)' : ''}\n`);
     try {
-      const mod = (await import(path.join(__dirname, name))) as { run?: (o: { quick: boolean }) => Promise<BenchResult[]> };
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const mod = require(path.join(__dirname, name)) as { run?: (o: { quick: boolean }) => Promise<BenchResult[]> };
       if (typeof mod.run !== 'function') continue;
       for (const r of await mod.run({ quick: opts.quick })) {
         all.push({ bench: name, ...r });
