@@ -1,10 +1,15 @@
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { MachineAgent, type MarkerEvent } from '../mobility/agent';
+import { ApiChecksums } from '../mobility/remote-checksums';
+import { FailoverMachineExport } from '../target/failover-machine';
+import { ReprotectTargetRunner } from '../target/reprotect-target';
 import type { SyncProgress } from '../mobility/sync';
 import { createLogger } from '../../shared/logger';
+import { failoverDepsFromSettings } from '../../shared/failover';
 import { FAILOVER_DISKS_CONTAINER, failoverDiskName } from '../../shared/failover/compute/local';
+import { protectionDepsFromSettings } from '../../shared/reprotect';
 import { StorageClients } from '../../shared/storage';
 import { startStack, type RunningStack } from '../up';
 import { NbdClient } from './nbd-client';
@@ -139,7 +144,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
   };
   const sizes = options.short ? { d0: 16 * 1024 * 1024, d1: 8 * 1024 * 1024 } : { d0: 128 * 1024 * 1024, d1: 64 * 1024 * 1024 };
   const rounds = options.short ? 3 : 6;
-  const totalSteps = 8;
+  const totalSteps = 9;
   let stepNo = 0;
   const step = async <T>(name: string, run: () => Promise<T>): Promise<T> => {
     stepNo++;
@@ -207,6 +212,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
         proxy: { url: stack!.proxy.url, credential, ca: stack!.proxy.certificate },
         nbd: { port: 0, host: '127.0.0.1' },
         crashIntervalSeconds: 0,
+        remoteChecksums: (disk) => new ApiChecksums({ apiUrl: stack!.apiUrl, key: stack!.functionKey, machine: MACHINE, disk }),
         logger: createLogger('agent', { machine: MACHINE }, report.where.agentLog),
       });
       const bar = options.progressBars
@@ -352,6 +358,74 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
       await verifyFailoverDisks('failover', started.failoverId!, pointId);
       await runOperation(api, `machines/${MACHINE}/commit`, undefined, say);
       say('  committed: the machine now runs from its failover disks');
+    });
+
+    await step('Bringing it home: the failed-over machine keeps working, reprotect replicates it back, failback', async () => {
+      const failoverDeps = failoverDepsFromSettings(stack!.settings);
+      const protection = protectionDepsFromSettings(stack!.settings);
+      const quiet = createLogger('target', { machine: MACHINE }, path.join(options.dataDir, 'target.log'));
+      // The failed-over machine runs from its failover disks; locally they are served over NBD.
+      const running = await FailoverMachineExport.start({ tables: failoverDeps.tables, failoverDisks: failoverDeps.failoverDisks, machine: MACHINE, port: 0, pollMs: 200, logger: quiet });
+      say(`  the failed-over machine's disks are served at nbd://${running.address.host}:${running.address.port}/{${running.target.disks.map((d) => d.id).join(',')}}`);
+      // Its disks now: the site disks as they were at the last point (the site stopped there).
+      const models = new Map<string, SampleDisk>();
+      const modelDir = path.join(options.dataDir, 'failed-over');
+      mkdirSync(modelDir, { recursive: true });
+      for (const d of disks) {
+        const model = path.join(modelDir, `${d.id}.img`);
+        copyFileSync(d.path, model);
+        models.set(d.id, { ...d, path: model });
+      }
+      const work = async (round: number) => {
+        let written = 0;
+        for (const d of disks) {
+          const model = models.get(d.id)!;
+          const client = await NbdClient.connect(running.address.host, running.address.port, d.id);
+          for (const change of nextVersion(model, modelDir, round)) {
+            await client.write(change.offset, change.data);
+            written += change.data.length;
+          }
+          await client.flush();
+          await client.close();
+          copyFileSync(path.join(modelDir, `${d.id}.next`), model.path);
+        }
+        return written;
+      };
+      say(`  the failed-over machine wrote ${((await work(100)) / 1024).toFixed(0)} KiB`);
+      const runner = new ReprotectTargetRunner({
+        container: protection.reprotect,
+        keyRing: protection.failover.replication.keyRing(),
+        tables: protection.tables,
+        machine: MACHINE,
+        disks: disks.map((d) => ({ id: d.id, path: d.path })),
+        stateDir: path.join(options.dataDir, 'target-state'),
+        pollMs: 200,
+        logger: quiet,
+      });
+      runner.start();
+      try {
+        const { body: rp } = await api.call<{ operationId: string }>('POST', `machines/${MACHINE}/reprotect`, { intervalSeconds: 2 });
+        say(`  reprotect ${rp.operationId} started; the site target applies its passes`);
+        await until('the first reprotect pass to be applied at the site', 180_000, async () => {
+          const { body: op } = await api.call<Operation>('GET', `operations/${rp.operationId}`);
+          if (op.status === 'Failed') throw new DemoFailure(`reprotect failed: ${op.error}`);
+          const p = op.progress as { lastAppliedPass?: number } | null;
+          return (p?.lastAppliedPass ?? 0) >= 1 ? true : undefined;
+        });
+        say('  first pass applied: only the blocks that differ from the site disks travelled');
+        say(`  the failed-over machine wrote ${((await work(101)) / 1024).toFixed(0)} KiB more`);
+        const { op, seconds } = await runOperation(api, `machines/${MACHINE}/failback`, { waitSeconds: 20 }, say);
+        await running.stopped;
+        say(`  failback done in ${seconds.toFixed(1)} s; forward protection: ${String(op.output?.forwardProtection)}`);
+        verify('site ready', op.output?.siteReady === true, op.output?.siteReady ? 'the failback verified the site disks against the final snapshot' : 'not reported ready');
+        for (const d of disks) {
+          const same = sha256(readFileSync(d.path)) === sha256(readFileSync(models.get(d.id)!.path));
+          verify(`site disk ${d.id} after failback`, same, same ? 'equals the failed-over machine at its stop: no write lost' : 'differs from the failed-over machine');
+        }
+      } finally {
+        await runner.stop();
+        await running.stop().catch(() => undefined);
+      }
     });
 
     report.ok = report.steps.every((s) => s.ok) && report.verifications.every((v) => v.ok);

@@ -79,6 +79,7 @@ export function nextVersion(disk: SampleDisk, shadowDir: string, round: number):
     const file = path.join(shadowDir, `round-${round}.log`);
     writeFileSync(file, Buffer.concat([Buffer.from(`round ${round}\n`), randomBytes(40 * 1024 + round * 4096)]));
     execFileSync(debugfs, ['-w', '-R', `write ${file} /var/data/round-${round}.log`, shadow], { stdio: 'pipe' });
+    // Delete the previous round's file, when there is one (debugfs reports a missing file and goes on).
     if (round > 1) execFileSync(debugfs, ['-w', '-R', `rm /var/data/round-${round - 1}.log`, shadow], { stdio: 'pipe' });
   } else {
     const image = readFileSync(shadow);
