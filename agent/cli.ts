@@ -15,11 +15,14 @@ import { resolveDataDir, startStack } from './up';
 
 function port(value: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('a port is an integer from 0 to 65535 (0 picks a free one).');
+  if (!Number.isInteger(n) || n < 0 || n > 65535)
+    throw new InvalidArgumentError('a port is an integer from 0 to 65535 (0 picks a free one).');
   return n;
 }
 
-const program = new Command('lifeboat').description('Lifeboat: disaster recovery for on-premises machines into Azure.');
+const program = new Command('lifeboat').description(
+  'Lifeboat: disaster recovery for on-premises machines into Azure.',
+);
 
 program
   .command('up')
@@ -30,53 +33,64 @@ program
   .option('--queue-port <port>', 'Azurite queue port', port, 10001)
   .option('--table-port <port>', 'Azurite table port', port, 10002)
   .option('--proxy-port <port>', 'proxy port (agents send segments here)', port, 9443)
-  .action(async (opts: { data?: string; port: number; blobPort: number; queuePort: number; tablePort: number; proxyPort: number }) => {
-    const dataDir = resolveDataDir(opts.data);
-    mkdirSync(dataDir, { recursive: true });
-    const hostLog = createWriteStream(path.join(dataDir, 'host.log'), { flags: 'a' });
-    console.log(`Starting Lifeboat (data in ${dataDir}) …`);
-    const stack = await startStack({
-      dataDir,
-      port: opts.port,
-      blobPort: opts.blobPort,
-      queuePort: opts.queuePort,
-      tablePort: opts.tablePort,
-      proxyPort: opts.proxyPort,
-      appRoot: path.resolve(__dirname, '..', '..'),
-      onHostLog: (line) => hostLog.write(`${line}\n`),
-    });
-    let stopping = false;
-    const stop = (signal: string) => {
-      if (stopping) return;
-      stopping = true;
-      console.log(`\n${signal}: stopping Lifeboat …`);
-      stack.stop().then(
-        () => {
-          console.log('Stopped.');
-          hostLog.end(() => process.exit(0));
-        },
-        (err) => {
-          console.error(`Lifeboat did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`);
-          process.exit(1);
-        },
+  .action(
+    async (opts: {
+      data?: string;
+      port: number;
+      blobPort: number;
+      queuePort: number;
+      tablePort: number;
+      proxyPort: number;
+    }) => {
+      const dataDir = resolveDataDir(opts.data);
+      mkdirSync(dataDir, { recursive: true });
+      const hostLog = createWriteStream(path.join(dataDir, 'host.log'), { flags: 'a' });
+      console.log(`Starting Lifeboat (data in ${dataDir}) …`);
+      const stack = await startStack({
+        dataDir,
+        port: opts.port,
+        blobPort: opts.blobPort,
+        queuePort: opts.queuePort,
+        tablePort: opts.tablePort,
+        proxyPort: opts.proxyPort,
+        appRoot: path.resolve(__dirname, '..', '..'),
+        onHostLog: (line) => hostLog.write(`${line}\n`),
+      });
+      let stopping = false;
+      const stop = (signal: string) => {
+        if (stopping) return;
+        stopping = true;
+        console.log(`\n${signal}: stopping Lifeboat …`);
+        stack.stop().then(
+          () => {
+            console.log('Stopped.');
+            hostLog.end(() => process.exit(0));
+          },
+          (err) => {
+            console.error(
+              `Lifeboat did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`,
+            );
+            process.exit(1);
+          },
+        );
+      };
+      process.on('SIGINT', () => stop('SIGINT'));
+      process.on('SIGTERM', () => stop('SIGTERM'));
+      const { ports } = stack.azurite;
+      console.log(
+        [
+          'Lifeboat is running.',
+          `  API         ${stack.apiUrl}   (health: ${stack.apiUrl}/health)`,
+          `  Functions   ${stack.host.functions.length} registered: ${stack.host.functions.join(', ')}`,
+          `  Local key   ${stack.functionKey}   (send as x-functions-key or ?code=)`,
+          `  Proxy       ${stack.proxy.url}${stack.proxy.fingerprint256 ? `   (certificate SHA-256 ${stack.proxy.fingerprint256})` : ''}`,
+          `  Azurite     blob ${ports.blob}, queue ${ports.queue}, table ${ports.table} on 127.0.0.1`,
+          `  Data        ${dataDir}   (host log: ${path.join(dataDir, 'host.log')})`,
+          'Press Ctrl-C to stop.',
+        ].join('\n'),
       );
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
-    const { ports } = stack.azurite;
-    console.log(
-      [
-        'Lifeboat is running.',
-        `  API         ${stack.apiUrl}   (health: ${stack.apiUrl}/health)`,
-        `  Functions   ${stack.host.functions.length} registered: ${stack.host.functions.join(', ')}`,
-        `  Local key   ${stack.functionKey}   (send as x-functions-key or ?code=)`,
-        `  Proxy       ${stack.proxy.url}${stack.proxy.fingerprint256 ? `   (certificate SHA-256 ${stack.proxy.fingerprint256})` : ''}`,
-        `  Azurite     blob ${ports.blob}, queue ${ports.queue}, table ${ports.table} on 127.0.0.1`,
-        `  Data        ${dataDir}   (host log: ${path.join(dataDir, 'host.log')})`,
-        'Press Ctrl-C to stop.',
-      ].join('\n'),
-    );
-  });
+    },
+  );
 
 program
   .command('demo')

@@ -54,10 +54,15 @@ export function resolveDataDir(flag: string | undefined, env: Settings = process
  */
 export async function startStack(options: UpOptions, env: Settings = process.env): Promise<RunningStack> {
   mkdirSync(options.dataDir, { recursive: true });
-  const functionKey = env.LIFEBOAT_LOCAL_KEY || keptSecret(path.join(options.dataDir, 'local.key'), () => randomBytes(24).toString('base64url'));
+  const functionKey =
+    env.LIFEBOAT_LOCAL_KEY ||
+    keptSecret(path.join(options.dataDir, 'local.key'), () => randomBytes(24).toString('base64url'));
   const encryptionKeys =
     env[SETTING.encryptionKeys] ||
-    keptSecret(path.join(options.dataDir, 'encryption.keys'), () => `local1:${randomBytes(32).toString('base64')}`);
+    keptSecret(
+      path.join(options.dataDir, 'encryption.keys'),
+      () => `local1:${randomBytes(32).toString('base64')}`,
+    );
   const azurite = await startAzurite({
     location: path.join(options.dataDir, 'azurite'),
     ports: { blob: options.blobPort, queue: options.queuePort, table: options.tablePort },
@@ -74,7 +79,10 @@ export async function startStack(options: UpOptions, env: Settings = process.env
   let host: HostProcess | undefined;
   let proxy: RunningProxy;
   try {
-    host = await spawnLocalHost({ appRoot: options.appRoot, settings, port: options.port, functionKey }, options.onHostLog);
+    host = await spawnLocalHost(
+      { appRoot: options.appRoot, settings, port: options.port, functionKey },
+      options.onHostLog,
+    );
     proxy = await startProxy({
       spoolDir: path.join(options.dataDir, 'proxy-spool'),
       host: '127.0.0.1',

@@ -42,8 +42,12 @@ interface Target {
 
 function exec(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
-    execFile(cmd, args, { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) =>
-      err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
+    execFile(
+      cmd,
+      args,
+      { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } },
+      (err, stdout, stderr) =>
+        err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
     ),
   );
 }
@@ -83,8 +87,15 @@ function serveStubProxy(): void {
 }
 
 /** The stub proxy in a child process. */
-async function startStubProxy(): Promise<{ url: string; bytes: () => Promise<number>; stop: () => Promise<void> }> {
-  const child = fork(__filename, ['--stub-proxy'], { stdio: ['ignore', 'ignore', 'ignore', 'ipc'], execArgv: [] });
+async function startStubProxy(): Promise<{
+  url: string;
+  bytes: () => Promise<number>;
+  stop: () => Promise<void>;
+}> {
+  const child = fork(__filename, ['--stub-proxy'], {
+    stdio: ['ignore', 'ignore', 'ignore', 'ipc'],
+    execArgv: [],
+  });
   const port = await new Promise<number>((resolve, reject) => {
     child.once('message', (m: { port: number }) => resolve(m.port));
     child.once('exit', (code) => reject(new Error(`the stub proxy exited (code ${code})`)));
@@ -139,9 +150,13 @@ async function startAgent(image: string, dir: string): Promise<Target> {
 
 async function startNbdkit(image: string): Promise<Target> {
   const port = await freePort();
-  const child: ChildProcess = spawn('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`], {
-    stdio: 'ignore',
-  });
+  const child: ChildProcess = spawn(
+    'nbdkit',
+    ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`],
+    {
+      stdio: 'ignore',
+    },
+  );
   for (let i = 0; ; i++) {
     const ok = await new Promise<boolean>((resolve) => {
       const s = net.connect(port, '127.0.0.1');
@@ -195,7 +210,10 @@ async function fio(target: Target, workload: Workload, seconds: number, size: nu
   return {
     rate: workload.unit === 'IOPS' ? job.write.iops : writtenMiBps,
     writtenMiBps,
-    shippedMiBps: shippedBefore !== undefined && shippedAfter !== undefined ? (shippedAfter - shippedBefore) / runSeconds : undefined,
+    shippedMiBps:
+      shippedBefore !== undefined && shippedAfter !== undefined
+        ? (shippedAfter - shippedBefore) / runSeconds
+        : undefined,
   };
 }
 
@@ -212,8 +230,16 @@ export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
   const seconds = opts.quick ? 3 : 8;
   const rounds = opts.quick ? 2 : 3;
   const workloads: Workload[] = [
-    { name: 'sequential write 1 MiB, 8 in flight', unit: 'MiB/s', args: ['--rw=write', '--bs=1m', '--iodepth=8'] },
-    { name: 'random write 4 KiB, 32 in flight', unit: 'IOPS', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'] },
+    {
+      name: 'sequential write 1 MiB, 8 in flight',
+      unit: 'MiB/s',
+      args: ['--rw=write', '--bs=1m', '--iodepth=8'],
+    },
+    {
+      name: 'random write 4 KiB, 32 in flight',
+      unit: 'IOPS',
+      args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'],
+    },
   ];
   const results: BenchResult[] = [];
   try {
@@ -273,7 +299,9 @@ if (require.main === module && process.argv.includes('--stub-proxy')) {
 } else if (require.main === module) {
   void run({ quick: process.argv.includes('--quick') }).then((rows) => {
     for (const r of rows) {
-      console.log(`${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`);
+      console.log(
+        `${r.name}: ${r.value.toFixed(0)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(0)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`,
+      );
     }
   });
 }

@@ -26,7 +26,11 @@ function percentile(sorted: number[], p: number): number {
 
 const now = (): number => Number(process.hrtime.bigint()) / 1e6;
 
-async function workload(clients: GroupNbdClient[], ms: number, spans?: [number, number][]): Promise<number[]> {
+async function workload(
+  clients: GroupNbdClient[],
+  ms: number,
+  spans?: [number, number][],
+): Promise<number[]> {
   const latencies: number[] = [];
   const until = Date.now() + ms;
   const block = Buffer.alloc(4096, 7);
@@ -35,7 +39,7 @@ async function workload(clients: GroupNbdClient[], ms: number, spans?: [number, 
       let k = i;
       while (Date.now() < until) {
         const t = now();
-        await c.write(((k++ * 4096) % SIZE), block);
+        await c.write((k++ * 4096) % SIZE, block);
         const end = now();
         latencies.push(end - t);
         spans?.push([t, end]);
@@ -61,11 +65,22 @@ async function measure(n: number, ms: number): Promise<BenchResult[]> {
     }
     const hub = site.hub('bench');
     for (const a of agents) {
-      const c = new GroupMemberClient(new GroupParticipant(a, { logger: silent }), { url: site.url, group: 'bench', credential: credentialOf(a.machine), pollMs: 5_000, logger: silent });
+      const c = new GroupMemberClient(new GroupParticipant(a, { logger: silent }), {
+        url: site.url,
+        group: 'bench',
+        credential: credentialOf(a.machine),
+        pollMs: 5_000,
+        logger: silent,
+      });
       c.start();
       members.push(c);
     }
-    const coordinator = new GroupCoordinator({ group: 'bench', members: names.map((m) => hub.link(m)), prepareTimeoutMs: 5_000, logger: silent });
+    const coordinator = new GroupCoordinator({
+      group: 'bench',
+      members: names.map((m) => hub.link(m)),
+      prepareTimeoutMs: 5_000,
+      logger: silent,
+    });
     await coordinator.runMarker('crash'); // warm up connections
 
     const base = await workload(clients, ms);
@@ -103,24 +118,48 @@ async function measure(n: number, ms: number): Promise<BenchResult[]> {
     await workload(clients, ms, spans);
     pacing = false;
     await paced;
-    const atMarker = spans.filter(([a, b]) => windows.some(([w0, w1]) => a < w1 && b > w0)).map(([a, b]) => b - a).sort((x, y) => x - y);
+    const atMarker = spans
+      .filter(([a, b]) => windows.some(([w0, w1]) => a < w1 && b > w0))
+      .map(([a, b]) => b - a)
+      .sort((x, y) => x - y);
     if (aborted > 0) process.stdout.write(`  (${aborted} markers aborted for ${n} machines)\n`);
     const row = (what: string, p: number): BenchResult => {
       const v = percentile(withMarkers, p);
       const ref = percentile(base, p);
-      return { name: `group of ${n}: write ${what} with back-to-back group markers`, value: v, unit: 'ms', reference: `same workload, no markers (${what})`, referenceValue: ref, ratio: ref / v };
+      return {
+        name: `group of ${n}: write ${what} with back-to-back group markers`,
+        value: v,
+        unit: 'ms',
+        reference: `same workload, no markers (${what})`,
+        referenceValue: ref,
+        ratio: ref / v,
+      };
     };
     const paceRow = (what: string, p: number): BenchResult => {
       const v = percentile(atMarker, p);
       const ref = percentile(base, p);
-      return { name: `group of ${n}: write ${what} of writes meeting a marker (one per ${PACE_MS} ms, ${windows.length} markers, ${atMarker.length} writes)`, value: v, unit: 'ms', reference: `same workload, no markers (${what})`, referenceValue: ref, ratio: ref / v };
+      return {
+        name: `group of ${n}: write ${what} of writes meeting a marker (one per ${PACE_MS} ms, ${windows.length} markers, ${atMarker.length} writes)`,
+        value: v,
+        unit: 'ms',
+        reference: `same workload, no markers (${what})`,
+        referenceValue: ref,
+        ratio: ref / v,
+      };
     };
     return [
       row('p50', 50),
       row('p99', 99),
       paceRow('p50', 50),
       paceRow('p99', 99),
-      { name: `group of ${n}: group markers committed`, value: rate, unit: 'markers/s', reference: 'one marker per second (a 1 s group RPO)', referenceValue: 1, ratio: rate },
+      {
+        name: `group of ${n}: group markers committed`,
+        value: rate,
+        unit: 'markers/s',
+        reference: 'one marker per second (a 1 s group RPO)',
+        referenceValue: 1,
+        ratio: rate,
+      },
     ];
   } finally {
     for (const m of members) await m.stop();

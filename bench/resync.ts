@@ -26,8 +26,12 @@ const CHECKSUM_JSON_BYTES = 67;
 
 function exec(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
-    execFile(cmd, args, { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) =>
-      err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
+    execFile(
+      cmd,
+      args,
+      { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } },
+      (err, stdout, stderr) =>
+        err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
     ),
   );
 }
@@ -147,8 +151,13 @@ class SegmentSink {
     this.fd = fs.openSync(file, 'w');
   }
 
-  append(change: { kind: 'write'; offset: number; length: number; data: Buffer } | { kind: 'zero'; offset: number; length: number }): void {
-    if (change.kind === 'write') this.records.push({ type: 'write', offset: change.offset, data: Buffer.from(change.data) });
+  append(
+    change:
+      | { kind: 'write'; offset: number; length: number; data: Buffer }
+      | { kind: 'zero'; offset: number; length: number },
+  ): void {
+    if (change.kind === 'write')
+      this.records.push({ type: 'write', offset: change.offset, data: Buffer.from(change.data) });
     else this.records.push({ type: 'zero', offset: change.offset, length: change.length });
     this.pending += change.kind === 'write' ? change.length : 16;
     if (this.pending >= 8 * MiB) this.cut();
@@ -157,7 +166,17 @@ class SegmentSink {
   cut(): void {
     if (this.records.length === 0) return;
     const now = Date.now();
-    const bytes = encodeSegment({ header: { machine: 'bench', disk: 'd0', epoch: 1, seq: this.seq++, firstWriteTime: now, lastWriteTime: now }, records: this.records });
+    const bytes = encodeSegment({
+      header: {
+        machine: 'bench',
+        disk: 'd0',
+        epoch: 1,
+        seq: this.seq++,
+        firstWriteTime: now,
+        lastWriteTime: now,
+      },
+      records: this.records,
+    });
     fs.writeSync(this.fd, bytes);
     fs.fdatasyncSync(this.fd);
     this.bytes += bytes.length;
@@ -171,7 +190,12 @@ class SegmentSink {
   }
 }
 
-async function resyncPass(dir: string, source: string, stale: string, size: number): Promise<{ seconds: number; bytes: number; shipped: number }> {
+async function resyncPass(
+  dir: string,
+  source: string,
+  stale: string,
+  size: number,
+): Promise<{ seconds: number; bytes: number; shipped: number }> {
   const sink = new SegmentSink(path.join(dir, 'journal.seg'));
   const fd = await fs.promises.open(source, 'r');
   const device: SyncDevice = {
@@ -187,17 +211,33 @@ async function resyncPass(dir: string, source: string, stale: string, size: numb
   };
   const t0 = process.hrtime.bigint();
   const remote = new WorkerChecksums(stale, BLOCK, size);
-  const progress = await runResync({ device, segmenter: sink as unknown as DiskSegmenter, remote, chunkBytes: 4 * MiB });
+  const progress = await runResync({
+    device,
+    segmenter: sink as unknown as DiskSegmenter,
+    remote,
+    chunkBytes: 4 * MiB,
+  });
   sink.close();
   await remote.close();
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   await fd.close();
-  return { seconds, bytes: sink.bytes + (size / BLOCK) * CHECKSUM_JSON_BYTES, shipped: progress.shippedBytes };
+  return {
+    seconds,
+    bytes: sink.bytes + (size / BLOCK) * CHECKSUM_JSON_BYTES,
+    shipped: progress.shippedBytes,
+  };
 }
 
 async function rsyncPass(source: string, target: string): Promise<{ seconds: number; bytes: number }> {
   const t0 = process.hrtime.bigint();
-  const out = await exec('rsync', ['--inplace', '--no-whole-file', '--ignore-times', '--stats', source, target]);
+  const out = await exec('rsync', [
+    '--inplace',
+    '--no-whole-file',
+    '--ignore-times',
+    '--stats',
+    source,
+    target,
+  ]);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const num = (label: string) => {
     const m = new RegExp(`${label}: ([\\d,]+)`).exec(out);
@@ -216,7 +256,8 @@ export async function run({ quick }: { quick: boolean }): Promise<BenchResult[]>
     const changed = makeImages(source, stale, size, 0.01, 2026);
     // Our pass first (it leaves the stale copy untouched), then rsync updates a copy of it.
     const ours = await resyncPass(dir, source, stale, size);
-    if (ours.shipped !== changed * BLOCK) throw new Error(`the resync shipped ${ours.shipped} bytes; ${changed * BLOCK} differ`);
+    if (ours.shipped !== changed * BLOCK)
+      throw new Error(`the resync shipped ${ours.shipped} bytes; ${changed * BLOCK} differ`);
     const theirs = await rsyncPass(source, stale);
     const label = `${size / MiB} MiB, ${changed} of ${size / BLOCK} 64 KiB blocks changed`;
     return [
@@ -245,7 +286,9 @@ export async function run({ quick }: { quick: boolean }): Promise<BenchResult[]>
 if (require.main === module) {
   void run({ quick: process.argv.includes('--quick') }).then((rows) => {
     for (const r of rows) {
-      console.log(`${r.name}: ${r.value.toFixed(2)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(2)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`);
+      console.log(
+        `${r.name}: ${r.value.toFixed(2)} ${r.unit}  vs ${r.reference}: ${r.referenceValue.toFixed(2)} ${r.unit}  ratio ${r.ratio.toFixed(2)}`,
+      );
     }
   });
 }

@@ -36,11 +36,15 @@ async function main(): Promise<void> {
     process.stdout.write(`\n== ${name}${opts.quick ? ' (quick)' : ''}\n`);
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
-      const mod = require(path.join(__dirname, name)) as { run?: (o: { quick: boolean }) => Promise<BenchResult[]> };
+      const mod = require(path.join(__dirname, name)) as {
+        run?: (o: { quick: boolean }) => Promise<BenchResult[]>;
+      };
       if (typeof mod.run !== 'function') continue;
       for (const r of await mod.run({ quick: opts.quick })) {
         all.push({ bench: name, ...r });
-        console.log(`  ${r.name}: ${fmt(r.value)} ${r.unit}  vs ${r.reference}: ${fmt(r.referenceValue)} ${r.unit}  ratio ${fmt(r.ratio)}`);
+        console.log(
+          `  ${r.name}: ${fmt(r.value)} ${r.unit}  vs ${r.reference}: ${fmt(r.referenceValue)} ${r.unit}  ratio ${fmt(r.ratio)}`,
+        );
       }
     } catch (err) {
       const error = err instanceof Error ? err.message : String(err);
@@ -48,14 +52,35 @@ async function main(): Promise<void> {
       console.error(`  FAILED: ${error}`);
     }
   }
-  const meta = { date: new Date().toISOString(), quick: opts.quick, node: process.version, cpus: os.cpus().length, host: os.platform() };
-  writeFileSync(path.join(benchDir(), 'results.json'), `${JSON.stringify({ ...meta, results: all, failures }, null, 2)}\n`);
-  const rows = all.map((r) => `| ${r.bench} | ${r.name} | ${fmt(r.value)} ${r.unit} | ${r.reference} | ${fmt(r.referenceValue)} ${r.unit} | ${fmt(r.ratio)} |`);
+  const meta = {
+    date: new Date().toISOString(),
+    quick: opts.quick,
+    node: process.version,
+    cpus: os.cpus().length,
+    host: os.platform(),
+  };
+  writeFileSync(
+    path.join(benchDir(), 'results.json'),
+    `${JSON.stringify({ ...meta, results: all, failures }, null, 2)}\n`,
+  );
+  const rows = all.map(
+    (r) =>
+      `| ${r.bench} | ${r.name} | ${fmt(r.value)} ${r.unit} | ${r.reference} | ${fmt(r.referenceValue)} ${r.unit} | ${fmt(r.ratio)} |`,
+  );
   writeFileSync(
     path.join(benchDir(), 'results.md'),
-    [`Benchmarks, ${meta.date}${opts.quick ? ' (quick)' : ''}, Node ${meta.node}, ${meta.cpus} cores`, '', '| bench | figure | value | reference | reference value | ratio |', '| --- | --- | --- | --- | --- | --- |', ...rows, ''].join('\n'),
+    [
+      `Benchmarks, ${meta.date}${opts.quick ? ' (quick)' : ''}, Node ${meta.node}, ${meta.cpus} cores`,
+      '',
+      '| bench | figure | value | reference | reference value | ratio |',
+      '| --- | --- | --- | --- | --- | --- |',
+      ...rows,
+      '',
+    ].join('\n'),
   );
-  console.log(`\nWrote ${path.join(benchDir(), 'results.json')} and results.md (${all.length} figures, ${failures.length} failures).`);
+  console.log(
+    `\nWrote ${path.join(benchDir(), 'results.json')} and results.md (${all.length} figures, ${failures.length} failures).`,
+  );
   if (failures.length > 0) process.exitCode = 1;
 }
 

@@ -20,7 +20,10 @@ export const DEFAULT_CHANGELOG_QUEUE = 'changelog-ready';
 export function requireSetting(settings: Settings, name: string): string {
   const value = settings[name];
   if (value === undefined || value.trim() === '') {
-    throw new ConfigError(`The setting ${name} is missing; set it in the environment (or local.settings.json).`, name);
+    throw new ConfigError(
+      `The setting ${name} is missing; set it in the environment (or local.settings.json).`,
+      name,
+    );
   }
   return value;
 }

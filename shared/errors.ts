@@ -7,7 +7,11 @@ export class LifeboatError extends Error {
   readonly status: number;
   readonly target?: string;
 
-  constructor(code: string, message: string, options: { status?: number; target?: string; cause?: unknown } = {}) {
+  constructor(
+    code: string,
+    message: string,
+    options: { status?: number; target?: string; cause?: unknown } = {},
+  ) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = new.target.name;
     this.code = code;

@@ -17,11 +17,16 @@ export interface HealthReport {
 
 function versionOf(pkg: string): string {
   try {
-    if (pkg !== 'lifeboat') return (JSON.parse(readFileSync(require.resolve(`${pkg}/package.json`), 'utf8')) as { version: string }).version;
+    if (pkg !== 'lifeboat')
+      return (JSON.parse(readFileSync(require.resolve(`${pkg}/package.json`), 'utf8')) as { version: string })
+        .version;
     // Our own package.json is one or two folders up, from the source or from dist/.
     for (let dir = path.dirname(__dirname), i = 0; i < 3; i++, dir = path.dirname(dir)) {
       try {
-        const manifest = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name: string; version: string };
+        const manifest = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as {
+          name: string;
+          version: string;
+        };
         if (manifest.name === 'lifeboat') return manifest.version;
       } catch {
         /* keep looking upwards */
@@ -46,7 +51,12 @@ const TIMEOUT_MS = 5000;
 function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
   return Promise.race([
     promise,
-    new Promise<T>((_, reject) => setTimeout(() => reject(new Error(`${what} did not answer within ${TIMEOUT_MS} ms`)), TIMEOUT_MS).unref()),
+    new Promise<T>((_, reject) =>
+      setTimeout(
+        () => reject(new Error(`${what} did not answer within ${TIMEOUT_MS} ms`)),
+        TIMEOUT_MS,
+      ).unref(),
+    ),
   ]);
 }
 

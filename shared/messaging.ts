@@ -103,14 +103,21 @@ function isServiceBusConnectionString(value: string): boolean {
  * `NAME__fullyQualifiedNamespace` → Service Bus; a storage connection string (Azurite locally)
  * → a storage queue of the same name.
  */
-export function createMessageSender(settings: Settings, settingName: string, queueName: string): MessageSender {
+export function createMessageSender(
+  settings: Settings,
+  settingName: string,
+  queueName: string,
+): MessageSender {
   const value = settings[settingName];
   const namespace = settings[`${settingName}__fullyQualifiedNamespace`];
   if (value && isServiceBusConnectionString(value)) {
     return new ServiceBusQueueSender(queueName, new ServiceBusClient(value));
   }
   if (namespace) {
-    return new ServiceBusQueueSender(queueName, new ServiceBusClient(namespace, credentialFor(settings, settingName)));
+    return new ServiceBusQueueSender(
+      queueName,
+      new ServiceBusClient(namespace, credentialFor(settings, settingName)),
+    );
   }
   if (value || settings[`${settingName}__queueServiceUri`] || settings[`${settingName}__accountName`]) {
     const queue = new StorageClients(settingName, settings).queueService().getQueueClient(queueName);

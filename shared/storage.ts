@@ -14,7 +14,11 @@ import type { Settings } from './config';
  */
 export type StorageConnection =
   | { kind: 'connectionString'; connectionString: string }
-  | { kind: 'identity'; endpoints: { blob?: string; queue?: string; table?: string }; credential: TokenCredential };
+  | {
+      kind: 'identity';
+      endpoints: { blob?: string; queue?: string; table?: string };
+      credential: TokenCredential;
+    };
 
 export type StorageService = 'blob' | 'queue' | 'table';
 
@@ -48,8 +52,12 @@ export function resolveStorageConnection(settings: Settings, name: string): Stor
       settings[`${name}__blobServiceUri`] ??
       settings[`${name}__serviceUri`] ??
       (account ? `https://${account}.blob.core.windows.net` : undefined),
-    queue: settings[`${name}__queueServiceUri`] ?? (account ? `https://${account}.queue.core.windows.net` : undefined),
-    table: settings[`${name}__tableServiceUri`] ?? (account ? `https://${account}.table.core.windows.net` : undefined),
+    queue:
+      settings[`${name}__queueServiceUri`] ??
+      (account ? `https://${account}.queue.core.windows.net` : undefined),
+    table:
+      settings[`${name}__tableServiceUri`] ??
+      (account ? `https://${account}.table.core.windows.net` : undefined),
   };
   if (!endpoints.blob && !endpoints.queue && !endpoints.table) {
     throw new ConfigError(
@@ -61,10 +69,17 @@ export function resolveStorageConnection(settings: Settings, name: string): Stor
   return { kind: 'identity', endpoints, credential: credentialFor(settings, name) };
 }
 
-function endpointOf(connection: StorageConnection & { kind: 'identity' }, service: StorageService, name: string): string {
+function endpointOf(
+  connection: StorageConnection & { kind: 'identity' },
+  service: StorageService,
+  name: string,
+): string {
   const url = connection.endpoints[service];
   if (!url) {
-    throw new ConfigError(`The storage setting ${name} has no ${service} endpoint; set ${name}__${service}ServiceUri.`, name);
+    throw new ConfigError(
+      `The storage setting ${name} has no ${service} endpoint; set ${name}__${service}ServiceUri.`,
+      name,
+    );
   }
   return url;
 }
@@ -91,7 +106,10 @@ export class StorageClients {
       this.blobs =
         this.connection.kind === 'connectionString'
           ? BlobServiceClient.fromConnectionString(this.connection.connectionString)
-          : new BlobServiceClient(endpointOf(this.connection, 'blob', this.settingName), this.connection.credential);
+          : new BlobServiceClient(
+              endpointOf(this.connection, 'blob', this.settingName),
+              this.connection.credential,
+            );
     }
     return this.blobs;
   }
@@ -101,20 +119,34 @@ export class StorageClients {
       this.queues =
         this.connection.kind === 'connectionString'
           ? QueueServiceClient.fromConnectionString(this.connection.connectionString)
-          : new QueueServiceClient(endpointOf(this.connection, 'queue', this.settingName), this.connection.credential);
+          : new QueueServiceClient(
+              endpointOf(this.connection, 'queue', this.settingName),
+              this.connection.credential,
+            );
     }
     return this.queues;
   }
 
   tableService(): TableServiceClient {
     return this.connection.kind === 'connectionString'
-      ? TableServiceClient.fromConnectionString(this.connection.connectionString, { allowInsecureConnection: true })
-      : new TableServiceClient(endpointOf(this.connection, 'table', this.settingName), this.connection.credential);
+      ? TableServiceClient.fromConnectionString(this.connection.connectionString, {
+          allowInsecureConnection: true,
+        })
+      : new TableServiceClient(
+          endpointOf(this.connection, 'table', this.settingName),
+          this.connection.credential,
+        );
   }
 
   table(tableName: string): TableClient {
     return this.connection.kind === 'connectionString'
-      ? TableClient.fromConnectionString(this.connection.connectionString, tableName, { allowInsecureConnection: true })
-      : new TableClient(endpointOf(this.connection, 'table', this.settingName), tableName, this.connection.credential);
+      ? TableClient.fromConnectionString(this.connection.connectionString, tableName, {
+          allowInsecureConnection: true,
+        })
+      : new TableClient(
+          endpointOf(this.connection, 'table', this.settingName),
+          tableName,
+          this.connection.credential,
+        );
   }
 }

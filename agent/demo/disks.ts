@@ -33,7 +33,8 @@ function sampleFiles(dir: string, seed: number): void {
   mkdirSync(path.join(dir, 'var', 'data'), { recursive: true });
   writeFileSync(path.join(dir, 'etc', 'hostname'), 'lifeboat-demo\n');
   writeFileSync(path.join(dir, 'README.txt'), `Sample machine for the Lifeboat demo (seed ${seed}).\n`);
-  for (let i = 0; i < 8; i++) writeFileSync(path.join(dir, 'var', 'data', `table-${i}.db`), randomBytes(96 * 1024));
+  for (let i = 0; i < 8; i++)
+    writeFileSync(path.join(dir, 'var', 'data', `table-${i}.db`), randomBytes(96 * 1024));
 }
 
 /**
@@ -51,7 +52,9 @@ export function createSampleDisks(dir: string, sizes: { d0: number; d1: number }
   if (mkfs && findTool('debugfs')) {
     const content = path.join(dir, 'd0-content');
     sampleFiles(content, 1);
-    execFileSync(mkfs, ['-q', '-F', '-b', String(BLOCK), '-E', 'nodiscard', '-d', content, d0], { stdio: 'pipe' });
+    execFileSync(mkfs, ['-q', '-F', '-b', String(BLOCK), '-E', 'nodiscard', '-d', content, d0], {
+      stdio: 'pipe',
+    });
     filesystem = true;
   } else {
     writeFileSync(d0, Buffer.concat([randomBytes(sizes.d0 / 2), Buffer.alloc(sizes.d0 / 2)]));
@@ -70,17 +73,27 @@ export function createSampleDisks(dir: string, sizes: { d0: number; d1: number }
  * files written with debugfs into a shadow copy; on a raw disk, random blocks. Returns the 4 KiB
  * blocks that changed, which the caller writes through the agent's NBD export.
  */
-export function nextVersion(disk: SampleDisk, shadowDir: string, round: number): { offset: number; data: Buffer }[] {
+export function nextVersion(
+  disk: SampleDisk,
+  shadowDir: string,
+  round: number,
+): { offset: number; data: Buffer }[] {
   const current = readFileSync(disk.path);
   const shadow = path.join(shadowDir, `${disk.id}.next`);
   copyFileSync(disk.path, shadow);
   if (disk.filesystem) {
     const debugfs = findTool('debugfs')!;
     const file = path.join(shadowDir, `round-${round}.log`);
-    writeFileSync(file, Buffer.concat([Buffer.from(`round ${round}\n`), randomBytes(40 * 1024 + round * 4096)]));
-    execFileSync(debugfs, ['-w', '-R', `write ${file} /var/data/round-${round}.log`, shadow], { stdio: 'pipe' });
+    writeFileSync(
+      file,
+      Buffer.concat([Buffer.from(`round ${round}\n`), randomBytes(40 * 1024 + round * 4096)]),
+    );
+    execFileSync(debugfs, ['-w', '-R', `write ${file} /var/data/round-${round}.log`, shadow], {
+      stdio: 'pipe',
+    });
     // Delete the previous round's file, when there is one (debugfs reports a missing file and goes on).
-    if (round > 1) execFileSync(debugfs, ['-w', '-R', `rm /var/data/round-${round - 1}.log`, shadow], { stdio: 'pipe' });
+    if (round > 1)
+      execFileSync(debugfs, ['-w', '-R', `rm /var/data/round-${round - 1}.log`, shadow], { stdio: 'pipe' });
   } else {
     const image = readFileSync(shadow);
     for (let i = 0; i < 24; i++) {

@@ -78,7 +78,8 @@ export class NbdClient {
       throw new Error(`${host}:${port} is not an NBD server (bad handshake magic).`);
     }
     const serverFlags = hello.readUInt16BE(16);
-    if (!(serverFlags & FLAG_FIXED_NEWSTYLE)) throw new Error('The NBD server does not speak fixed newstyle.');
+    if (!(serverFlags & FLAG_FIXED_NEWSTYLE))
+      throw new Error('The NBD server does not speak fixed newstyle.');
     const clientFlags = Buffer.alloc(4);
     clientFlags.writeUInt32BE(FLAG_FIXED_NEWSTYLE | (serverFlags & FLAG_NO_ZEROES));
     const name = Buffer.from(exportName);
@@ -100,7 +101,9 @@ export class NbdClient {
       if (type === REP_ACK) break;
       if (type === REP_INFO && data.readUInt16BE(0) === INFO_EXPORT) size = Number(data.readBigUInt64BE(2));
       else if (type & 0x80000000) {
-        throw new Error(`The NBD server refused export "${exportName}": ${data.toString() || `error ${type & 0x7fffffff}`}`);
+        throw new Error(
+          `The NBD server refused export "${exportName}": ${data.toString() || `error ${type & 0x7fffffff}`}`,
+        );
       }
     }
     if (size < 0) throw new Error('The NBD server did not say the export size.');
@@ -120,7 +123,8 @@ export class NbdClient {
     const reply = await this.reader.read(16);
     if (reply.readUInt32BE(0) !== SIMPLE_REPLY_MAGIC) throw new Error('Bad NBD reply magic.');
     const error = reply.readUInt32BE(4);
-    if (error !== 0) throw new Error(`NBD request ${type} at ${offset}+${length} failed with error ${error}.`);
+    if (error !== 0)
+      throw new Error(`NBD request ${type} at ${offset}+${length} failed with error ${error}.`);
     return type === CMD.read ? this.reader.read(length) : Buffer.alloc(0);
   }
 

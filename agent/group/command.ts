@@ -24,7 +24,11 @@ export async function runGroupMember(opts: GroupMemberOptions): Promise<void> {
   const { agent, journalDir } = protectAgent(opts);
   const log = createLogger('group');
   await agent.start();
-  const participant = new GroupParticipant(agent, { freezeCommand: opts.freezeCmd, thawCommand: opts.thawCmd, logger: log });
+  const participant = new GroupParticipant(agent, {
+    freezeCommand: opts.freezeCmd,
+    thawCommand: opts.thawCmd,
+    logger: log,
+  });
   const member = new GroupMemberClient(participant, {
     url: opts.proxy,
     group,
@@ -50,7 +54,9 @@ export async function runGroupMember(opts: GroupMemberOptions): Promise<void> {
         .then(
           () => resolve(),
           (err: unknown) => {
-            console.error(`The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`);
+            console.error(
+              `The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`,
+            );
             process.exitCode = 1;
             resolve();
           },
@@ -66,8 +72,13 @@ export function groupMemberCommand(): Command {
   const protect = agentCommand().commands.find((c) => c.name() === 'protect');
   if (!protect) throw new Error('lifeboat agent protect is missing; group-member copies its options.');
   const command = new Command('group-member')
-    .description("Protect a machine (as `agent protect` does) as a member of a replication group: group markers from the group's coordinator on the proxy hold this machine's writes for a consistent cut across the group.")
-    .requiredOption('--group <name>', 'the replication group (as created with PUT /api/groups/{group}; the machine must be a member)');
+    .description(
+      "Protect a machine (as `agent protect` does) as a member of a replication group: group markers from the group's coordinator on the proxy hold this machine's writes for a consistent cut across the group.",
+    )
+    .requiredOption(
+      '--group <name>',
+      'the replication group (as created with PUT /api/groups/{group}; the machine must be a member)',
+    );
   for (const option of protect.options) command.addOption(option);
   return command.action(async (opts: GroupMemberOptions) => {
     await runGroupMember(opts);

@@ -128,7 +128,9 @@ export class GroupCoordinator extends EventEmitter {
     const started = Date.now();
     const members = this.members;
     const markerId = groupMarkerId(started, ++this.counter, this.nonce);
-    const timeoutMs = (this.options.prepareTimeoutMs ?? 2_000) + (consistency === 'app' ? (this.options.freezeAllowanceMs ?? 60_000) : 0);
+    const timeoutMs =
+      (this.options.prepareTimeoutMs ?? 2_000) +
+      (consistency === 'app' ? (this.options.freezeAllowanceMs ?? 60_000) : 0);
     const command: PrepareCommand = { group: this.group, markerId, consistency, holdMs: timeoutMs };
     const answers = new Map<string, PrepareAnswer>();
     let timer: NodeJS.Timeout | undefined;
@@ -152,33 +154,63 @@ export class GroupCoordinator extends EventEmitter {
     // Decided once; answers arriving later do not change it.
     const snapshot = new Map(answers);
     const slow = members.filter((m) => !snapshot.has(m.machine)).map((m) => m.machine);
-    const refused = [...snapshot.values()].filter((a) => !a.prepared).map((a) => ({ machine: a.machine, reason: a.reason ?? 'not prepared' }));
-    const unfrozen = consistency === 'app' ? [...snapshot.values()].filter((a) => a.prepared && a.frozen !== true).map((a) => a.machine) : [];
+    const refused = [...snapshot.values()]
+      .filter((a) => !a.prepared)
+      .map((a) => ({ machine: a.machine, reason: a.reason ?? 'not prepared' }));
+    const unfrozen =
+      consistency === 'app'
+        ? [...snapshot.values()].filter((a) => a.prepared && a.frozen !== true).map((a) => a.machine)
+        : [];
     const commit = members.length > 0 && slow.length === 0 && refused.length === 0;
     const time = Date.now();
     const effective: GroupConsistency = consistency === 'app' && unfrozen.length === 0 ? 'app' : 'crash';
-    const decision: Decision = { group: this.group, markerId, decision: commit ? 'commit' : 'abort', time, tag: groupMarkerTag(this.group, effective) };
+    const decision: Decision = {
+      group: this.group,
+      markerId,
+      decision: commit ? 'commit' : 'abort',
+      time,
+      tag: groupMarkerTag(this.group, effective),
+    };
     const barrierMs = time - started;
     // Members that answer late get the same abort through their link (their hold also expires).
     await Promise.all(
       members.map((m) =>
         m.decide(decision).catch((err) => {
-          this.log.warn({ member: m.machine, marker: markerId, err: ensureError(err).message }, 'could not deliver the group decision; the member lets writes go when its hold expires');
+          this.log.warn(
+            { member: m.machine, marker: markerId, err: ensureError(err).message },
+            'could not deliver the group decision; the member lets writes go when its hold expires',
+          );
           return undefined;
         }),
       ),
     );
-    const result: GroupMarkerResult = { group: this.group, markerId, consistency: effective, decision: decision.decision, time, slow, refused, unfrozen, barrierMs };
+    const result: GroupMarkerResult = {
+      group: this.group,
+      markerId,
+      consistency: effective,
+      decision: decision.decision,
+      time,
+      slow,
+      refused,
+      unfrozen,
+      barrierMs,
+    };
     this.lastResult = result;
     if (commit) {
-      this.log.info({ marker: markerId, consistency: effective, members: members.length, barrierMs }, 'group marker committed');
+      this.log.info(
+        { marker: markerId, consistency: effective, members: members.length, barrierMs },
+        'group marker committed',
+      );
       this.emit('committed', result);
     } else {
       const who = [
         ...slow.map((m) => `${m} did not answer prepare within ${timeoutMs} ms`),
         ...refused.map((r) => `${r.machine} could not prepare (${r.reason})`),
       ];
-      const message = members.length === 0 ? `group ${this.group} has no members` : `group marker ${markerId} aborted: ${who.join('; ')}`;
+      const message =
+        members.length === 0
+          ? `group ${this.group} has no members`
+          : `group marker ${markerId} aborted: ${who.join('; ')}`;
       this.log.warn({ marker: markerId, slow, refused }, message);
       this.emit('aborted', { ...result, message });
     }

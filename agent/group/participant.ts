@@ -106,7 +106,10 @@ export class GroupParticipant extends EventEmitter {
       released: false,
       settle,
       done,
-      timer: setTimeout(() => void this.release(held, `held writes for ${command.holdMs} ms without a decision`), remaining),
+      timer: setTimeout(
+        () => void this.release(held, `held writes for ${command.holdMs} ms without a decision`),
+        remaining,
+      ),
     };
     this.held = held;
     try {
@@ -128,15 +131,30 @@ export class GroupParticipant extends EventEmitter {
   /** Phase 2. A decision for a marker this member no longer holds changes nothing. */
   async decide(decision: Decision): Promise<DecisionOutcome> {
     const held = this.held;
-    const outcome = (cut: boolean, extra: Partial<DecisionOutcome> = {}): DecisionOutcome => ({ machine: this.machine, markerId: decision.markerId, cut, ...extra });
+    const outcome = (cut: boolean, extra: Partial<DecisionOutcome> = {}): DecisionOutcome => ({
+      machine: this.machine,
+      markerId: decision.markerId,
+      cut,
+      ...extra,
+    });
     if (!held || held.markerId !== decision.markerId || held.released) {
       if (decision.decision === 'abort' && !this.answered.has(decision.markerId)) {
         // Aborted before this member saw prepare: a prepare arriving now is refused at once.
-        this.answered.set(decision.markerId, { machine: this.machine, markerId: decision.markerId, prepared: false, reason: 'aborted before prepare arrived' });
+        this.answered.set(decision.markerId, {
+          machine: this.machine,
+          markerId: decision.markerId,
+          prepared: false,
+          reason: 'aborted before prepare arrived',
+        });
       }
       if (decision.decision === 'commit') {
-        this.log.warn({ marker: decision.markerId }, 'group commit arrived after this member let writes go; not cutting');
-        return outcome(false, { reason: 'not holding writes for this marker (hold expired or never prepared)' });
+        this.log.warn(
+          { marker: decision.markerId },
+          'group commit arrived after this member let writes go; not cutting',
+        );
+        return outcome(false, {
+          reason: 'not holding writes for this marker (hold expired or never prepared)',
+        });
       }
       return outcome(false, { reason: 'aborted' });
     }
@@ -147,16 +165,25 @@ export class GroupParticipant extends EventEmitter {
     clearTimeout(held.timer);
     let seqs: Record<string, number> | undefined;
     let failure: string | undefined;
-    const cutting = this.gate.cut({ id: decision.markerId, kind: 'group', time: decision.time, tag: decision.tag });
+    const cutting = this.gate.cut({
+      id: decision.markerId,
+      kind: 'group',
+      time: decision.time,
+      tag: decision.tag,
+    });
     // The cut records are in every segment once cut() has been called; writes may go now.
-    await this.release(held, 'committed', cutting.then(
-      (s) => {
-        seqs = s;
-      },
-      (err) => {
-        failure = ensureError(err).message;
-      },
-    ));
+    await this.release(
+      held,
+      'committed',
+      cutting.then(
+        (s) => {
+          seqs = s;
+        },
+        (err) => {
+          failure = ensureError(err).message;
+        },
+      ),
+    );
     if (failure !== undefined) {
       this.log.error({ marker: decision.markerId, err: failure }, 'group marker cut failed');
       return outcome(false, { reason: failure });
@@ -174,7 +201,8 @@ export class GroupParticipant extends EventEmitter {
     this.gate.release();
     if (this.held === held) this.held = undefined;
     this.emit('released', { markerId: held.markerId, reason });
-    if (reason !== 'committed') this.log.info({ marker: held.markerId, reason }, 'group marker hold ended without a cut');
+    if (reason !== 'committed')
+      this.log.info({ marker: held.markerId, reason }, 'group marker hold ended without a cut');
     await after;
     await this.thaw(held.frozen);
     held.settle();

@@ -63,7 +63,9 @@ export function groupMarkerTag(group: string, consistency: GroupConsistency): st
   return `group=${group};consistency=${consistency}`;
 }
 
-export function parseGroupMarkerTag(tag: string): { group: string; consistency: GroupConsistency } | undefined {
+export function parseGroupMarkerTag(
+  tag: string,
+): { group: string; consistency: GroupConsistency } | undefined {
   const m = /^group=([a-z0-9-]+);consistency=(crash|app)$/.exec(tag);
   return m ? { group: m[1], consistency: m[2] as GroupConsistency } : undefined;
 }
@@ -80,9 +82,12 @@ function isObject(v: unknown): v is Record<string, unknown> {
 export function parsePrepare(body: unknown): PrepareCommand {
   if (!isObject(body)) throw new ValidationError('A prepare command must be a JSON object.', 'body');
   const { group, markerId, consistency, holdMs } = body;
-  if (typeof markerId !== 'string' || !/^[a-z0-9-]{1,64}$/.test(markerId)) throw new ValidationError('markerId must be 1–64 characters a-z, 0-9, -.', 'markerId');
-  if (consistency !== 'crash' && consistency !== 'app') throw new ValidationError('consistency must be crash or app.', 'consistency');
-  if (typeof holdMs !== 'number' || !Number.isFinite(holdMs) || holdMs <= 0) throw new ValidationError('holdMs must be a positive number of milliseconds.', 'holdMs');
+  if (typeof markerId !== 'string' || !/^[a-z0-9-]{1,64}$/.test(markerId))
+    throw new ValidationError('markerId must be 1–64 characters a-z, 0-9, -.', 'markerId');
+  if (consistency !== 'crash' && consistency !== 'app')
+    throw new ValidationError('consistency must be crash or app.', 'consistency');
+  if (typeof holdMs !== 'number' || !Number.isFinite(holdMs) || holdMs <= 0)
+    throw new ValidationError('holdMs must be a positive number of milliseconds.', 'holdMs');
   return { group: validateName(String(group), 'group'), markerId, consistency, holdMs };
 }
 
@@ -90,8 +95,10 @@ export function parseDecision(body: unknown): Decision {
   if (!isObject(body)) throw new ValidationError('A decision must be a JSON object.', 'body');
   const { group, markerId, decision, time, tag } = body;
   if (typeof markerId !== 'string') throw new ValidationError('markerId must be a string.', 'markerId');
-  if (decision !== 'commit' && decision !== 'abort') throw new ValidationError('decision must be commit or abort.', 'decision');
-  if (typeof time !== 'number' || typeof tag !== 'string') throw new ValidationError('time and tag are required.', 'time');
+  if (decision !== 'commit' && decision !== 'abort')
+    throw new ValidationError('decision must be commit or abort.', 'decision');
+  if (typeof time !== 'number' || typeof tag !== 'string')
+    throw new ValidationError('time and tag are required.', 'time');
   return { group: validateName(String(group), 'group'), markerId, decision, time, tag };
 }
 

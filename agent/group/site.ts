@@ -83,7 +83,12 @@ export class SiteGroups {
     }
     const table = storage.table(GROUP_TABLES.groups);
     const tables = new ReplicationTables(storage);
-    return new SiteGroups({ groups: () => readGroupsTable(table), authorize, events: (e) => recordAbort(tables, e), logger });
+    return new SiteGroups({
+      groups: () => readGroupsTable(table),
+      authorize,
+      events: (e) => recordAbort(tables, e),
+      logger,
+    });
   }
 
   start(): void {
@@ -111,7 +116,11 @@ export class SiteGroups {
       this.lastError = '';
     } catch (err) {
       const message = ensureError(err).message.split('\n')[0];
-      if (message !== this.lastError) this.log.warn({ err: message }, 'cannot read the replication groups; group markers keep their last settings');
+      if (message !== this.lastError)
+        this.log.warn(
+          { err: message },
+          'cannot read the replication groups; group markers keep their last settings',
+        );
       this.lastError = message;
       return;
     }
@@ -162,8 +171,21 @@ export class SiteGroups {
       const key = members.join(',');
       if (members.length === 0 || !r || r.lastCulprits === key) return;
       r.lastCulprits = key;
-      const event: GroupAbortEvent = { group: g.name, markerId: result.markerId, members, message: result.message, time: new Date(result.time) };
-      this.options.events?.(event).catch((err) => this.log.warn({ err: ensureError(err).message, marker: result.markerId }, 'cannot record the group marker event'));
+      const event: GroupAbortEvent = {
+        group: g.name,
+        markerId: result.markerId,
+        members,
+        message: result.message,
+        time: new Date(result.time),
+      };
+      this.options
+        .events?.(event)
+        .catch((err) =>
+          this.log.warn(
+            { err: ensureError(err).message, marker: result.markerId },
+            'cannot record the group marker event',
+          ),
+        );
     });
     coordinator.schedule(g.policy.crashConsistentIntervalSeconds, g.policy.appConsistentIntervalMinutes * 60);
     return coordinator;

@@ -115,14 +115,18 @@ export class BarrierHub extends EventEmitter {
   async handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> {
     const url = new URL(req.url ?? '/', 'http://proxy');
     const parts = url.pathname.split('/').slice(1);
-    if (parts[0] !== 'v1' || parts[1] !== 'groups' || parts[2] !== this.group || parts[3] !== 'members') return false;
+    if (parts[0] !== 'v1' || parts[1] !== 'groups' || parts[2] !== this.group || parts[3] !== 'members')
+      return false;
     try {
       const machine = validateName(parts[4], 'machine');
       await this.authorize(req.headers.authorization, machine);
       const b = this.box(machine);
       b.lastSeen = Date.now();
       if (req.method === 'GET' && parts.length === 6 && parts[5] === 'commands') {
-        const waitMs = Math.min(MAX_WAIT_MS, Math.max(0, Number(url.searchParams.get('waitMs') ?? 25_000) || 0));
+        const waitMs = Math.min(
+          MAX_WAIT_MS,
+          Math.max(0, Number(url.searchParams.get('waitMs') ?? 25_000) || 0),
+        );
         const command = await this.nextCommand(b, waitMs, res);
         if (!command) res.writeHead(204).end();
         else send(res, 200, command);
@@ -146,9 +150,13 @@ export class BarrierHub extends EventEmitter {
       }
       throw new NotFoundError(`No group route ${req.method} ${url.pathname}.`);
     } catch (err) {
-      const e = err instanceof LifeboatError ? err : new LifeboatError('InternalError', ensureError(err).message);
+      const e =
+        err instanceof LifeboatError ? err : new LifeboatError('InternalError', ensureError(err).message);
       if (e.status >= 500) this.log.error({ err }, 'group route failed');
-      if (!res.headersSent) send(res, e.status, { error: { code: e.code, message: e.message, ...(e.target ? { target: e.target } : {}) } });
+      if (!res.headersSent)
+        send(res, e.status, {
+          error: { code: e.code, message: e.message, ...(e.target ? { target: e.target } : {}) },
+        });
       return true;
     }
   }
@@ -183,7 +191,13 @@ export class BarrierHub extends EventEmitter {
     const p = b.pending;
     if (!p || p.command.markerId !== answer.markerId) {
       // Unknown or long decided: the only safe answer is abort.
-      return Promise.resolve({ group: this.group, markerId: answer.markerId, decision: 'abort', time: Date.now(), tag: '' });
+      return Promise.resolve({
+        group: this.group,
+        markerId: answer.markerId,
+        decision: 'abort',
+        time: Date.now(),
+        tag: '',
+      });
     }
     if (p.decision) return Promise.resolve(p.decision);
     return new Promise<Decision>((resolve) => {
@@ -253,8 +267,13 @@ export class GroupMemberClient {
   ) {
     validateName(options.group, 'group');
     this.base = `${options.url.replace(/\/$/, '')}/v1/groups/${options.group}/members/${participant.machine}`;
-    this.connections = this.base.startsWith('https:') ? new https.Agent({ keepAlive: true, ca: options.ca }) : new http.Agent({ keepAlive: true });
-    this.log = (options.logger ?? createLogger('group')).child({ machine: participant.machine, group: options.group });
+    this.connections = this.base.startsWith('https:')
+      ? new https.Agent({ keepAlive: true, ca: options.ca })
+      : new http.Agent({ keepAlive: true });
+    this.log = (options.logger ?? createLogger('group')).child({
+      machine: participant.machine,
+      group: options.group,
+    });
   }
 
   start(): void {
@@ -291,7 +310,11 @@ export class GroupMemberClient {
           res.on('error', reject);
           res.on('end', () => {
             const text = Buffer.concat(chunks).toString('utf8');
-            resolve({ status: res.statusCode ?? 0, text: async () => text, json: async () => JSON.parse(text) as unknown });
+            resolve({
+              status: res.statusCode ?? 0,
+              text: async () => text,
+              json: async () => JSON.parse(text) as unknown,
+            });
           });
         },
       );
@@ -309,7 +332,8 @@ export class GroupMemberClient {
           failures = 0;
           continue;
         }
-        if (res.status !== 200) throw new Error(`the coordinator answered ${res.status}: ${await res.text()}`);
+        if (res.status !== 200)
+          throw new Error(`the coordinator answered ${res.status}: ${await res.text()}`);
         failures = 0;
         const command = parsePrepare(await res.json());
         void this.serve(command);
@@ -317,7 +341,10 @@ export class GroupMemberClient {
         if (!this.running) return;
         failures += 1;
         const delay = Math.min(5_000, 100 * 2 ** Math.min(failures, 6));
-        this.log.warn({ err: ensureError(err).message, delayMs: delay }, 'cannot reach the group coordinator');
+        this.log.warn(
+          { err: ensureError(err).message, delayMs: delay },
+          'cannot reach the group coordinator',
+        );
         await new Promise((r) => setTimeout(r, delay));
       }
     }
@@ -332,10 +359,21 @@ export class GroupMemberClient {
       decision = parseDecision(await res.json());
     } catch (err) {
       // No decision: abort locally (the hold would also expire by itself).
-      decision = { group: command.group, markerId: command.markerId, decision: 'abort', time: Date.now(), tag: '' };
-      if (this.running) this.log.warn({ marker: command.markerId, err: ensureError(err).message }, 'no group decision; letting writes go');
+      decision = {
+        group: command.group,
+        markerId: command.markerId,
+        decision: 'abort',
+        time: Date.now(),
+        tag: '',
+      };
+      if (this.running)
+        this.log.warn(
+          { marker: command.markerId, err: ensureError(err).message },
+          'no group decision; letting writes go',
+        );
     }
     const outcome = await this.participant.decide(decision);
-    if (decision.decision === 'commit') await this.call('POST', `/markers/${command.markerId}/outcome`, outcome).catch(() => undefined);
+    if (decision.decision === 'commit')
+      await this.call('POST', `/markers/${command.markerId}/outcome`, outcome).catch(() => undefined);
   }
 }

@@ -11,7 +11,8 @@ import { ReprotectTargetRunner, type TargetDisk } from './reprotect-target';
 
 function port(value: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('a port is an integer from 0 to 65535 (0 picks a free one).');
+  if (!Number.isInteger(n) || n < 0 || n > 65535)
+    throw new InvalidArgumentError('a port is an integer from 0 to 65535 (0 picks a free one).');
   return n;
 }
 
@@ -27,14 +28,16 @@ function untilSignal(stop: () => Promise<void>): Promise<void> {
 }
 
 export function targetCommand(): Command {
-  const target = new Command('target').description('Site-side roles for reprotect and failback, and the local failover machine.');
+  const target = new Command('target').description(
+    'Site-side roles for reprotect and failback, and the local failover machine.',
+  );
   target
     .command('serve-failover')
     .description(
       `Serve a failed-over machine's disks (the failover page blobs) over NBD, so real tools can use it; stops when failback stops the machine. Reads ${SETTING.replicaStorage} from the environment.`,
     )
     .requiredOption('--machine <name>', 'the protected machine')
-    .option('--failover <id>', 'the failover (default: the machine\'s active failover)')
+    .option('--failover <id>', "the failover (default: the machine's active failover)")
     .option('--nbd-port <port>', 'NBD port (0 picks a free one)', port, 10809)
     .option('--nbd-host <host>', 'NBD listen address', '127.0.0.1')
     .action(async (opts: { machine: string; failover?: string; nbdPort: number; nbdHost: string }) => {
@@ -59,7 +62,12 @@ export function targetCommand(): Command {
       `Apply a failed-over machine's reprotect change logs to its site disks (the master target role): uploads the site checksums for the first pass, then applies each pass in order, durably, resuming from its cursor. Reads ${SETTING.replicaStorage}, ${SETTING.cacheStorage} and LIFEBOAT_ENCRYPTION_KEYS from the environment.`,
     )
     .requiredOption('--machine <name>', 'the protected machine')
-    .requiredOption('--disk <id=path...>', 'a site disk (image file or block device) per disk id, e.g. --disk d0=/dev/sdb', collectDisk, [])
+    .requiredOption(
+      '--disk <id=path...>',
+      'a site disk (image file or block device) per disk id, e.g. --disk d0=/dev/sdb',
+      collectDisk,
+      [],
+    )
     .requiredOption('--state-dir <dir>', 'where the per-disk cursors are kept')
     .option('--poll-ms <ms>', 'how often new change logs are looked for', (v) => Number(v), 1000)
     .action(async (opts: { machine: string; disk: TargetDisk[]; stateDir: string; pollMs: number }) => {
@@ -74,7 +82,9 @@ export function targetCommand(): Command {
         pollMs: opts.pollMs,
       });
       runner.start();
-      console.log(`Applying reprotect change logs of ${opts.machine} to ${opts.disk.map((d) => `${d.id}=${d.path}`).join(', ')}`);
+      console.log(
+        `Applying reprotect change logs of ${opts.machine} to ${opts.disk.map((d) => `${d.id}=${d.path}`).join(', ')}`,
+      );
       await untilSignal(() => runner.stop());
       console.log('Stopped.');
     });
@@ -83,6 +93,7 @@ export function targetCommand(): Command {
 
 function collectDisk(value: string, previous: TargetDisk[]): TargetDisk[] {
   const at = value.indexOf('=');
-  if (at <= 0 || at === value.length - 1) throw new InvalidArgumentError('a disk is id=path, e.g. d0=/var/lib/site/d0.img.');
+  if (at <= 0 || at === value.length - 1)
+    throw new InvalidArgumentError('a disk is id=path, e.g. d0=/var/lib/site/d0.img.');
   return [...previous, { id: value.slice(0, at), path: value.slice(at + 1) }];
 }

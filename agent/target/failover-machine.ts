@@ -64,18 +64,41 @@ export class FailoverMachineExport {
         'machine',
       );
     }
-    if (!target.running) throw new ConflictError(`The failover machine ${target.name} is stopped; its disks are no longer served.`, 'machine');
+    if (!target.running)
+      throw new ConflictError(
+        `The failover machine ${target.name} is stopped; its disks are no longer served.`,
+        'machine',
+      );
     const exports: NbdExport[] = [];
     for (const disk of target.disks) {
-      const backing = await PageBlobBacking.open(options.failoverDisks.getPageBlobClient(failoverDiskName(machine, disk.id, failoverId)));
-      exports.push(new NbdExport({ name: disk.id, backing, description: `${target.name}/${disk.id} (failover ${failoverId})` }));
+      const backing = await PageBlobBacking.open(
+        options.failoverDisks.getPageBlobClient(failoverDiskName(machine, disk.id, failoverId)),
+      );
+      exports.push(
+        new NbdExport({
+          name: disk.id,
+          backing,
+          description: `${target.name}/${disk.id} (failover ${failoverId})`,
+        }),
+      );
     }
     const server = new NbdServer({ exports, logger: log });
     const addr = await server.listen({ port: options.port ?? 0, host: options.host ?? '127.0.0.1' });
-    const self = new FailoverMachineExport(options, failoverId, target, server, exports, { host: addr.address, port: addr.port }, log);
+    const self = new FailoverMachineExport(
+      options,
+      failoverId,
+      target,
+      server,
+      exports,
+      { host: addr.address, port: addr.port },
+      log,
+    );
     await self.setExportState('serving');
     self.timer = setInterval(() => void self.watch(), options.pollMs ?? 1000);
-    log.info({ failoverId, nbd: self.address, disks: target.disks.map((d) => d.id) }, 'serving the failover machine over NBD');
+    log.info(
+      { failoverId, nbd: self.address, disks: target.disks.map((d) => d.id) },
+      'serving the failover machine over NBD',
+    );
     return self;
   }
 
@@ -101,7 +124,10 @@ export class FailoverMachineExport {
     try {
       const target = await readLocalTarget(this.options.tables, this.options.machine, this.failoverId);
       if (!target || !target.running) {
-        this.log.info({ failoverId: this.failoverId }, 'the failover machine was stopped: letting NBD clients go');
+        this.log.info(
+          { failoverId: this.failoverId },
+          'the failover machine was stopped: letting NBD clients go',
+        );
         await this.stop();
       }
     } catch (err) {
@@ -116,7 +142,9 @@ export class FailoverMachineExport {
       // NbdServer.close() can wait forever for a client that already left (its paused socket never
       // sees the peer's FIN), so it gets a bounded wait: closing the exports is what guarantees
       // no write lands after the stop (new ones are refused, in-flight ones finish into the blob).
-      const serverClosed = this.server.close().catch((err: unknown) => this.log.warn({ err }, 'closing the NBD server failed'));
+      const serverClosed = this.server
+        .close()
+        .catch((err: unknown) => this.log.warn({ err }, 'closing the NBD server failed'));
       await Promise.race([serverClosed, new Promise((r) => setTimeout(r, 2000).unref())]);
       for (const e of this.exports) await e.close();
       await this.setExportState('stopped');

@@ -42,7 +42,9 @@ export class PageBlobBacking implements BlockBacking {
   /** Runs `op` once every in-flight operation overlapping [start, end) finished: later writes win. */
   private async ordered(start: number, end: number, op: () => Promise<void>): Promise<void> {
     if (this.closed) throw new Error(`The failover disk ${this.blob.name} is closed.`);
-    const overlapping = [...this.inFlight].filter((f) => f.start < end && start < f.end).map((f) => f.done.catch(() => undefined));
+    const overlapping = [...this.inFlight]
+      .filter((f) => f.start < end && start < f.end)
+      .map((f) => f.done.catch(() => undefined));
     const entry: InFlight = { start, end, done: Promise.resolve() };
     entry.done = Promise.all(overlapping).then(op);
     this.inFlight.add(entry);
@@ -62,7 +64,8 @@ export class PageBlobBacking implements BlockBacking {
         chunk.copy(into, pos);
         pos += chunk.length;
       }
-      if (pos - at !== length) throw new Error(`Short read of ${this.blob.name} at ${offset}: ${pos - at} of ${length} bytes.`);
+      if (pos - at !== length)
+        throw new Error(`Short read of ${this.blob.name} at ${offset}: ${pos - at} of ${length} bytes.`);
     });
   }
 
@@ -91,7 +94,8 @@ export class PageBlobBacking implements BlockBacking {
     if (start >= end) return this.write(Buffer.alloc(length), offset);
     if (start > offset) await this.write(Buffer.alloc(start - offset), offset);
     await this.ordered(start, end, async () => {
-      for (let at = start; at < end; at += MAX_PUT) await this.blob.clearPages(at, Math.min(MAX_PUT, end - at));
+      for (let at = start; at < end; at += MAX_PUT)
+        await this.blob.clearPages(at, Math.min(MAX_PUT, end - at));
     });
     if (offset + length > end) await this.write(Buffer.alloc(offset + length - end), end);
   }

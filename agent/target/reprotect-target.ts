@@ -5,7 +5,13 @@ import type { ContainerClient } from '@azure/storage-blob';
 import type { Logger } from 'pino';
 import { changelogBlobName, openEnvelope, type KeyRing } from '../../shared/envelope';
 import { createLogger } from '../../shared/logger';
-import { CHANGE_BLOCK_BYTES, REPROTECT_ROW, targetRow, uploadSiteChecksums, type ProtectionTables } from '../../shared/reprotect';
+import {
+  CHANGE_BLOCK_BYTES,
+  REPROTECT_ROW,
+  targetRow,
+  uploadSiteChecksums,
+  type ProtectionTables,
+} from '../../shared/reprotect';
 import { readEntity } from '../../shared/replication';
 import { decodeSegment } from '../../shared/segment';
 
@@ -60,7 +66,12 @@ export async function fileChecksums(file: string, block = CHANGE_BLOCK_BYTES): P
       const n = Math.min(buf.length, size - at);
       let done = 0;
       while (done < n) done += (await fd.read(buf, done, n - done, at + done)).bytesRead;
-      for (let b = 0; b < n; b += block) sums.push(createHash('sha256').update(buf.subarray(b, Math.min(n, b + block))).digest());
+      for (let b = 0; b < n; b += block)
+        sums.push(
+          createHash('sha256')
+            .update(buf.subarray(b, Math.min(n, b + block)))
+            .digest(),
+        );
     }
     return sums;
   } finally {
@@ -75,7 +86,10 @@ export class ReprotectTarget {
   private stopped = false;
 
   constructor(private readonly options: ReprotectTargetOptions) {
-    this.log = (options.logger ?? createLogger('target')).child({ machine: options.machine, epoch: options.epoch });
+    this.log = (options.logger ?? createLogger('target')).child({
+      machine: options.machine,
+      epoch: options.epoch,
+    });
     fs.mkdirSync(options.stateDir, { recursive: true });
   }
 
@@ -125,7 +139,12 @@ export class ReprotectTarget {
       const cursor = this.cursor(d.id);
       if (cursor.checksumsUploaded) continue;
       const sums = await fileChecksums(d.path);
-      await uploadSiteChecksums(this.options.container, this.options.keyRing, { machine: this.options.machine, disk: d.id, epoch: this.options.epoch }, sums);
+      await uploadSiteChecksums(
+        this.options.container,
+        this.options.keyRing,
+        { machine: this.options.machine, disk: d.id, epoch: this.options.epoch },
+        sums,
+      );
       cursor.checksumsUploaded = true;
       this.saveCursor(d.id, cursor);
       await this.report(d.id, cursor);
@@ -153,7 +172,9 @@ export class ReprotectTarget {
         const segment = decodeSegment(openEnvelope(sealed, { name, keyRing }));
         const h = segment.header;
         if (h.machine !== machine || h.disk !== disk.id || h.epoch !== epoch || h.seq !== seq) {
-          throw new Error(`The reprotect change log ${name} names ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; refusing it.`);
+          throw new Error(
+            `The reprotect change log ${name} names ${h.machine}/${h.disk} epoch ${h.epoch} seq ${h.seq}; refusing it.`,
+          );
         }
         for (const r of segment.records) {
           if (r.type === 'write') {
@@ -161,7 +182,8 @@ export class ReprotectTarget {
             appliedBytes += r.data.length;
           } else if (r.type === 'zero' || r.type === 'trim') {
             const zeros = Buffer.alloc(Math.min(r.length, 4 * 1024 * 1024));
-            for (let at = 0; at < r.length; at += zeros.length) await fd.write(zeros, 0, Math.min(zeros.length, r.length - at), r.offset + at);
+            for (let at = 0; at < r.length; at += zeros.length)
+              await fd.write(zeros, 0, Math.min(zeros.length, r.length - at), r.offset + at);
             appliedBytes += r.length;
           } else cursor.lastMarkerId = r.id;
         }
@@ -171,8 +193,16 @@ export class ReprotectTarget {
           // Failback's final pass: the site's checksums go up before the cursor says it is applied,
           // so the cloud can verify the site disk as soon as it sees the cursor there.
           const sums = await fileChecksums(disk.path);
-          await uploadSiteChecksums(container, keyRing, { machine, disk: disk.id, epoch, markerId: final.id }, sums);
-          this.log.info({ disk: disk.id, marker: final.id }, 'final pass applied; site checksums uploaded for verification');
+          await uploadSiteChecksums(
+            container,
+            keyRing,
+            { machine, disk: disk.id, epoch, markerId: final.id },
+            sums,
+          );
+          this.log.info(
+            { disk: disk.id, marker: final.id },
+            'final pass applied; site checksums uploaded for verification',
+          );
         }
         cursor.appliedSeq = seq;
         this.saveCursor(disk.id, cursor);
@@ -221,15 +251,25 @@ export class ReprotectTargetRunner {
   private stopped = false;
   private checking?: Promise<void>;
 
-  constructor(private readonly options: Omit<ReprotectTargetOptions, 'epoch' | 'stateDir'> & { stateDir: string }) {}
+  constructor(
+    private readonly options: Omit<ReprotectTargetOptions, 'epoch' | 'stateDir'> & { stateDir: string },
+  ) {}
 
   private async check(): Promise<void> {
     const table = await this.options.tables.get();
-    const row = await readEntity<{ epoch: number; state: string }>(table, this.options.machine, REPROTECT_ROW);
+    const row = await readEntity<{ epoch: number; state: string }>(
+      table,
+      this.options.machine,
+      REPROTECT_ROW,
+    );
     if (!row || row.epoch === this.epoch || this.stopped) return;
     await this.target?.stop();
     this.epoch = row.epoch;
-    this.target = new ReprotectTarget({ ...this.options, epoch: row.epoch, stateDir: path.join(this.options.stateDir, `epoch-${row.epoch}`) });
+    this.target = new ReprotectTarget({
+      ...this.options,
+      epoch: row.epoch,
+      stateDir: path.join(this.options.stateDir, `epoch-${row.epoch}`),
+    });
     this.target.start();
   }
 
@@ -237,7 +277,12 @@ export class ReprotectTargetRunner {
     const loop = () => {
       if (this.stopped) return;
       this.checking = this.check()
-        .catch((err: unknown) => (this.options.logger ?? createLogger('target')).warn({ err }, 'cannot read the reprotect row; retrying'))
+        .catch((err: unknown) =>
+          (this.options.logger ?? createLogger('target')).warn(
+            { err },
+            'cannot read the reprotect row; retrying',
+          ),
+        )
         .finally(() => {
           if (!this.stopped) this.timer = setTimeout(loop, this.options.pollMs ?? 1000);
         });

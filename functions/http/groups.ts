@@ -3,7 +3,15 @@ import { app } from '@azure/functions';
 import * as df from 'durable-functions';
 import { NotFoundError } from '../../shared/errors';
 import { defaultFailoverDeps, failoverIdFromUuid } from '../../shared/failover';
-import { GroupStore, listGroupPoints, prepareGroupFailover, putGroup, readGroup, releaseGroupClaims, type GroupStore as Store } from '../../shared/groups';
+import {
+  GroupStore,
+  listGroupPoints,
+  prepareGroupFailover,
+  putGroup,
+  readGroup,
+  releaseGroupClaims,
+  type GroupStore as Store,
+} from '../../shared/groups';
 import { defaultReplicationDeps, getMachineStatus } from '../../shared/replication';
 import '../orchestrations/group-failover';
 import { GROUP_ORCHESTRATION } from '../orchestrations/names';
@@ -36,14 +44,16 @@ app.http('groups-get', {
           const s = await getMachineStatus(deps, m);
           return { machine: m, registered: true, health: s.health, rpoSeconds: s.rpo.seconds };
         } catch (err) {
-          if (err instanceof NotFoundError) return { machine: m, registered: false, health: 'not-registered', rpoSeconds: null };
+          if (err instanceof NotFoundError)
+            return { machine: m, registered: false, health: 'not-registered', rpoSeconds: null };
           throw err;
         }
       }),
     );
     const points = await listGroupPoints(groups(), group.name, { top: 50 });
     const order = ['not-registered', 'resync-required', 'critical', 'initial-sync', 'protected'];
-    const health = members.map((m) => m.health).sort((a, b) => order.indexOf(a) - order.indexOf(b))[0] ?? 'protected';
+    const health =
+      members.map((m) => m.health).sort((a, b) => order.indexOf(a) - order.indexOf(b))[0] ?? 'protected';
     return {
       jsonBody: {
         ...group,
@@ -63,7 +73,12 @@ app.http('groups-recovery-points', {
   handler: withErrors(async (request) => {
     const type = request.query.get('type');
     const points = await listGroupPoints(groups(), request.params.group, {
-      type: type === 'app' || type === 'group-app-consistent' ? 'app' : type === 'crash' || type === 'group-crash-consistent' ? 'crash' : undefined,
+      type:
+        type === 'app' || type === 'group-app-consistent'
+          ? 'app'
+          : type === 'crash' || type === 'group-crash-consistent'
+            ? 'crash'
+            : undefined,
       top: intQuery(request, 'top', 1, 1000),
     });
     return { jsonBody: { value: points } };
@@ -79,14 +94,20 @@ app.http('groups-failover', {
     const deps = defaultFailoverDeps();
     const group = request.params.group;
     const runId = `group-${group}-${randomUUID().replace(/-/g, '').slice(0, 8)}`;
-    const run = await prepareGroupFailover(deps, groups(), group, await jsonBody(request), runId, () => failoverIdFromUuid(randomUUID()));
+    const run = await prepareGroupFailover(deps, groups(), group, await jsonBody(request), runId, () =>
+      failoverIdFromUuid(randomUUID()),
+    );
     return startOperation(
       request,
       context,
       GROUP_ORCHESTRATION.failover,
       runId,
       run,
-      { group, recoveryPoint: run.point.id, members: run.members.map((m) => ({ machine: m.machine, failoverId: m.failoverId })) },
+      {
+        group,
+        recoveryPoint: run.point.id,
+        members: run.members.map((m) => ({ machine: m.machine, failoverId: m.failoverId })),
+      },
       () => releaseGroupClaims(deps, run.members),
     );
   }),

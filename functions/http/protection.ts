@@ -47,8 +47,14 @@ app.http('machines-resync', {
     const deps = defaultProtectionDeps();
     const id = operationId();
     const run = await prepareResync(deps, request.params.machine, await optionalBody(request), id);
-    return startOperation(request, context, PROTECTION_ORCHESTRATION.resync, id, run, { machine: run.machine, disks: run.disks }, () =>
-      releaseMachine(deps.tables, run.machine, id),
+    return startOperation(
+      request,
+      context,
+      PROTECTION_ORCHESTRATION.resync,
+      id,
+      run,
+      { machine: run.machine, disks: run.disks },
+      () => releaseMachine(deps.tables, run.machine, id),
     );
   }),
 });
@@ -65,12 +71,20 @@ const failbackRequestSchema = z.strictObject({
   /** Delete the failover machine and its disks once the site is verified. */
   cleanup: z.boolean({ error: 'must be true or false' }).default(true),
   /** How long to wait for the site's target, and then for the agent to resume protection. */
-  waitSeconds: z.number().int().min(10).max(7 * 86_400).default(3600),
+  waitSeconds: z
+    .number()
+    .int()
+    .min(10)
+    .max(7 * 86_400)
+    .default(3600),
 });
 
 function parseBody<T extends z.ZodType>(schema: T, body: unknown, fields: string): z.infer<T> {
   if (body !== undefined && (body === null || typeof body !== 'object' || Array.isArray(body))) {
-    throw new ValidationError(`The request body must be a JSON object (or empty) with optionally ${fields}.`, 'body');
+    throw new ValidationError(
+      `The request body must be a JSON object (or empty) with optionally ${fields}.`,
+      'body',
+    );
   }
   return parseOrThrow(schema, body ?? {});
 }
@@ -103,8 +117,14 @@ app.http('machines-reprotect', {
       shippedBytes: 0,
       sealedBytes: 0,
     };
-    return startOperation(request, context, PROTECTION_ORCHESTRATION.reprotect, id, run, { machine, failoverId: record.failoverId }, () =>
-      releaseMachine(deps.tables, machine, id),
+    return startOperation(
+      request,
+      context,
+      PROTECTION_ORCHESTRATION.reprotect,
+      id,
+      run,
+      { machine, failoverId: record.failoverId },
+      () => releaseMachine(deps.tables, machine, id),
     );
   }),
 });
@@ -129,7 +149,10 @@ app.http('machines-failback', {
     }
     await requestFailback(deps, row, id);
     // The row flag is what the reprotect loop obeys; the event only wakes it from its interval.
-    if (reprotectRunning) await client.raiseEvent(active!.operationId, FAILBACK_EVENT, { operationId: id }).catch(() => undefined);
+    if (reprotectRunning)
+      await client
+        .raiseEvent(active!.operationId, FAILBACK_EVENT, { operationId: id })
+        .catch(() => undefined);
     const run: FailbackRun = {
       machine,
       operationId: id,
@@ -140,8 +163,14 @@ app.http('machines-failback', {
       waitForHandover: reprotectRunning,
       waitSeconds: body.waitSeconds,
     };
-    return startOperation(request, context, PROTECTION_ORCHESTRATION.failback, id, run, { machine, failoverId: row.failoverId }, () =>
-      releaseMachine(deps.tables, machine, id),
+    return startOperation(
+      request,
+      context,
+      PROTECTION_ORCHESTRATION.failback,
+      id,
+      run,
+      { machine, failoverId: row.failoverId },
+      () => releaseMachine(deps.tables, machine, id),
     );
   }),
 });

@@ -1,6 +1,13 @@
 import * as df from 'durable-functions';
 import type { OrchestrationContext, Task } from 'durable-functions';
-import type { FailbackRun, PassResult, ResyncDiskPlan, ResyncStatus, SiteVerification, TargetProgress } from '../../shared/reprotect';
+import type {
+  FailbackRun,
+  PassResult,
+  ResyncDiskPlan,
+  ResyncStatus,
+  SiteVerification,
+  TargetProgress,
+} from '../../shared/reprotect';
 import { failureMessage, pollUntil } from './failover';
 import { PROTECTION_ACTIVITY, PROTECTION_ORCHESTRATION } from './protection-activities';
 
@@ -19,7 +26,13 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
   const run = context.df.getInput() as FailbackRun;
   const ref = { machine: run.machine, failoverId: run.failoverId };
   let step = 'starting';
-  const base = { type: 'failback', machine: run.machine, failoverId: run.failoverId, epoch: run.epoch, cleanup: run.cleanup };
+  const base = {
+    type: 'failback',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    epoch: run.epoch,
+    cleanup: run.cleanup,
+  };
   let siteReady = false;
   const status = (state: string, extra: Record<string, unknown> = {}) =>
     context.df.setCustomStatus({ ...base, state, step, siteReady, ...extra });
@@ -30,7 +43,11 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
       status('failing-back');
       yield* pollUntil<boolean>(
         context,
-        () => context.df.callActivity(PROTECTION_ACTIVITY.handedOver, { machine: run.machine, operationId: run.operationId }),
+        () =>
+          context.df.callActivity(PROTECTION_ACTIVITY.handedOver, {
+            machine: run.machine,
+            operationId: run.operationId,
+          }),
         (done) => done,
         now() + STOP_WAIT_MS,
         () => 'the reprotect operation did not stop its passes within 10 minutes (is it still running?)',
@@ -70,7 +87,12 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
     const passes = finals.map((f) => ({ disk: f.disk, lastSeq: f.lastSeq }));
     yield* pollUntil<TargetProgress>(
       context,
-      () => context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, { machine: run.machine, epoch: run.epoch, passes }),
+      () =>
+        context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, {
+          machine: run.machine,
+          epoch: run.epoch,
+          passes,
+        }),
       (p) => p.applied,
       now() + run.waitSeconds * 1000,
       (p) =>
@@ -83,29 +105,49 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
     status('failing-back', { finalPass: finalView });
     const verified = yield* pollUntil<SiteVerification>(
       context,
-      () => context.df.callActivityWithRetry(PROTECTION_ACTIVITY.verifySite, RETRY, { ...ref, epoch: run.epoch, disks: run.disks, finals }),
+      () =>
+        context.df.callActivityWithRetry(PROTECTION_ACTIVITY.verifySite, RETRY, {
+          ...ref,
+          epoch: run.epoch,
+          disks: run.disks,
+          finals,
+        }),
       (v) => v.ready,
       now() + STOP_WAIT_MS,
       () => 'the target did not upload the site checksums after the final pass',
     );
     if (!verified.ok) {
-      const bad = verified.disks.filter((d) => d.differing.length > 0).map((d) => `${d.disk} (blocks ${d.differing.join(', ')})`);
-      throw new Error(`the site disks differ from the final snapshot: ${bad.join('; ')}; the failover machine stays stopped, nothing was cleaned up`);
+      const bad = verified.disks
+        .filter((d) => d.differing.length > 0)
+        .map((d) => `${d.disk} (blocks ${d.differing.join(', ')})`);
+      throw new Error(
+        `the site disks differ from the final snapshot: ${bad.join('; ')}; the failover machine stays stopped, nothing was cleaned up`,
+      );
     }
 
     step = 'reporting the site ready';
-    yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.markFailedBack, RETRY, { ...ref, operationId: run.operationId });
-    siteReady = true;
-    status('failed-back', { finalPass: finalView, verified: verified.disks.map((d) => ({ disk: d.disk, blocks: d.blocks })) });
-
-    step = 'resuming forward protection';
-    const plans = (yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.resumeForwardProtection, RETRY, {
+    yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.markFailedBack, RETRY, {
       ...ref,
       operationId: run.operationId,
-      disks: run.disks,
-      finals,
-      waitSeconds: run.waitSeconds,
-    })) as ResyncDiskPlan[];
+    });
+    siteReady = true;
+    status('failed-back', {
+      finalPass: finalView,
+      verified: verified.disks.map((d) => ({ disk: d.disk, blocks: d.blocks })),
+    });
+
+    step = 'resuming forward protection';
+    const plans = (yield context.df.callActivityWithRetry(
+      PROTECTION_ACTIVITY.resumeForwardProtection,
+      RETRY,
+      {
+        ...ref,
+        operationId: run.operationId,
+        disks: run.disks,
+        finals,
+        waitSeconds: run.waitSeconds,
+      },
+    )) as ResyncDiskPlan[];
 
     step = 'cleaning up';
     const deleted = (yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.cleanUpFailback, RETRY, {
@@ -136,16 +178,35 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
     }
     // Done: close the agent's command. Not yet: leave it pending for the agent, free the machine.
     if (resync.done) {
-      yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.completeResync, RETRY, { machine: run.machine, operationId: run.operationId, ok: true });
+      yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.completeResync, RETRY, {
+        machine: run.machine,
+        operationId: run.operationId,
+        ok: true,
+      });
     } else {
-      yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.releaseMachine, RETRY, { machine: run.machine, operationId: run.operationId });
+      yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.releaseMachine, RETRY, {
+        machine: run.machine,
+        operationId: run.operationId,
+      });
     }
     const forwardProtection = resync.done ? 'protected' : 'waiting-for-agent';
     status('completed', { epochs, deleted, forwardProtection, forward: resync });
-    return { machine: run.machine, failoverId: run.failoverId, state: 'failed-back', siteReady, forwardProtection, epochs, deleted, finalPass: finalView };
+    return {
+      machine: run.machine,
+      failoverId: run.failoverId,
+      state: 'failed-back',
+      siteReady,
+      forwardProtection,
+      epochs,
+      deleted,
+      finalPass: finalView,
+    };
   } catch (err) {
     const message = failureMessage(err);
-    yield context.df.callActivity(PROTECTION_ACTIVITY.releaseMachine, { machine: run.machine, operationId: run.operationId });
+    yield context.df.callActivity(PROTECTION_ACTIVITY.releaseMachine, {
+      machine: run.machine,
+      operationId: run.operationId,
+    });
     status('failed', { error: message });
     throw new Error(`The failback of ${run.machine} failed while ${step}: ${message}`);
   }

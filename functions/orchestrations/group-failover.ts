@@ -22,9 +22,20 @@ interface MemberStatus {
 
 export function* groupFailoverOrchestrator(context: OrchestrationContext): Generator<Task, unknown, unknown> {
   const run = context.df.getInput() as GroupFailoverRun;
-  const members: MemberStatus[] = run.members.map((m) => ({ machine: m.machine, failoverId: m.failoverId, state: 'running' }));
+  const members: MemberStatus[] = run.members.map((m) => ({
+    machine: m.machine,
+    failoverId: m.failoverId,
+    state: 'running',
+  }));
   const publish = (state: string) =>
-    context.df.setCustomStatus({ type: 'group-failover', group: run.group, test: run.test, recoveryPoint: run.point, state, members });
+    context.df.setCustomStatus({
+      type: 'group-failover',
+      group: run.group,
+      test: run.test,
+      recoveryPoint: run.point,
+      state,
+      members,
+    });
   publish('failing-over');
 
   const outcomes = (yield context.df.Task.all(
@@ -41,7 +52,9 @@ export function* groupFailoverOrchestrator(context: OrchestrationContext): Gener
     const ok = members.filter((m) => m.state === 'failed-over').map((m) => `${m.machine} (${m.failoverId})`);
     throw new Error(
       `Group failover ${run.runId} of group ${run.group} to ${run.point.id} failed for ` +
-        failed.map((f) => `member ${f.machine} (failover ${f.failoverId}) while ${f.step}: ${f.message}`).join('; ') +
+        failed
+          .map((f) => `member ${f.machine} (failover ${f.failoverId}) while ${f.step}: ${f.message}`)
+          .join('; ') +
         '. The failed members were cleaned up and are free' +
         (ok.length > 0
           ? `; ${ok.join(', ')} failed over to ${run.point.id} and stay so (commit or cancel each with POST /api/machines/{m}/commit or /cancel).`

@@ -20,16 +20,39 @@ const RETRY_ROUND_MS = 15_000;
 export function* reprotectOrchestrator(context: OrchestrationContext): Generator<Task, unknown, unknown> {
   const run = context.df.getInput() as ReprotectRun;
   const startedAt = run.startedAt ?? context.df.currentUtcDateTime.toISOString();
-  const base = { type: 'reprotect', machine: run.machine, failoverId: run.failoverId, epoch: run.epoch, pass: run.pass, startedAt };
+  const base = {
+    type: 'reprotect',
+    machine: run.machine,
+    failoverId: run.failoverId,
+    epoch: run.epoch,
+    pass: run.pass,
+    startedAt,
+  };
   const status = (state: string, extra: Record<string, unknown> = {}) =>
-    context.df.setCustomStatus({ ...base, state, shippedBytes: run.shippedBytes, sealedBytes: run.sealedBytes, firstPass: run.firstPass, ...extra });
+    context.df.setCustomStatus({
+      ...base,
+      state,
+      shippedBytes: run.shippedBytes,
+      sealedBytes: run.sealedBytes,
+      firstPass: run.firstPass,
+      ...extra,
+    });
   const ref = { machine: run.machine, operationId: run.operationId };
 
   /** Stops for failback: record the hand-over and end (the failback orchestration continues). */
   function* handOver(failbackOperationId: string): Generator<Task, unknown, unknown> {
-    yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.handOver, RETRY, { ...ref, failbackOperationId });
+    yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.handOver, RETRY, {
+      ...ref,
+      failbackOperationId,
+    });
     status('handed-over', { failbackOperationId });
-    return { machine: run.machine, state: 'handed-over', failbackOperationId, passes: run.pass - 1, shippedBytes: run.shippedBytes };
+    return {
+      machine: run.machine,
+      state: 'handed-over',
+      failbackOperationId,
+      passes: run.pass - 1,
+      shippedBytes: run.shippedBytes,
+    };
   }
 
   let epoch = run.epoch;
@@ -49,20 +72,34 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
     const next: ReprotectRun = { ...run, epoch, disks, startedAt };
 
     // Failback asked while we were away (between executions, or before the first pass)?
-    const before = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, { machine: run.machine, epoch, passes: [] })) as TargetProgress;
+    const before = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, {
+      machine: run.machine,
+      epoch,
+      passes: [],
+    })) as TargetProgress;
     if (before.failbackOperationId) return yield* handOver(before.failbackOperationId);
 
     if (run.pass === 1) {
       // The checksum pass needs the site's checksums: the target uploads them when it starts.
       let delay = FIRST_POLL_MS;
       for (;;) {
-        const ready = (yield context.df.callActivity(PROTECTION_ACTIVITY.siteChecksumsReady, { machine: run.machine, epoch, disks })) as boolean;
+        const ready = (yield context.df.callActivity(PROTECTION_ACTIVITY.siteChecksumsReady, {
+          machine: run.machine,
+          epoch,
+          disks,
+        })) as boolean;
         if (ready) break;
-        status('waiting-for-target', { waitingFor: 'the site checksums (is lifeboat target reprotect running at the site?)' });
+        status('waiting-for-target', {
+          waitingFor: 'the site checksums (is lifeboat target reprotect running at the site?)',
+        });
         const now = context.df.currentUtcDateTime.getTime();
         yield context.df.createTimer(new Date(now + delay));
         delay = Math.min(Math.round(delay * 1.5), MAX_POLL_MS);
-        const progress = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, { machine: run.machine, epoch, passes: [] })) as TargetProgress;
+        const progress = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, {
+          machine: run.machine,
+          epoch,
+          passes: [],
+        })) as TargetProgress;
         if (progress.failbackOperationId) return yield* handOver(progress.failbackOperationId);
       }
     }
@@ -83,14 +120,28 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
     )) as PassResult[];
     next.shippedBytes += results.reduce((s, r) => s + r.changedBytes, 0);
     next.sealedBytes += results.reduce((s, r) => s + r.sealedBytes, 0);
-    if (run.pass === 1) next.firstPass = results.map((r) => ({ disk: r.disk, changedBytes: r.changedBytes, segments: r.segments }));
+    if (run.pass === 1)
+      next.firstPass = results.map((r) => ({
+        disk: r.disk,
+        changedBytes: r.changedBytes,
+        segments: r.segments,
+      }));
     const passes = results.map((r) => ({ disk: r.disk, lastSeq: r.lastSeq }));
-    const passView = results.map((r) => ({ disk: r.disk, changedBytes: r.changedBytes, firstSeq: r.firstSeq, lastSeq: r.lastSeq }));
+    const passView = results.map((r) => ({
+      disk: r.disk,
+      changedBytes: r.changedBytes,
+      firstSeq: r.firstSeq,
+      lastSeq: r.lastSeq,
+    }));
 
     // Wait for the target (however long it is away: it resumes from its cursor).
     let delay = FIRST_POLL_MS;
     for (;;) {
-      const progress = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, { machine: run.machine, epoch, passes })) as TargetProgress;
+      const progress = (yield context.df.callActivity(PROTECTION_ACTIVITY.targetProgress, {
+        machine: run.machine,
+        epoch,
+        passes,
+      })) as TargetProgress;
       if (progress.failbackOperationId) return yield* handOver(progress.failbackOperationId);
       if (progress.applied) break;
       context.df.setCustomStatus({
@@ -106,7 +157,11 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
       yield context.df.createTimer(new Date(now + delay));
       delay = Math.min(Math.round(delay * 1.5), MAX_POLL_MS);
     }
-    if (run.pass === 1) yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.markProtecting, RETRY, { ...ref, failoverId: run.failoverId });
+    if (run.pass === 1)
+      yield context.df.callActivityWithRetry(PROTECTION_ACTIVITY.markProtecting, RETRY, {
+        ...ref,
+        failoverId: run.failoverId,
+      });
     context.df.setCustomStatus({
       ...base,
       state: 'protecting',
@@ -115,10 +170,14 @@ export function* reprotectOrchestrator(context: OrchestrationContext): Generator
       sealedBytes: next.sealedBytes,
       lastPass: passView,
       lastAppliedPass: run.pass,
-      nextPassAt: new Date(context.df.currentUtcDateTime.getTime() + run.intervalSeconds * 1000).toISOString(),
+      nextPassAt: new Date(
+        context.df.currentUtcDateTime.getTime() + run.intervalSeconds * 1000,
+      ).toISOString(),
     });
     // Between passes: the interval, or failback's event (which only wakes us: the row decides).
-    const timer = context.df.createTimer(new Date(context.df.currentUtcDateTime.getTime() + run.intervalSeconds * 1000));
+    const timer = context.df.createTimer(
+      new Date(context.df.currentUtcDateTime.getTime() + run.intervalSeconds * 1000),
+    );
     const event = context.df.waitForExternalEvent(FAILBACK_EVENT);
     const winner = yield context.df.Task.any([timer, event]);
     if (winner !== timer) timer.cancel();

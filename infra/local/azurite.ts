@@ -71,7 +71,8 @@ async function waitForPort(host: string, port: number, deadline: number, child: 
       socket.once('error', () => resolve(false));
     });
     if (open) return;
-    if (Date.now() > deadline) throw new Error(`Azurite did not listen on ${host}:${port} within the time limit`);
+    if (Date.now() > deadline)
+      throw new Error(`Azurite did not listen on ${host}:${port} within the time limit`);
     await new Promise((r) => setTimeout(r, 100));
   }
 }

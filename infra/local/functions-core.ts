@@ -62,7 +62,12 @@ export interface RpcInvocationResponse {
 
 type FunctionCallback = (...args: unknown[]) => unknown;
 type LogLevel = 'trace' | 'debug' | 'information' | 'warning' | 'error' | 'critical' | 'none';
-export type HostLog = (level: LogLevel, category: 'user' | 'system', message: string, fields?: object) => void;
+export type HostLog = (
+  level: LogLevel,
+  category: 'user' | 'system',
+  message: string,
+  fields?: object,
+) => void;
 
 interface InvocationModel {
   getArguments(): Promise<{ context: unknown; inputs: unknown[] }>;
@@ -190,14 +195,19 @@ export function installFunctionsCore(): FunctionRegistry {
   const registry = new FunctionRegistry();
   const coreApi = {
     version: '3.10.1-lifeboat-local',
-    registerFunction: (metadata: FunctionMetadata, callback: FunctionCallback) => registry.register(metadata, callback),
+    registerFunction: (metadata: FunctionMetadata, callback: FunctionCallback) =>
+      registry.register(metadata, callback),
     setProgrammingModel: (model: ProgrammingModel) => registry.setProgrammingModel(model),
     getProgrammingModel: () => registry['model'],
-    registerHook: (name: string, callback: (context: unknown) => unknown) => registry.registerHook(name, callback),
-    log: (level: LogLevel, category: 'user' | 'system', message: string) => registry.log(level, category, message),
+    registerHook: (name: string, callback: (context: unknown) => unknown) =>
+      registry.registerHook(name, callback),
+    log: (level: LogLevel, category: 'user' | 'system', message: string) =>
+      registry.log(level, category, message),
     Disposable,
   };
-  const loader = Module as unknown as { _load: (request: string, parent: unknown, isMain: boolean) => unknown };
+  const loader = Module as unknown as {
+    _load: (request: string, parent: unknown, isMain: boolean) => unknown;
+  };
   const original = loader._load;
   loader._load = function (request: string, parent: unknown, isMain: boolean) {
     if (request === '@azure/functions-core') return coreApi;

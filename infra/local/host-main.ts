@@ -13,7 +13,9 @@ async function main(): Promise<void> {
   const options = JSON.parse(raw) as LocalHostOptions;
   const logger = createLogger('local-host');
   const host = await startLocalHost({ ...options, logger }, localExtensions());
-  process.stdout.write(`${JSON.stringify({ ready: true, port: host.port, functions: [...host.registry.functions.keys()] })}\n`);
+  process.stdout.write(
+    `${JSON.stringify({ ready: true, port: host.port, functions: [...host.registry.functions.keys()] })}\n`,
+  );
   let stopping = false;
   const stop = (signal: string) => {
     if (stopping) return;
@@ -32,6 +34,8 @@ async function main(): Promise<void> {
 }
 
 main().catch((err) => {
-  process.stderr.write(`local Functions host failed to start: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.stderr.write(
+    `local Functions host failed to start: ${err instanceof Error ? err.stack : String(err)}\n`,
+  );
   process.exit(1);
 });

@@ -25,7 +25,10 @@ function entry(): { script: string; execArgv: string[] } {
  * Starts the local Functions host as a child process and resolves once it listens. Its log lines
  * (JSON on stderr) go to `onLog`, or to this process's stderr.
  */
-export function spawnLocalHost(options: LocalHostOptions, onLog?: (line: string) => void): Promise<HostProcess> {
+export function spawnLocalHost(
+  options: LocalHostOptions,
+  onLog?: (line: string) => void,
+): Promise<HostProcess> {
   const { script, execArgv } = entry();
   const child = spawn(process.execPath, [...execArgv, script], {
     env: { ...process.env, LIFEBOAT_HOST_CONFIG: JSON.stringify(options) },
@@ -64,7 +67,11 @@ export function spawnLocalHost(options: LocalHostOptions, onLog?: (line: string)
       });
     });
     child.once('exit', (code, signal) =>
-      reject(new Error(`The local Functions host exited (${signal ?? code}) before it was ready:\n${tail.join('\n')}`)),
+      reject(
+        new Error(
+          `The local Functions host exited (${signal ?? code}) before it was ready:\n${tail.join('\n')}`,
+        ),
+      ),
     );
   });
 }

@@ -2,7 +2,12 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Settings } from '../../shared/config';
 import { createLogger, type Logger } from '../../shared/logger';
-import { installFunctionsCore, type FunctionRegistry, type RegisteredFunction, type RpcParameterBinding } from './functions-core';
+import {
+  installFunctionsCore,
+  type FunctionRegistry,
+  type RegisteredFunction,
+  type RpcParameterBinding,
+} from './functions-core';
 import { HttpTriggerServer } from './http-trigger';
 import { QueueTriggers } from './queue-trigger';
 import { TimerTriggers } from './timer-trigger';
@@ -62,7 +67,10 @@ export type HostExtensionFactory = (context: {
  * us, then serves its HTTP triggers, feeds its Service Bus triggers from Azurite queues, runs its
  * timers, and lets extensions (Durable) drive the rest.
  */
-export async function startLocalHost(options: LocalHostOptions, extensions: HostExtensionFactory[] = []): Promise<LocalHost> {
+export async function startLocalHost(
+  options: LocalHostOptions,
+  extensions: HostExtensionFactory[] = [],
+): Promise<LocalHost> {
   const logger = options.logger ?? createLogger('local-host');
   const hostJson = JSON.parse(readFileSync(path.join(options.appRoot, 'host.json'), 'utf8')) as HostJson;
   const bindHost = options.bindHost ?? '127.0.0.1';
@@ -71,22 +79,35 @@ export async function startLocalHost(options: LocalHostOptions, extensions: Host
 
   const registry = installFunctionsCore();
   registry.log = (level, category, message, fields) => {
-    const method = level === 'error' || level === 'critical' ? 'error' : level === 'warning' ? 'warn' : level === 'debug' || level === 'trace' ? 'debug' : 'info';
+    const method =
+      level === 'error' || level === 'critical'
+        ? 'error'
+        : level === 'warning'
+          ? 'warn'
+          : level === 'debug' || level === 'trace'
+            ? 'debug'
+            : 'info';
     logger[method]({ category, ...fields }, message);
   };
   const entryPoint =
     options.entryPoint ??
-    path.join(options.appRoot, (JSON.parse(readFileSync(path.join(options.appRoot, 'package.json'), 'utf8')) as { main: string }).main);
+    path.join(
+      options.appRoot,
+      (JSON.parse(readFileSync(path.join(options.appRoot, 'package.json'), 'utf8')) as { main: string }).main,
+    );
   // The app must load through Node's CommonJS loader, where our @azure/functions-core answers.
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   require(entryPoint);
   await registry.runHooks('appStart', { functionAppDirectory: options.appRoot });
 
-  const log = (level: 'info' | 'warn' | 'error', message: string, fields?: object) => logger[level](fields ?? {}, message);
+  const log = (level: 'info' | 'warn' | 'error', message: string, fields?: object) =>
+    logger[level](fields ?? {}, message);
   let port = options.port;
   const baseUrl = () => `http://${bindHost}:${port}`;
   const active = extensions
-    .map((factory) => factory({ registry, settings, hostJson, baseUrl, functionKey: options.functionKey, logger }))
+    .map((factory) =>
+      factory({ registry, settings, hostJson, baseUrl, functionKey: options.functionKey, logger }),
+    )
     .filter((e): e is HostExtension => e !== undefined);
 
   const http = new HttpTriggerServer({

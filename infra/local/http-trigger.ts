@@ -2,7 +2,12 @@ import { randomUUID, timingSafeEqual } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { bySpecificity, compileRoute, type CompiledRoute } from './routes';
-import type { FunctionRegistry, RegisteredFunction, RpcHttpData, RpcParameterBinding } from './functions-core';
+import type {
+  FunctionRegistry,
+  RegisteredFunction,
+  RpcHttpData,
+  RpcParameterBinding,
+} from './functions-core';
 
 /** Largest request body the local host accepts, as the Functions host's default limit (100 MB). */
 export const MAX_REQUEST_BYTES = 100 * 1024 * 1024;
@@ -26,7 +31,12 @@ interface HttpRoute {
   authLevel: string;
 }
 
-export function sendJson(res: http.ServerResponse, status: number, body: unknown, headers: http.OutgoingHttpHeaders = {}) {
+export function sendJson(
+  res: http.ServerResponse,
+  status: number,
+  body: unknown,
+  headers: http.OutgoingHttpHeaders = {},
+) {
   const text = JSON.stringify(body);
   res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
   res.end(text);
@@ -46,7 +56,10 @@ function keyMatches(expected: string, given: string | undefined | null): boolean
 /** True when the request carries the host key (header or `code` query parameter). */
 export function hasFunctionKey(req: http.IncomingMessage, url: URL, key: string): boolean {
   const header = req.headers['x-functions-key'];
-  return keyMatches(key, Array.isArray(header) ? header[0] : header) || keyMatches(key, url.searchParams.get('code'));
+  return (
+    keyMatches(key, Array.isArray(header) ? header[0] : header) ||
+    keyMatches(key, url.searchParams.get('code'))
+  );
 }
 
 async function readBody(req: http.IncomingMessage, limit: number): Promise<Buffer | 'too-large'> {
@@ -72,7 +85,9 @@ export class HttpTriggerServer {
     this.routes = options.registry.byTriggerType('httpTrigger').map((fn) => ({
       fn,
       route: compileRoute(String(fn.trigger.route ?? fn.name)),
-      methods: new Set(((fn.trigger.methods as string[] | undefined) ?? ['GET', 'POST']).map((m) => m.toUpperCase())),
+      methods: new Set(
+        ((fn.trigger.methods as string[] | undefined) ?? ['GET', 'POST']).map((m) => m.toUpperCase()),
+      ),
       authLevel: String(fn.trigger.authLevel ?? 'function').toLowerCase(),
     }));
     this.routes.sort((a, b) => bySpecificity(a.route, b.route));
@@ -86,7 +101,8 @@ export class HttpTriggerServer {
     this.server = http.createServer((req, res) => {
       this.handle(req, res).catch((err) => {
         this.options.log('error', 'unhandled error serving a request', { err: String(err) });
-        if (!res.headersSent) sendJson(res, 500, errorBody('InternalError', 'The local host failed to serve the request.'));
+        if (!res.headersSent)
+          sendJson(res, 500, errorBody('InternalError', 'The local host failed to serve the request.'));
         else res.destroy();
       });
     });
@@ -111,7 +127,11 @@ export class HttpTriggerServer {
     if (this.options.systemHandler) {
       const isSystemPath = url.pathname.startsWith('/runtime/');
       if (isSystemPath && !hasFunctionKey(req, url, this.options.functionKey)) {
-        return sendJson(res, 401, errorBody('Unauthorized', 'A valid function key is required (x-functions-key header or ?code=).'));
+        return sendJson(
+          res,
+          401,
+          errorBody('Unauthorized', 'A valid function key is required (x-functions-key header or ?code=).'),
+        );
       }
       if (isSystemPath && (await this.options.systemHandler(req, res))) return;
     }
@@ -130,17 +150,30 @@ export class HttpTriggerServer {
     const match = matches.find((m) => m.r.methods.has(method));
     if (!match) {
       const allowed = [...new Set(matches.flatMap((m) => [...m.r.methods]))].join(', ');
-      return sendJson(res, 405, errorBody('MethodNotAllowed', `${method} is not allowed on ${url.pathname}; use ${allowed}.`), {
-        allow: allowed,
-      });
+      return sendJson(
+        res,
+        405,
+        errorBody('MethodNotAllowed', `${method} is not allowed on ${url.pathname}; use ${allowed}.`),
+        {
+          allow: allowed,
+        },
+      );
     }
     const { r, params } = match;
     if (r.authLevel !== 'anonymous' && !hasFunctionKey(req, url, this.options.functionKey)) {
-      return sendJson(res, 401, errorBody('Unauthorized', 'A valid function key is required (x-functions-key header or ?code=).'));
+      return sendJson(
+        res,
+        401,
+        errorBody('Unauthorized', 'A valid function key is required (x-functions-key header or ?code=).'),
+      );
     }
     const body = await readBody(req, MAX_REQUEST_BYTES);
     if (body === 'too-large') {
-      return sendJson(res, 413, errorBody('RequestTooLarge', `The request body is larger than ${MAX_REQUEST_BYTES} bytes.`));
+      return sendJson(
+        res,
+        413,
+        errorBody('RequestTooLarge', `The request body is larger than ${MAX_REQUEST_BYTES} bytes.`),
+      );
     }
     await this.invoke(r.fn, req, url, params, body, res);
   }
@@ -174,7 +207,8 @@ export class HttpTriggerServer {
         inputData: [{ name: fn.trigger.name, data: { http: httpData } }, ...this.options.extraInputs(fn)],
         triggerMetadata: {},
       });
-      const out = response.returnValue?.http ?? response.outputData?.find((o) => o.name === '$return')?.data?.http;
+      const out =
+        response.returnValue?.http ?? response.outputData?.find((o) => o.name === '$return')?.data?.http;
       if (!out) {
         res.writeHead(204);
         return void res.end();
@@ -194,9 +228,13 @@ export class HttpTriggerServer {
         sendJson(
           res,
           500,
-          errorBody('InternalError', `The function failed; look for correlation id ${invocationId} in the host log.`, {
-            correlationId: invocationId,
-          }),
+          errorBody(
+            'InternalError',
+            `The function failed; look for correlation id ${invocationId} in the host log.`,
+            {
+              correlationId: invocationId,
+            },
+          ),
         );
       }
     }

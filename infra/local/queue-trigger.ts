@@ -20,7 +20,8 @@ export interface QueueTriggerOptions {
 export function resolveBindingExpression(value: string, settings: Settings): string {
   return value.replace(/%([^%]+)%/g, (_, name: string) => {
     const resolved = settings[name];
-    if (resolved === undefined) throw new Error(`Binding expression %${name}% names a setting that is not set.`);
+    if (resolved === undefined)
+      throw new Error(`Binding expression %${name}% names a setting that is not set.`);
     return resolved;
   });
 }
@@ -87,7 +88,9 @@ class QueueFeeder {
         });
         messages = received.receivedMessageItems;
       } catch (err) {
-        this.options.log('warn', `cannot receive from queue ${this.queue.name}; retrying`, { err: String(err) });
+        this.options.log('warn', `cannot receive from queue ${this.queue.name}; retrying`, {
+          err: String(err),
+        });
       }
       for (const message of messages) {
         const work = this.deliver(message).finally(() => this.inFlight.delete(work));
@@ -111,12 +114,21 @@ class QueueFeeder {
   private async deliver(message: DequeuedMessageItem): Promise<void> {
     const envelope = parseEnvelope(message.messageText);
     const messageId = envelope?.messageId ?? message.messageId;
-    const fields = { function: this.fn.name, queue: this.queue.name, messageId, deliveryCount: message.dequeueCount };
+    const fields = {
+      function: this.fn.name,
+      queue: this.queue.name,
+      messageId,
+      deliveryCount: message.dequeueCount,
+    };
     let popReceipt = message.popReceipt;
     if (message.dequeueCount > this.options.maxDeliveryCount) {
       await this.poison.sendMessage(message.messageText, { messageTimeToLive: -1 });
       await this.queue.deleteMessage(message.messageId, popReceipt);
-      this.options.log('warn', `message moved to ${this.poison.name} after ${this.options.maxDeliveryCount} deliveries`, fields);
+      this.options.log(
+        'warn',
+        `message moved to ${this.poison.name} after ${this.options.maxDeliveryCount} deliveries`,
+        fields,
+      );
       return;
     }
     // Renew the lock while the handler runs, like the Service Bus trigger's auto lock renewal.
@@ -125,7 +137,12 @@ class QueueFeeder {
     const renewer = setInterval(() => {
       renewal = renewal.then(async () => {
         try {
-          const r = await this.queue.updateMessage(message.messageId, popReceipt, undefined, this.options.lockSeconds);
+          const r = await this.queue.updateMessage(
+            message.messageId,
+            popReceipt,
+            undefined,
+            this.options.lockSeconds,
+          );
           popReceipt = r.popReceipt!;
         } catch (err) {
           this.options.log('warn', 'could not renew the message lock', { ...fields, err: String(err) });
@@ -135,7 +152,9 @@ class QueueFeeder {
     let failed: unknown;
     try {
       await this.options.registry.invoke(this.fn.name, {
-        inputData: [{ name: this.fn.trigger.name, data: bodyData(envelope ? envelope.body : message.messageText) }],
+        inputData: [
+          { name: this.fn.trigger.name, data: bodyData(envelope ? envelope.body : message.messageText) },
+        ],
         triggerMetadata: {
           MessageId: { string: messageId },
           DeliveryCount: { int: message.dequeueCount },
@@ -162,7 +181,10 @@ class QueueFeeder {
         await this.queue.updateMessage(message.messageId, popReceipt, undefined, 1);
       }
     } catch (err) {
-      this.options.log('warn', 'lost the message lock; the message will be delivered again', { ...fields, err: String(err) });
+      this.options.log('warn', 'lost the message lock; the message will be delivered again', {
+        ...fields,
+        err: String(err),
+      });
     }
   }
 }

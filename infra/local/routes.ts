@@ -20,7 +20,10 @@ const CONSTRAINTS: Record<string, RegExp> = {
 };
 
 export function compileRoute(template: string): CompiledRoute {
-  const parts = template.replace(/^\/+|\/+$/g, '').split('/').filter(Boolean);
+  const parts = template
+    .replace(/^\/+|\/+$/g, '')
+    .split('/')
+    .filter(Boolean);
   let literals = 0;
   const pieces = parts.map((part) => {
     const m = PARAM.exec(part);
@@ -38,7 +41,10 @@ export function compileRoute(template: string): CompiledRoute {
     template,
     specificity: [literals, -pieces.length],
     match(path: string) {
-      const segments = path.replace(/^\/+|\/+$/g, '').split('/').filter(Boolean);
+      const segments = path
+        .replace(/^\/+|\/+$/g, '')
+        .split('/')
+        .filter(Boolean);
       const params: Record<string, string> = {};
       let i = 0;
       for (const piece of pieces) {

@@ -15,7 +15,9 @@ export interface TimerTriggerOptions {
 export function nextOccurrence(schedule: string, after: Date): Date {
   const fields = schedule.trim().split(/\s+/);
   if (fields.length !== 6) {
-    throw new Error(`Timer schedule "${schedule}" must have six fields (second minute hour day month day-of-week).`);
+    throw new Error(
+      `Timer schedule "${schedule}" must have six fields (second minute hour day month day-of-week).`,
+    );
   }
   return CronExpressionParser.parse(schedule, { currentDate: after, tz: 'UTC' }).next().toDate();
 }
@@ -46,12 +48,20 @@ export class TimerTriggers {
     await Promise.allSettled([...this.running.values()]);
   }
 
-  private arm(fn: RegisteredFunction, schedule: string, last: Date | undefined, due = nextOccurrence(schedule, new Date())): void {
+  private arm(
+    fn: RegisteredFunction,
+    schedule: string,
+    last: Date | undefined,
+    due = nextOccurrence(schedule, new Date()),
+  ): void {
     if (this.stopped) return;
     const delay = Math.max(0, due.getTime() - Date.now());
     // setTimeout holds at most 2^31-1 ms (24.8 days); a later occurrence waits in steps.
     if (delay > MAX_TIMEOUT_MS) {
-      this.timers.set(fn.name, setTimeout(() => this.arm(fn, schedule, last, due), MAX_TIMEOUT_MS));
+      this.timers.set(
+        fn.name,
+        setTimeout(() => this.arm(fn, schedule, last, due), MAX_TIMEOUT_MS),
+      );
       return;
     }
     this.timers.set(
@@ -62,19 +72,32 @@ export class TimerTriggers {
     );
   }
 
-  private async fire(fn: RegisteredFunction, schedule: string, last: Date | undefined, due: Date): Promise<void> {
+  private async fire(
+    fn: RegisteredFunction,
+    schedule: string,
+    last: Date | undefined,
+    due: Date,
+  ): Promise<void> {
     if (this.running.has(fn.name) || this.stopped) return;
     const now = new Date();
     const input = {
       Schedule: { AdjustForDST: true },
-      ScheduleStatus: { Last: (last ?? due).toISOString(), Next: nextOccurrence(schedule, now).toISOString(), LastUpdated: now.toISOString() },
+      ScheduleStatus: {
+        Last: (last ?? due).toISOString(),
+        Next: nextOccurrence(schedule, now).toISOString(),
+        LastUpdated: now.toISOString(),
+      },
       IsPastDue: now.getTime() - due.getTime() > 1000,
     };
     const run = this.options.registry
       .invoke(fn.name, { inputData: [{ name: fn.trigger.name, data: { json: JSON.stringify(input) } }] })
       .then(
         () => undefined,
-        (err) => this.options.log('error', `timer function ${fn.name} failed`, { function: fn.name, err: String(err) }),
+        (err) =>
+          this.options.log('error', `timer function ${fn.name} failed`, {
+            function: fn.name,
+            err: String(err),
+          }),
       )
       .finally(() => this.running.delete(fn.name));
     this.running.set(fn.name, run);

@@ -155,7 +155,12 @@ export const IN_PROGRESS: readonly FailoverState[] = [
 ];
 
 /** The states of a committed failover on its way home (reprotect, failback). */
-export const AFTER_COMMIT: readonly FailoverState[] = ['reprotecting', 'reprotected', 'failing-back', 'failed-back'];
+export const AFTER_COMMIT: readonly FailoverState[] = [
+  'reprotecting',
+  'reprotected',
+  'failing-back',
+  'failed-back',
+];
 
 export type FailoverAction = 'commit' | 'change-recovery-point' | 'cancel';
 

@@ -1,6 +1,14 @@
 import { z } from 'zod';
 import { ConflictError } from '../errors';
-import { beginFailover, deleteRecord, releaseMachine, requireObject, type FailoverDeps, type FailoverKind, type FailoverRun } from '../failover';
+import {
+  beginFailover,
+  deleteRecord,
+  releaseMachine,
+  requireObject,
+  type FailoverDeps,
+  type FailoverKind,
+  type FailoverRun,
+} from '../failover';
 import { parseOrThrow } from '../replication/policy';
 import { isMarkerId } from '../segment';
 import { readGroup, resolveGroupPoint, type GroupRecoveryPoint, type GroupStore } from './points';
@@ -11,21 +19,33 @@ import { readGroup, resolveGroupPoint, type GroupRecoveryPoint, type GroupStore 
 // failovers in parallel.
 
 export const groupFailoverRequestSchema = z.strictObject({
-  recoveryPoint: z.union([
-    z.enum(['latest-group-processed', 'latest-group-app-consistent']),
-    z.string().refine(isMarkerId, {
-      error: 'must be latest-group-processed, latest-group-app-consistent or a group recovery point id (from GET /api/groups/{group}/recovery-points)',
-    }),
-  ], { error: 'must be latest-group-processed, latest-group-app-consistent or a group recovery point id' }),
+  recoveryPoint: z.union(
+    [
+      z.enum(['latest-group-processed', 'latest-group-app-consistent']),
+      z.string().refine(isMarkerId, {
+        error:
+          'must be latest-group-processed, latest-group-app-consistent or a group recovery point id (from GET /api/groups/{group}/recovery-points)',
+      }),
+    ],
+    { error: 'must be latest-group-processed, latest-group-app-consistent or a group recovery point id' },
+  ),
   /** A drill: every member gets an isolated target, replication is untouched, end it with cancel per member. */
   test: z.boolean({ error: 'must be true or false' }).default(false),
-  waitSeconds: z.number({ error: 'must be a number of seconds' }).int({ error: 'must be a whole number of seconds' }).min(1).max(86_400).default(900),
+  waitSeconds: z
+    .number({ error: 'must be a number of seconds' })
+    .int({ error: 'must be a whole number of seconds' })
+    .min(1)
+    .max(86_400)
+    .default(900),
 });
 
 export type GroupFailoverRequest = z.infer<typeof groupFailoverRequestSchema>;
 
 export function parseGroupFailoverRequest(body: unknown): GroupFailoverRequest {
-  requireObject(body, '"recoveryPoint" (latest-group-processed, latest-group-app-consistent or a group point id) and optionally "test"');
+  requireObject(
+    body,
+    '"recoveryPoint" (latest-group-processed, latest-group-app-consistent or a group point id) and optionally "test"',
+  );
   return parseOrThrow(groupFailoverRequestSchema, body);
 }
 
@@ -70,7 +90,18 @@ export async function prepareGroupFailover(
   const claimed: FailoverRun[] = [];
   try {
     for (const run of members) {
-      await beginFailover(deps.tables, { machine: run.machine, failoverId: run.failoverId, operationId: runId, kind, selector: run.selector, planRun: runId }, deps.now());
+      await beginFailover(
+        deps.tables,
+        {
+          machine: run.machine,
+          failoverId: run.failoverId,
+          operationId: runId,
+          kind,
+          selector: run.selector,
+          planRun: runId,
+        },
+        deps.now(),
+      );
       claimed.push(run);
     }
   } catch (err) {
@@ -80,11 +111,20 @@ export async function prepareGroupFailover(
     }
     throw err;
   }
-  return { group, runId, point: { id: point.id, type: point.type, sourceTime: point.sourceTime }, test: request.test, members };
+  return {
+    group,
+    runId,
+    point: { id: point.id, type: point.type, sourceTime: point.sourceTime },
+    test: request.test,
+    members,
+  };
 }
 
 /** Undoes the claims of a group failover that did not start. */
-export async function releaseGroupClaims(deps: FailoverDeps, runs: Pick<FailoverRun, 'machine' | 'failoverId'>[]): Promise<void> {
+export async function releaseGroupClaims(
+  deps: FailoverDeps,
+  runs: Pick<FailoverRun, 'machine' | 'failoverId'>[],
+): Promise<void> {
   for (const r of runs) {
     await deleteRecord(deps.tables, r.machine, r.failoverId);
     await releaseMachine(deps.tables, r.machine, r.failoverId);

@@ -36,7 +36,8 @@ export function parseGroupRequest(body: unknown): GroupRequest {
   }
   const seen = new Set<string>();
   for (const m of r.data.members) {
-    if (seen.has(m)) throw new ValidationError(`members lists machine ${m} twice; list each machine once.`, 'members');
+    if (seen.has(m))
+      throw new ValidationError(`members lists machine ${m} twice; list each machine once.`, 'members');
     seen.add(m);
   }
   return r.data;
@@ -59,7 +60,9 @@ export interface Membership {
 /** Applies a new member list to the history at `now`: new names join, missing names leave. */
 export function applyMembership(history: Membership[], members: string[], now: number): Membership[] {
   const wanted = new Set(members);
-  const next = history.map((m) => (m.leftAt === undefined && !wanted.has(m.machine) ? { ...m, leftAt: now } : m));
+  const next = history.map((m) =>
+    m.leftAt === undefined && !wanted.has(m.machine) ? { ...m, leftAt: now } : m,
+  );
   const current = new Set(next.filter((m) => m.leftAt === undefined).map((m) => m.machine));
   for (const m of members) if (!current.has(m)) next.push({ machine: m, joinedAt: now });
   return next;
@@ -67,7 +70,13 @@ export function applyMembership(history: Membership[], members: string[], now: n
 
 /** The members at `time` (a marker's time). */
 export function membersAt(history: Membership[], time: number): string[] {
-  return [...new Set(history.filter((m) => m.joinedAt <= time && (m.leftAt === undefined || time < m.leftAt)).map((m) => m.machine))].sort();
+  return [
+    ...new Set(
+      history
+        .filter((m) => m.joinedAt <= time && (m.leftAt === undefined || time < m.leftAt))
+        .map((m) => m.machine),
+    ),
+  ].sort();
 }
 
 export function currentMembers(history: Membership[]): string[] {

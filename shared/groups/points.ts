@@ -16,7 +16,14 @@ import {
 } from '../replication';
 import { SETTING } from '../config';
 import { StorageClients } from '../storage';
-import { applyMembership, currentMembers, membersAt, parseGroupRequest, type GroupPolicy, type Membership } from './model';
+import {
+  applyMembership,
+  currentMembers,
+  membersAt,
+  parseGroupRequest,
+  type GroupPolicy,
+  type Membership,
+} from './model';
 
 // Tables (ReplicaStorage), beside the replication tables:
 //   groups       PK "groups"  RK {group}                     members, policy, membership history
@@ -74,7 +81,10 @@ export class GroupStore {
     private readonly table: (name: string) => TableClient,
   ) {}
 
-  static fromSettings(replication: ReplicationTables, settings: Record<string, string | undefined> = process.env): GroupStore {
+  static fromSettings(
+    replication: ReplicationTables,
+    settings: Record<string, string | undefined> = process.env,
+  ): GroupStore {
     const storage = new StorageClients(SETTING.replicaStorage, settings);
     return new GroupStore(replication, (n) => storage.table(n));
   }
@@ -96,11 +106,23 @@ export class GroupStore {
 
 function toGroup(e: GroupEntity): Group {
   const memberships = JSON.parse(e.memberships) as Membership[];
-  return { name: e.rowKey, members: currentMembers(memberships), policy: JSON.parse(e.policy) as GroupPolicy, memberships, createdAt: e.createdAt, updatedAt: e.updatedAt };
+  return {
+    name: e.rowKey,
+    members: currentMembers(memberships),
+    policy: JSON.parse(e.policy) as GroupPolicy,
+    memberships,
+    createdAt: e.createdAt,
+    updatedAt: e.updatedAt,
+  };
 }
 
 /** Creates or updates a group. Returns created = true on first PUT. */
-export async function putGroup(store: GroupStore, name: string, body: unknown, now = new Date()): Promise<{ created: boolean; group: Group }> {
+export async function putGroup(
+  store: GroupStore,
+  name: string,
+  body: unknown,
+  now = new Date(),
+): Promise<{ created: boolean; group: Group }> {
   validateName(name, 'group');
   const request = parseGroupRequest(body);
   const table = await store.get(GROUP_TABLES.groups);
@@ -122,12 +144,18 @@ export async function putGroup(store: GroupStore, name: string, body: unknown, n
 export async function readGroup(store: GroupStore, name: string): Promise<Group> {
   validateName(name, 'group');
   const e = await readEntity<GroupEntity>(await store.get(GROUP_TABLES.groups), GROUPS_PARTITION, name);
-  if (!e) throw new NotFoundError(`There is no replication group ${name}; create it with PUT /api/groups/${name}.`, 'group');
+  if (!e)
+    throw new NotFoundError(
+      `There is no replication group ${name}; create it with PUT /api/groups/${name}.`,
+      'group',
+    );
   return toGroup(e);
 }
 
 export async function listGroups(store: GroupStore): Promise<Group[]> {
-  return (await listPartition<GroupEntity>(await store.get(GROUP_TABLES.groups), GROUPS_PARTITION)).map(toGroup);
+  return (await listPartition<GroupEntity>(await store.get(GROUP_TABLES.groups), GROUPS_PARTITION)).map(
+    toGroup,
+  );
 }
 
 /**
@@ -167,7 +195,11 @@ const TAG = /^group=([a-z0-9-]+);consistency=(crash|app)$/;
  * markers no older than the newest recorded point: disks apply in order, so once a newer marker
  * is complete everywhere, an older incomplete one (an aborted or half-cut marker) never will be.
  */
-export async function refreshGroupPoints(store: GroupStore, group: string, now = new Date()): Promise<GroupRecoveryPoint[]> {
+export async function refreshGroupPoints(
+  store: GroupStore,
+  group: string,
+  now = new Date(),
+): Promise<GroupRecoveryPoint[]> {
   const g = await readGroup(store, group);
   const pointsTable = await store.get(GROUP_TABLES.points);
   const newest = await newestPoint(pointsTable, group);
@@ -219,14 +251,20 @@ export async function refreshGroupPoints(store: GroupStore, group: string, now =
 }
 
 async function newestPoint(table: TableClient, group: string): Promise<GroupPointEntity | undefined> {
-  for await (const page of table.listEntities<GroupPointEntity>({ queryOptions: { filter: `PartitionKey eq ${odataString(group)}` } }).byPage({ maxPageSize: 1 })) {
+  for await (const page of table
+    .listEntities<GroupPointEntity>({ queryOptions: { filter: `PartitionKey eq ${odataString(group)}` } })
+    .byPage({ maxPageSize: 1 })) {
     if (page.length > 0) return page[0];
   }
   return undefined;
 }
 
 /** The group's recovery points, newest first (after recording any that became complete). */
-export async function listGroupPoints(store: GroupStore, group: string, options: { type?: 'crash' | 'app'; top?: number } = {}): Promise<GroupRecoveryPoint[]> {
+export async function listGroupPoints(
+  store: GroupStore,
+  group: string,
+  options: { type?: 'crash' | 'app'; top?: number } = {},
+): Promise<GroupRecoveryPoint[]> {
   await refreshGroupPoints(store, group);
   const rows = await listPartition<GroupPointEntity>(await store.get(GROUP_TABLES.points), group);
   return rows
@@ -237,10 +275,18 @@ export async function listGroupPoints(store: GroupStore, group: string, options:
 }
 
 /** Resolves `latest-group-processed`, `latest-group-app-consistent` or a point id. */
-export async function resolveGroupPoint(store: GroupStore, group: string, which: string): Promise<GroupRecoveryPoint> {
+export async function resolveGroupPoint(
+  store: GroupStore,
+  group: string,
+  which: string,
+): Promise<GroupRecoveryPoint> {
   const points = await listGroupPoints(store, group, { top: 1000 });
   const point =
-    which === 'latest-group-processed' ? points[0] : which === 'latest-group-app-consistent' ? points.find((p) => p.type === 'group-app-consistent') : points.find((p) => p.id === which);
+    which === 'latest-group-processed'
+      ? points[0]
+      : which === 'latest-group-app-consistent'
+        ? points.find((p) => p.type === 'group-app-consistent')
+        : points.find((p) => p.id === which);
   if (!point) {
     throw new NotFoundError(
       `Group ${group} has no recovery point ${JSON.stringify(which)}; use latest-group-processed, latest-group-app-consistent or an id from GET /api/groups/${group}/recovery-points.`,

@@ -13,10 +13,15 @@ function help(args: string[]): string {
 /** Every command path of the built CLI with the long options its --help lists. */
 function commands(args: string[] = []): { path: string; options: string[] }[] {
   const text = help(args);
-  const options = [...text.matchAll(/^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)/gm)].map((m) => m[1]).filter((o) => o !== '--help');
+  const options = [...text.matchAll(/^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)/gm)]
+    .map((m) => m[1])
+    .filter((o) => o !== '--help');
   const section = text.split(/^Commands:$/m)[1] ?? '';
   const subs = [...section.matchAll(/^ {2}([a-z][a-z-]*)/gm)].map((m) => m[1]).filter((c) => c !== 'help');
-  return [{ path: ['lifeboat', ...args].join(' '), options }, ...subs.flatMap((sub) => commands([...args, sub]))];
+  return [
+    { path: ['lifeboat', ...args].join(' '), options },
+    ...subs.flatMap((sub) => commands([...args, sub])),
+  ];
 }
 
 describe('docs/cli.md', () => {

@@ -9,12 +9,24 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { HostProcess } from '../../infra/local/host-process';
 import { applyRecordsToImage } from '../../shared/disk-model';
-import { failoverDepsFromSettings, failoverDiskName, readLocalTarget, readRecord } from '../../shared/failover';
+import {
+  failoverDepsFromSettings,
+  failoverDiskName,
+  readLocalTarget,
+  readRecord,
+} from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
 import { odataString, readRange, TABLES } from '../../shared/replication';
 import type { Segment, SegmentRecord } from '../../shared/segment';
 import { waitFor } from '../helpers/host';
-import { apiClient, queueSender, ship, testStack, waitForOperation, type Api } from '../shared/failover/helpers';
+import {
+  apiClient,
+  queueSender,
+  ship,
+  testStack,
+  waitForOperation,
+  type Api,
+} from '../shared/failover/helpers';
 import { quietLogger, rng, testDeps } from '../shared/replication/helpers';
 
 const connection = inject('azuriteConnectionString');
@@ -77,7 +89,17 @@ class Member {
       if (records.length === 0) continue;
       const seq = this.seq.get(d.id)! + 1;
       this.seq.set(d.id, seq);
-      out.push({ header: { machine: this.machine, disk: d.id, epoch: 1, seq, firstWriteTime: Date.now() - 1, lastWriteTime: Date.now() }, records });
+      out.push({
+        header: {
+          machine: this.machine,
+          disk: d.id,
+          epoch: 1,
+          seq,
+          firstWriteTime: Date.now() - 1,
+          lastWriteTime: Date.now(),
+        },
+        records,
+      });
       this.pending.set(d.id, []);
     }
     return out;
@@ -94,8 +116,22 @@ describe('replication groups over HTTP through the local host', () => {
   const group = `app-${suffix}`;
   const members = [
     new Member(`web-${suffix}`, [{ id: 'd0', sizeBytes: 256 * KiB }], 11),
-    new Member(`api-${suffix}`, [{ id: 'd0', sizeBytes: 256 * KiB }, { id: 'd1', sizeBytes: 128 * KiB }], 12),
-    new Member(`db-${suffix}`, [{ id: 'd0', sizeBytes: 128 * KiB }, { id: 'd1', sizeBytes: 256 * KiB }], 13),
+    new Member(
+      `api-${suffix}`,
+      [
+        { id: 'd0', sizeBytes: 256 * KiB },
+        { id: 'd1', sizeBytes: 128 * KiB },
+      ],
+      12,
+    ),
+    new Member(
+      `db-${suffix}`,
+      [
+        { id: 'd0', sizeBytes: 128 * KiB },
+        { id: 'd1', sizeBytes: 256 * KiB },
+      ],
+      13,
+    ),
   ];
   const marks = { g1: `group-${suffix}-1`, g2: `group-${suffix}-2`, g3: `group-${suffix}-3` };
 
@@ -109,8 +145,12 @@ describe('replication groups over HTTP through the local host', () => {
     host = await stack.start();
     api = apiClient(() => host.port, stack.key);
     sender = queueSender(stack);
-    for (const m of members) expect((await api('PUT', `machines/${m.machine}`, { disks: m.disks, group })).status).toBe(201);
-    const put = await api('PUT', `groups/${group}`, { members: members.map((m) => m.machine), policy: { crashConsistentIntervalSeconds: 60 } });
+    for (const m of members)
+      expect((await api('PUT', `machines/${m.machine}`, { disks: m.disks, group })).status).toBe(201);
+    const put = await api('PUT', `groups/${group}`, {
+      members: members.map((m) => m.machine),
+      policy: { crashConsistentIntervalSeconds: 60 },
+    });
     expect(put.status, JSON.stringify(put.body)).toBe(201);
     // Marker times are after the members joined (the cloud's clock).
     const t0 = Date.now() + 1000;
@@ -127,7 +167,11 @@ describe('replication groups over HTTP through the local host', () => {
       m.randomWrites(10);
       await ship(replication, sender, m.cut());
     }
-    await waitFor(async () => ((await groupPointIds()).length >= 2 ? true : undefined), 'two group points', 40_000);
+    await waitFor(
+      async () => ((await groupPointIds()).length >= 2 ? true : undefined),
+      'two group points',
+      40_000,
+    );
   }, 60_000);
 
   afterAll(async () => {
@@ -137,13 +181,22 @@ describe('replication groups over HTTP through the local host', () => {
 
   async function expectDisksAt(member: Member, failoverId: string, markerId: string): Promise<void> {
     for (const d of member.disks) {
-      const bytes = await readRange(deps.failoverDisks.getPageBlobClient(failoverDiskName(member.machine, d.id, failoverId)), 0, d.sizeBytes);
-      expect(bytes.equals(member.cuts.get(markerId)!.get(d.id)!), `${member.machine}/${d.id} of ${failoverId} at ${markerId}`).toBe(true);
+      const bytes = await readRange(
+        deps.failoverDisks.getPageBlobClient(failoverDiskName(member.machine, d.id, failoverId)),
+        0,
+        d.sizeBytes,
+      );
+      expect(
+        bytes.equals(member.cuts.get(markerId)!.get(d.id)!),
+        `${member.machine}/${d.id} of ${failoverId} at ${markerId}`,
+      ).toBe(true);
     }
     expect((await readLocalTarget(deps.tables, member.machine, failoverId))?.running).toBe(true);
   }
 
-  async function groupFailover(body: unknown): Promise<{ operationId: string; members: { machine: string; failoverId: string }[] }> {
+  async function groupFailover(
+    body: unknown,
+  ): Promise<{ operationId: string; members: { machine: string; failoverId: string }[] }> {
     const res = await api('POST', `groups/${group}/failover`, body);
     expect(res.status, JSON.stringify(res.body)).toBe(202);
     expect(res.body.statusUri).toMatch(new RegExp(`/api/operations/${res.body.operationId}$`));
@@ -165,10 +218,15 @@ describe('replication groups over HTTP through the local host', () => {
     expect(app.body.value.map((p: { id: string }) => p.id)).toEqual([marks.g2]);
     const g = await api('GET', `groups/${group}`);
     expect(g.status).toBe(200);
-    expect(g.body.members.map((m: { machine: string }) => m.machine).sort()).toEqual(members.map((m) => m.machine).sort());
+    expect(g.body.members.map((m: { machine: string }) => m.machine).sort()).toEqual(
+      members.map((m) => m.machine).sort(),
+    );
     expect(g.body.latestGroupPoint.id).toBe(marks.g2);
     expect(g.body.latestAppConsistentGroupPoint.id).toBe(marks.g2);
-    expect(g.body.latestGroupPoint.members.find((m: { machine: string }) => m.machine === members[1].machine).disks).toHaveLength(2);
+    expect(
+      g.body.latestGroupPoint.members.find((m: { machine: string }) => m.machine === members[1].machine)
+        .disks,
+    ).toHaveLength(2);
   });
 
   it('rejects bad input on PUT/GET/POST with a 400/404 naming the field', async () => {
@@ -180,7 +238,13 @@ describe('replication groups over HTTP through the local host', () => {
       ['PUT', `groups/${group}`, { members: ['Not_A_Name'] }, 400, 'members.0'],
       ['PUT', `groups/${group}`, { members: [machines[0], machines[0]] }, 400, 'members'],
       ['PUT', `groups/${group}`, { members: machines, policy: { turbo: true } }, 400, 'policy'],
-      ['PUT', `groups/${group}`, { members: machines, policy: { prepareTimeoutMs: 1 } }, 400, 'policy.prepareTimeoutMs'],
+      [
+        'PUT',
+        `groups/${group}`,
+        { members: machines, policy: { prepareTimeoutMs: 1 } },
+        400,
+        'policy.prepareTimeoutMs',
+      ],
       ['PUT', `groups/${group}`, { members: machines, extra: 1 }, 400, 'body'],
       ['PUT', `groups/${group}`, '{"members":', 400, 'body'],
       ['PUT', 'groups/Bad_Group', { members: machines }, 400, 'group'],
@@ -192,15 +256,32 @@ describe('replication groups over HTTP through the local host', () => {
       ['POST', `groups/${group}/failover`, { recoveryPoint: marks.g3 }, 404, 'recoveryPoint'],
       ['POST', `groups/${group}/failover`, {}, 400, 'recoveryPoint'],
       ['POST', `groups/${group}/failover`, { recoveryPoint: 'not a point!' }, 400, 'recoveryPoint'],
-      ['POST', `groups/${group}/failover`, { recoveryPoint: 'latest-group-processed', test: 'yes' }, 400, 'test'],
-      ['POST', `groups/${group}/failover`, { recoveryPoint: 'latest-group-processed', planned: true }, 400, 'planned'],
+      [
+        'POST',
+        `groups/${group}/failover`,
+        { recoveryPoint: 'latest-group-processed', test: 'yes' },
+        400,
+        'test',
+      ],
+      [
+        'POST',
+        `groups/${group}/failover`,
+        { recoveryPoint: 'latest-group-processed', planned: true },
+        400,
+        'planned',
+      ],
       ['POST', `groups/${group}/failover`, '[1,', 400, 'body'],
       ['POST', `groups/${group}/failover`, [], 400, 'body'],
     ];
     for (const [method, route, body, status, target] of cases) {
       const res = await api(method, route, body);
-      expect(res.status, `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(res.body)}`).toBe(status);
-      expect(res.body.error.target, `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(res.body)}`).toBe(target);
+      expect(res.status, `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(res.body)}`).toBe(
+        status,
+      );
+      expect(
+        res.body.error.target,
+        `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(res.body)}`,
+      ).toBe(target);
       expect(res.body.error.message.length).toBeGreaterThan(20);
     }
     // Nothing was claimed by the refused requests.
@@ -217,7 +298,11 @@ describe('replication groups over HTTP through the local host', () => {
     expect(again.body.error.message).toMatch(/already failing over/);
     const op = await waitForOperation(api, started.operationId);
     expect(op.status, op.error ?? JSON.stringify(op.progress)).toBe('Completed');
-    expect(op.output).toMatchObject({ group, state: 'failed-over', recoveryPoint: { id: marks.g2, type: 'group-app-consistent' } });
+    expect(op.output).toMatchObject({
+      group,
+      state: 'failed-over',
+      recoveryPoint: { id: marks.g2, type: 'group-app-consistent' },
+    });
     for (const m of members) {
       const { failoverId } = started.members.find((x) => x.machine === m.machine)!;
       await expectDisksAt(m, failoverId, marks.g2);
@@ -226,7 +311,10 @@ describe('replication groups over HTTP through the local host', () => {
       expect((await readLocalTarget(deps.tables, m.machine, failoverId))?.test).toBe(true);
     }
     // A member's own failover is refused too.
-    expect((await api('POST', `machines/${members[0].machine}/failover`, { recoveryPoint: 'latest-processed' })).status).toBe(409);
+    expect(
+      (await api('POST', `machines/${members[0].machine}/failover`, { recoveryPoint: 'latest-processed' }))
+        .status,
+    ).toBe(409);
     await cancelAll();
   });
 
@@ -244,7 +332,11 @@ describe('replication groups over HTTP through the local host', () => {
     // db's own recovery point at g2 disappears (e.g. its retention): its failover fails, named.
     const db = members[2];
     const points = await replication.tables.get(TABLES.recoveryPoints);
-    for await (const row of points.listEntities({ queryOptions: { filter: `PartitionKey eq ${odataString(db.machine)} and markerId eq ${odataString(marks.g2)}` } })) {
+    for await (const row of points.listEntities({
+      queryOptions: {
+        filter: `PartitionKey eq ${odataString(db.machine)} and markerId eq ${odataString(marks.g2)}`,
+      },
+    })) {
       await points.deleteEntity(row.partitionKey as string, row.rowKey as string);
     }
     const failing = await groupFailover({ recoveryPoint: marks.g2, test: true });
@@ -253,7 +345,10 @@ describe('replication groups over HTTP through the local host', () => {
     expect(failed.error).toContain(`member ${db.machine}`);
     expect(failed.error).toMatch(/resolving the recovery point/);
     const status = failed.progress.members as { machine: string; state: string; step?: string }[];
-    expect(status.find((m) => m.machine === db.machine)).toMatchObject({ state: 'failed', step: 'resolving the recovery point' });
+    expect(status.find((m) => m.machine === db.machine)).toMatchObject({
+      state: 'failed',
+      step: 'resolving the recovery point',
+    });
     for (const m of members.slice(0, 2)) {
       expect(status.find((s) => s.machine === m.machine)?.state).toBe('failed-over');
       await expectDisksAt(m, failing.members.find((x) => x.machine === m.machine)!.failoverId, marks.g2);

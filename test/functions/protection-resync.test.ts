@@ -5,7 +5,14 @@ import { blockChecksum } from '../../agent/mobility/sync';
 import { spawnLocalHost, type HostProcess } from '../../infra/local/host-process';
 import { beginFailover, failoverDepsFromSettings, updateRecord } from '../../shared/failover';
 import { createMessageSender, type MessageSender } from '../../shared/messaging';
-import { claimMachine, pendingResyncCommands, protectionDepsFromSettings, reportResyncProgress, type ResyncCommand, type ResyncStatus } from '../../shared/reprotect';
+import {
+  claimMachine,
+  pendingResyncCommands,
+  protectionDepsFromSettings,
+  reportResyncProgress,
+  type ResyncCommand,
+  type ResyncStatus,
+} from '../../shared/reprotect';
 import { seedBlob, TABLES, type DiskEntity } from '../../shared/replication';
 import type { Segment, SegmentRecord } from '../../shared/segment';
 import { waitFor } from '../helpers/host';
@@ -48,7 +55,14 @@ describe('POST /api/machines/{m}/resync', () => {
 
   beforeAll(async () => {
     host = await spawnLocalHost(
-      { appRoot: root, entryPoint: path.join(root, 'functions/index.ts'), settings, port: 0, functionKey: key, lockSeconds: 5 },
+      {
+        appRoot: root,
+        entryPoint: path.join(root, 'functions/index.ts'),
+        settings,
+        port: 0,
+        functionKey: key,
+        lockSeconds: 5,
+      },
       (line) => (process.env.TEST_HOST_LOG ? process.stderr.write(`${line}\n`) : undefined),
     );
     sender = createMessageSender(settings, 'ServiceBusConnection', queue);
@@ -58,19 +72,40 @@ describe('POST /api/machines/{m}/resync', () => {
     await host?.stop();
   });
 
-  const ship = async (machine: string, disk: string, epoch: number, seq: number, records: SegmentRecord[]) => {
+  const ship = async (
+    machine: string,
+    disk: string,
+    epoch: number,
+    seq: number,
+    records: SegmentRecord[],
+  ) => {
     const now = Date.now();
-    const segment: Segment = { header: { machine, disk, epoch, seq, firstWriteTime: now, lastWriteTime: now }, records };
+    const segment: Segment = {
+      header: { machine, disk, epoch, seq, firstWriteTime: now, lastWriteTime: now },
+      records,
+    };
     await uploadSegment(deps, segment);
     await sender.send({ body: { machine, disk, epoch, seq } });
   };
-  const marker = (id: string): SegmentRecord => ({ type: 'marker', id, kind: 'crash', time: Date.now(), tag: '' });
+  const marker = (id: string): SegmentRecord => ({
+    type: 'marker',
+    id,
+    kind: 'crash',
+    time: Date.now(),
+    tag: '',
+  });
   const diskRow = async (machine: string, disk: string) =>
     (await deps.tables.get(TABLES.disks)).getEntity<DiskEntity>(machine, disk);
 
   /** The agent's side: checksums from the cloud endpoint, differing blocks shipped in the command's epoch. */
-  const actAsAgent = async (machine: string, image: Buffer): Promise<{ command: ResyncCommand; shipped: number }> => {
-    const command = await waitFor(async () => (await pendingResyncCommands(failover.tables, machine))[0], 'a resync command');
+  const actAsAgent = async (
+    machine: string,
+    image: Buffer,
+  ): Promise<{ command: ResyncCommand; shipped: number }> => {
+    const command = await waitFor(
+      async () => (await pendingResyncCommands(failover.tables, machine))[0],
+      'a resync command',
+    );
     let shipped = 0;
     for (const { disk, epoch } of command.disks) {
       const res = await call('GET', `/machines/${machine}/disks/${disk}/checksums?blockSize=${BLOCK}`);
@@ -84,7 +119,13 @@ describe('POST /api/machines/{m}/resync', () => {
           shipped += block.length;
         }
       }
-      await reportResyncProgress(failover.tables, machine, command.id, { progress: { [disk]: { comparedBytes: SIZE, shippedBytes: shipped } } }, new Date());
+      await reportResyncProgress(
+        failover.tables,
+        machine,
+        command.id,
+        { progress: { [disk]: { comparedBytes: SIZE, shippedBytes: shipped } } },
+        new Date(),
+      );
       await ship(machine, disk, epoch, 1, [...records, marker(`resync-${epoch}-${suffix}`)]);
     }
     return { command, shipped };
@@ -106,19 +147,33 @@ describe('POST /api/machines/{m}/resync', () => {
 
   it('ships only the differing blocks in a new epoch, reports progress, refuses a second concurrent resync, and ships nothing for identical disks', async () => {
     const machine = `resync-${suffix}`;
-    expect((await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: SIZE }] })).status).toBe(201);
+    expect(
+      (await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: SIZE }] })).status,
+    ).toBe(201);
 
     // Forward replication in epoch 0: the model image and the seed agree after a marker.
     const random = rng(8);
     const image = Buffer.alloc(SIZE);
-    for (let i = 0; i < SIZE; i += 4096) if (random() < 0.5) image.fill(Math.floor(random() * 255) + 1, i, i + 4096);
-    await ship(machine, 'd0', 0, 1, [{ type: 'write', offset: 0, data: Buffer.from(image) }, marker(`m0-${suffix}`)]);
-    await waitFor(async () => ((await diskRow(machine, 'd0')).state === 'protected' ? true : undefined), 'epoch 0 to apply');
+    for (let i = 0; i < SIZE; i += 4096)
+      if (random() < 0.5) image.fill(Math.floor(random() * 255) + 1, i, i + 4096);
+    await ship(machine, 'd0', 0, 1, [
+      { type: 'write', offset: 0, data: Buffer.from(image) },
+      marker(`m0-${suffix}`),
+    ]);
+    await waitFor(
+      async () => ((await diskRow(machine, 'd0')).state === 'protected' ? true : undefined),
+      'epoch 0 to apply',
+    );
 
     // Writes the cloud never got (a quarantined change log): the disk is marked resync-required.
     const changed = [3, 17, 40, 41];
     for (const b of changed) image.fill(0xa0 + b, b * BLOCK + 512, b * BLOCK + 4096);
-    await (await deps.tables.get(TABLES.disks)).updateEntity({ partitionKey: machine, rowKey: 'd0', state: 'resync-required', stateReason: 'test' }, 'Merge');
+    await (
+      await deps.tables.get(TABLES.disks)
+    ).updateEntity(
+      { partitionKey: machine, rowKey: 'd0', state: 'resync-required', stateReason: 'test' },
+      'Merge',
+    );
 
     const started = await call('POST', `/machines/${machine}/resync`);
     expect(started.status).toBe(202);
@@ -161,7 +216,9 @@ describe('POST /api/machines/{m}/resync', () => {
 
   it('answers 404 for an unknown disk and 400 for a bad body', async () => {
     const machine = `resync-bad-${suffix}`;
-    expect((await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: MiB }] })).status).toBe(201);
+    expect(
+      (await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: MiB }] })).status,
+    ).toBe(201);
     const unknown = await call('POST', `/machines/${machine}/resync`, { disks: ['d9'] });
     expect(unknown.status).toBe(404);
     expect(((await unknown.json()) as { error: { message: string } }).error.message).toContain('d9');
@@ -172,8 +229,11 @@ describe('POST /api/machines/{m}/resync', () => {
 
   it('reprotect and failback: 409 before a committed failover, without reprotect, and during another operation', async () => {
     const machine = `rp-pre-${suffix}`;
-    expect((await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: MiB }] })).status).toBe(201);
-    const error = async (res: Response) => ((await res.json()) as { error: { code: string; message: string } }).error;
+    expect(
+      (await call('PUT', `/machines/${machine}`, { disks: [{ id: 'd0', sizeBytes: MiB }] })).status,
+    ).toBe(201);
+    const error = async (res: Response) =>
+      ((await res.json()) as { error: { code: string; message: string } }).error;
 
     const none = await call('POST', `/machines/${machine}/reprotect`);
     expect(none.status).toBe(409);
@@ -187,7 +247,11 @@ describe('POST /api/machines/{m}/resync', () => {
 
     // A failover that is failed-over but not committed.
     const failoverId = `fo-${suffix}abcd`;
-    await beginFailover(failover.tables, { machine, failoverId, operationId: failoverId, kind: 'unplanned', selector: 'latest' }, new Date());
+    await beginFailover(
+      failover.tables,
+      { machine, failoverId, operationId: failoverId, kind: 'unplanned', selector: 'latest' },
+      new Date(),
+    );
     await updateRecord(failover.tables, machine, failoverId, { state: 'failed-over' }, new Date());
     const early = await call('POST', `/machines/${machine}/reprotect`);
     expect(early.status).toBe(409);
@@ -201,6 +265,8 @@ describe('POST /api/machines/{m}/resync', () => {
     const busy = await call('POST', `/machines/${machine}/reprotect`);
     expect(busy.status).toBe(409);
     expect(await error(busy)).toMatchObject({ code: 'OperationInProgress' });
-    expect((await error(await call('POST', `/machines/${machine}/resync`))).message).toContain('op-test-holder');
+    expect((await error(await call('POST', `/machines/${machine}/resync`))).message).toContain(
+      'op-test-holder',
+    );
   });
 });

@@ -7,13 +7,29 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { blockChecksum } from '../../agent/mobility/sync';
 import { FailoverMachineExport } from '../../agent/target/failover-machine';
 import type { HostProcess } from '../../infra/local/host-process';
-import { FAILOVER_TABLES, failoverDepsFromSettings, failoverDiskName, readRecord } from '../../shared/failover';
+import {
+  FAILOVER_TABLES,
+  failoverDepsFromSettings,
+  failoverDiskName,
+  readRecord,
+} from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
 import { pendingResyncCommands, protectionDepsFromSettings } from '../../shared/reprotect';
 import { readEntity, readRange, seedBlob, TABLES, type DiskEntity } from '../../shared/replication';
 import { waitFor } from '../helpers/host';
 import { runTool } from '../agent/mobility/nbd-harness';
-import { apiClient, queueSender, repoRoot, ship, SourceMachine, testStack, waitForOperation, waitForPoint, type Api, type Operation } from '../shared/failover/helpers';
+import {
+  apiClient,
+  queueSender,
+  repoRoot,
+  ship,
+  SourceMachine,
+  testStack,
+  waitForOperation,
+  waitForPoint,
+  type Api,
+  type Operation,
+} from '../shared/failover/helpers';
 import { quietLogger, testDeps } from '../shared/replication/helpers';
 
 // The whole way home, through HTTP, the target CLI and the NBD export: protect → write → failover
@@ -27,14 +43,15 @@ const MiB = 1024 * KiB;
 const BLOCK = 64 * KiB;
 const suffix = randomUUID().slice(0, 6);
 const t0 = Date.now();
-const step = (what: string) => (process.env.TEST_STEPS ? console.error(`${((Date.now() - t0) / 1000).toFixed(1)} s: ${what}`) : undefined);
+const step = (what: string) =>
+  process.env.TEST_STEPS ? console.error(`${((Date.now() - t0) / 1000).toFixed(1)} s: ${what}`) : undefined;
 
 /** Replays an nbdsh write log: (1 off n data) = attempted write, (3) = the attempt was acknowledged. */
 function replayLog(file: string, model: Buffer): { acked: number; pending?: { off: number; data: Buffer } } {
   const log = fs.existsSync(file) ? fs.readFileSync(file) : Buffer.alloc(0);
   let pending: { off: number; data: Buffer } | undefined;
   let acked = 0;
-  for (let at = 0; at + 13 <= log.length; ) {
+  for (let at = 0; at + 13 <= log.length;) {
     const kind = log.readUInt8(at);
     const off = Number(log.readBigUInt64LE(at + 1));
     const n = log.readUInt32LE(at + 9);
@@ -56,7 +73,12 @@ function replayLog(file: string, model: Buffer): { acked: number; pending?: { of
 }
 
 /** An nbdsh script: `count` writes (and some zeroes) or, with count 0, writes until disconnected. */
-function writerScript(dir: string, name: string, seed: number, count: number): { script: string; log: string } {
+function writerScript(
+  dir: string,
+  name: string,
+  seed: number,
+  count: number,
+): { script: string; log: string } {
   const script = path.join(dir, `${name}.py`);
   const log = path.join(dir, `${name}.log`);
   fs.writeFileSync(
@@ -127,11 +149,31 @@ describe('reprotect and failback through the local host', () => {
   function startTarget(machine: string): ChildProcess {
     const child = spawn(
       process.execPath,
-      ['--import', 'tsx', path.join(repoRoot, 'agent/cli.ts'), 'target', 'reprotect', '--machine', machine, ...disks.flatMap((d) => ['--disk', `${d.id}=${sitePath(d.id)}`]), '--state-dir', path.join(dir, 'target-state'), '--poll-ms', '200'],
-      { env: { ...process.env, ...stack.settings, LIFEBOAT_LOG_LEVEL: 'warn' }, stdio: ['ignore', 'pipe', 'pipe'] },
+      [
+        '--import',
+        'tsx',
+        path.join(repoRoot, 'agent/cli.ts'),
+        'target',
+        'reprotect',
+        '--machine',
+        machine,
+        ...disks.flatMap((d) => ['--disk', `${d.id}=${sitePath(d.id)}`]),
+        '--state-dir',
+        path.join(dir, 'target-state'),
+        '--poll-ms',
+        '200',
+      ],
+      {
+        env: { ...process.env, ...stack.settings, LIFEBOAT_LOG_LEVEL: 'warn' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
     );
-    child.stdout!.on('data', (b: Buffer) => (process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined));
-    child.stderr!.on('data', (b: Buffer) => (process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined));
+    child.stdout!.on('data', (b: Buffer) =>
+      process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined,
+    );
+    child.stderr!.on('data', (b: Buffer) =>
+      process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined,
+    );
     return child;
   }
 
@@ -143,12 +185,14 @@ describe('reprotect and failback through the local host', () => {
     await gone;
   }
 
-  const op = (id: string, until: (op: Operation) => boolean, timeoutMs = 45_000) => waitForOperation(api, id, until, timeoutMs);
+  const op = (id: string, until: (op: Operation) => boolean, timeoutMs = 45_000) =>
+    waitForOperation(api, id, until, timeoutMs);
   const failoverBlob = (machine: string, disk: string, failoverId: string) =>
     failover.failoverDisks.getPageBlobClient(failoverDiskName(machine, disk, failoverId));
   const differingBlocks = (a: Buffer, b: Buffer) => {
     let n = 0;
-    for (let at = 0; at < a.length; at += BLOCK) if (!a.subarray(at, at + BLOCK).equals(b.subarray(at, at + BLOCK))) n++;
+    for (let at = 0; at < a.length; at += BLOCK)
+      if (!a.subarray(at, at + BLOCK).equals(b.subarray(at, at + BLOCK))) n++;
     return n;
   };
 
@@ -163,7 +207,11 @@ describe('reprotect and failback through the local host', () => {
     await ship(replication, sender, source.cut());
     await waitForPoint(api, machine, 'm1');
     for (const d of disks) {
-      expect((await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(source.markers.get('m1')!.images.get(d.id)!)).toBe(true);
+      expect(
+        (await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(
+          source.markers.get('m1')!.images.get(d.id)!,
+        ),
+      ).toBe(true);
     }
     source.randomWrites(20, 32 * KiB);
     const site = new Map(disks.map((d) => [d.id, Buffer.from(source.images.get(d.id)!)]));
@@ -174,18 +222,32 @@ describe('reprotect and failback through the local host', () => {
     const fo = await api('POST', `machines/${machine}/failover`, { recoveryPoint: 'm1' });
     expect(fo.status, JSON.stringify(fo.body)).toBe(202);
     const failoverId = fo.body.failoverId as string;
-    expect((await op(fo.body.operationId, (o) => o.status !== 'Running' && o.status !== 'Pending')).status).toBe('Completed');
+    expect(
+      (await op(fo.body.operationId, (o) => o.status !== 'Running' && o.status !== 'Pending')).status,
+    ).toBe('Completed');
     const early = await api('POST', `machines/${machine}/reprotect`);
     expect(early.status).toBe(409);
     expect(early.body.error.code).toBe('FailoverNotCommitted');
     const commit = await api('POST', `machines/${machine}/commit`);
-    expect((await op(commit.body.operationId, (o) => o.status !== 'Running' && o.status !== 'Pending')).status).toBe('Completed');
+    expect(
+      (await op(commit.body.operationId, (o) => o.status !== 'Running' && o.status !== 'Pending')).status,
+    ).toBe('Completed');
     const cloud = new Map(disks.map((d) => [d.id, Buffer.from(source.markers.get('m1')!.images.get(d.id)!)]));
-    for (const d of disks) expect((await readRange(failoverBlob(machine, d.id, failoverId), 0, d.sizeBytes)).equals(cloud.get(d.id)!)).toBe(true);
+    for (const d of disks)
+      expect(
+        (await readRange(failoverBlob(machine, d.id, failoverId), 0, d.sizeBytes)).equals(cloud.get(d.id)!),
+      ).toBe(true);
 
     step('nbd writes');
     // 3. The failed-over machine runs: writes through its NBD export.
-    exp = await FailoverMachineExport.start({ tables: failover.tables, failoverDisks: failover.failoverDisks, machine, failoverId, pollMs: 100, logger: quietLogger() });
+    exp = await FailoverMachineExport.start({
+      tables: failover.tables,
+      failoverDisks: failover.failoverDisks,
+      machine,
+      failoverId,
+      pollMs: 100,
+      logger: quietLogger(),
+    });
     const uri = (disk: string) => `nbd://127.0.0.1:${exp!.address.port}/${disk}`;
     const nbdWrites = async (name: string, seed: number, count: number) => {
       for (const [i, d] of disks.entries()) {
@@ -195,7 +257,10 @@ describe('reprotect and failback through the local host', () => {
       }
     };
     await nbdWrites('w1', 100, 40);
-    for (const d of disks) expect((await readRange(failoverBlob(machine, d.id, failoverId), 0, d.sizeBytes)).equals(cloud.get(d.id)!)).toBe(true);
+    for (const d of disks)
+      expect(
+        (await readRange(failoverBlob(machine, d.id, failoverId), 0, d.sizeBytes)).equals(cloud.get(d.id)!),
+      ).toBe(true);
 
     step('reprotect');
     // 4. Reprotect: the first pass ships only the blocks where the site differs.
@@ -206,13 +271,22 @@ describe('reprotect and failback through the local host', () => {
     const reprotectId = rp.body.operationId as string;
     expect((await api('POST', `machines/${machine}/reprotect`)).body.error.code).toBe('OperationInProgress');
     expect((await api('POST', `machines/${machine}/resync`)).status).toBe(409);
-    const protecting = await op(reprotectId, (o) => o.progress?.lastAppliedPass >= 1 || o.status === 'Failed');
+    const protecting = await op(
+      reprotectId,
+      (o) => o.progress?.lastAppliedPass >= 1 || o.status === 'Failed',
+    );
     expect(protecting.status, protecting.error).toBe('Running');
     for (const d of disks) {
       const first = protecting.progress.firstPass.find((p: { disk: string }) => p.disk === d.id);
-      expect(first.changedBytes, `first pass of ${d.id}`).toBe(differingBlocks(site.get(d.id)!, cloud.get(d.id)!) * BLOCK);
+      expect(first.changedBytes, `first pass of ${d.id}`).toBe(
+        differingBlocks(site.get(d.id)!, cloud.get(d.id)!) * BLOCK,
+      );
     }
-    for (const d of disks) expect(fs.readFileSync(sitePath(d.id)).equals(cloud.get(d.id)!), `site ${d.id} after the first pass`).toBe(true);
+    for (const d of disks)
+      expect(
+        fs.readFileSync(sitePath(d.id)).equals(cloud.get(d.id)!),
+        `site ${d.id} after the first pass`,
+      ).toBe(true);
     expect((await readRecord(failover.tables, machine, failoverId))?.state).toBe('reprotected');
 
     step('target killed');
@@ -223,23 +297,39 @@ describe('reprotect and failback through the local host', () => {
     // The pass after the one under way when the writes ended snapshots all of them.
     const after = ((await api('GET', `operations/${reprotectId}`)).body.progress.pass as number) + 1;
     const stuck = await op(reprotectId, (o) => o.progress?.state === 'waiting-for-target');
-    expect(stuck.progress.target.some((t: { appliedSeq: number; targetSeq: number }) => t.appliedSeq < t.targetSeq)).toBe(true);
+    expect(
+      stuck.progress.target.some(
+        (t: { appliedSeq: number; targetSeq: number }) => t.appliedSeq < t.targetSeq,
+      ),
+    ).toBe(true);
     target = startTarget(machine);
     await op(reprotectId, (o) => o.progress?.lastAppliedPass >= after);
-    for (const d of disks) expect(fs.readFileSync(sitePath(d.id)).equals(cloud.get(d.id)!), `site ${d.id} after the restart`).toBe(true);
+    for (const d of disks)
+      expect(fs.readFileSync(sitePath(d.id)).equals(cloud.get(d.id)!), `site ${d.id} after the restart`).toBe(
+        true,
+      );
 
     step('failback');
     // 6. Failback while writers are still writing: every write acknowledged before the stop comes home.
     const writers = disks.map((d, i) => {
       const w = writerScript(dir, `w3-${d.id}`, 300 + i, 0);
-      const child = spawn('nbdsh', ['-u', uri(d.id), '-c', `exec(open(${JSON.stringify(w.script)}).read())`], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-        env: { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}`, LC_ALL: 'C' },
-      });
-      child.stderr!.on('data', (b: Buffer) => (process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined));
+      const child = spawn(
+        'nbdsh',
+        ['-u', uri(d.id), '-c', `exec(open(${JSON.stringify(w.script)}).read())`],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+          env: { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}`, LC_ALL: 'C' },
+        },
+      );
+      child.stderr!.on('data', (b: Buffer) =>
+        process.env.TEST_HOST_LOG ? process.stderr.write(b) : undefined,
+      );
       return { disk: d.id, log: w.log, done: new Promise((r) => child.once('exit', r)) };
     });
-    await waitFor(() => (writers.every((w) => fs.existsSync(w.log) && fs.statSync(w.log).size > 4096) ? true : undefined), 'the writers to write');
+    await waitFor(
+      () => (writers.every((w) => fs.existsSync(w.log) && fs.statSync(w.log).size > 4096) ? true : undefined),
+      'the writers to write',
+    );
     const fb = await api('POST', `machines/${machine}/failback`, { waitSeconds: 60 });
     expect(fb.status, JSON.stringify(fb.body)).toBe(202);
     expect((await api('POST', `machines/${machine}/failback`)).status).toBe(409);
@@ -269,29 +359,47 @@ describe('reprotect and failback through the local host', () => {
     for (const d of disks) {
       const bytes = fs.readFileSync(sitePath(d.id));
       // A write in flight at the stop may or may not have landed; the site must hold one of the two.
-      if (!bytes.equals(cloud.get(d.id)!) && maybe.has(d.id)) maybe.get(d.id)!.data.copy(cloud.get(d.id)!, maybe.get(d.id)!.off);
+      if (!bytes.equals(cloud.get(d.id)!) && maybe.has(d.id))
+        maybe.get(d.id)!.data.copy(cloud.get(d.id)!, maybe.get(d.id)!.off);
       expect(bytes.equals(cloud.get(d.id)!), `site ${d.id} after failback`).toBe(true);
       bytes.copy(home.images.get(d.id)!);
       const res = await api('GET', `machines/${machine}/disks/${d.id}/checksums?blockSize=${BLOCK}`);
       expect(res.status).toBe(200);
       const theirs = res.body.blocks as string[];
-      const differing = theirs.filter((sum, i) => blockChecksum(bytes.subarray(i * BLOCK, (i + 1) * BLOCK)).toString('hex') !== sum);
+      const differing = theirs.filter(
+        (sum, i) => blockChecksum(bytes.subarray(i * BLOCK, (i + 1) * BLOCK)).toString('hex') !== sum,
+      );
       expect(differing, `blocks of ${d.id} to resync`).toEqual([]);
     }
     home.marker('h1', 'crash');
     await ship(replication, sender, home.cut());
-    const done = await op(fb.body.operationId, (o) => o.status !== 'Running' && o.status !== 'Pending', 60_000);
+    const done = await op(
+      fb.body.operationId,
+      (o) => o.status !== 'Running' && o.status !== 'Pending',
+      60_000,
+    );
     expect(done.status, done.error).toBe('Completed');
-    expect(done.output).toMatchObject({ state: 'failed-back', siteReady: true, forwardProtection: 'protected', epochs: { d0: 2, d1: 2 } });
-    expect((await op(reprotectId, (o) => o.status !== 'Running' && o.status !== 'Pending')).output).toMatchObject({ state: 'handed-over', failbackOperationId: fb.body.operationId });
+    expect(done.output).toMatchObject({
+      state: 'failed-back',
+      siteReady: true,
+      forwardProtection: 'protected',
+      epochs: { d0: 2, d1: 2 },
+    });
+    expect(
+      (await op(reprotectId, (o) => o.status !== 'Running' && o.status !== 'Pending')).output,
+    ).toMatchObject({ state: 'handed-over', failbackOperationId: fb.body.operationId });
     expect((await readRecord(failover.tables, machine, failoverId))?.state).toBe('failed-back');
     for (const d of disks) {
       const row = await readEntity<DiskEntity>(await replication.tables.get(TABLES.disks), machine, d.id);
       expect([row?.epoch, row?.state]).toEqual([2, 'protected']);
-      expect((await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(cloud.get(d.id)!)).toBe(true);
+      expect(
+        (await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(cloud.get(d.id)!),
+      ).toBe(true);
       expect(await failoverBlob(machine, d.id, failoverId).exists()).toBe(false);
     }
-    expect(await readEntity(await failover.tables.get(FAILOVER_TABLES.targets), machine, failoverId)).toBeUndefined();
+    expect(
+      await readEntity(await failover.tables.get(FAILOVER_TABLES.targets), machine, failoverId),
+    ).toBeUndefined();
     await exp.stopped;
 
     step('forward protection');
@@ -301,7 +409,11 @@ describe('reprotect and failback through the local host', () => {
     await ship(replication, sender, home.cut());
     await waitForPoint(api, machine, 'h2');
     for (const d of disks) {
-      expect((await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(home.markers.get('h2')!.images.get(d.id)!)).toBe(true);
+      expect(
+        (await readRange(seedBlob(replication.seed, machine, d.id), 0, d.sizeBytes)).equals(
+          home.markers.get('h2')!.images.get(d.id)!,
+        ),
+      ).toBe(true);
     }
     // The machine can fail over again: the old failover no longer holds it.
     expect((await api('POST', `machines/${machine}/reprotect`)).body.error.code).toBe('NotFailedOver');

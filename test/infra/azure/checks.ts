@@ -372,7 +372,11 @@ export function grantsIn(infra: Infra): Grant[] {
       const perms = objectEntries(def.props.properties ?? '{}').permissions ?? '[]';
       const all = [...perms.matchAll(/'([^']*\/[^']*)'/g)].map((m) => m[1]);
       // Blob or table permissions, relative to their service (one service per custom role).
-      const prefix = ['Microsoft.Storage/storageAccounts/blobServices/', 'Microsoft.Storage/storageAccounts/tableServices/'].find((x) => all[0]?.startsWith(x)) ?? '';
+      const prefix =
+        [
+          'Microsoft.Storage/storageAccounts/blobServices/',
+          'Microsoft.Storage/storageAccounts/tableServices/',
+        ].find((x) => all[0]?.startsWith(x)) ?? '';
       const other = all.find((p) => !prefix || !p.startsWith(prefix));
       role = other ? `custom with ${other}` : customRole(all.map((p) => p.slice(prefix.length)));
     } else {

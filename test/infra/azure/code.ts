@@ -297,7 +297,14 @@ export interface StorageOperations {
 
 /** Which blob and table permissions the calls in these files need (SDK method → permission). */
 export function storageOperations(files: string[], contents: Record<string, string> = {}): StorageOperations {
-  const ops: StorageOperations = { blob: new Set(), table: new Set(), commands: new Set(), groups: new Set(), events: new Set(), at: new Map() };
+  const ops: StorageOperations = {
+    blob: new Set(),
+    table: new Set(),
+    commands: new Set(),
+    groups: new Set(),
+    events: new Set(),
+    at: new Map(),
+  };
   const rules: Array<[RegExp, 'blob' | 'table', string]> = [
     [/\.createIfNotExists\(/g, 'blob', 'containers/write'],
     [

@@ -168,7 +168,9 @@ describe('infra/azure against the code', () => {
       "param proxyServicePrincipalId | custom: containers/blobs/read, containers/blobs/write, containers/write | container 'stlbcache${token}'/changelogs",
     );
     expect(grants).toContain("proxyIdentity | Storage Table Data Reader | table 'stlbrepl${token}'/groups");
-    expect(grants).toContain("proxyIdentity | custom: tables/entities/add/action, tables/write | table 'stlbrepl${token}'/events");
+    expect(grants).toContain(
+      "proxyIdentity | custom: tables/entities/add/action, tables/write | table 'stlbrepl${token}'/events",
+    );
     expect(grants.filter((g) => !g.startsWith('appIdentity'))).toHaveLength(12);
   });
 });

@@ -33,19 +33,33 @@ interface HistoryEvent {
 
 function settings(outDir: string, hub: string, delayMs: number) {
   const connection = inject('azuriteConnectionString');
-  return { AzureWebJobsStorage: connection, FIXTURE_HUB: hub, TEST_OUT_DIR: outDir, ACTIVITY_DELAY_MS: String(delayMs) };
+  return {
+    AzureWebJobsStorage: connection,
+    FIXTURE_HUB: hub,
+    TEST_OUT_DIR: outDir,
+    ACTIVITY_DELAY_MS: String(delayMs),
+  };
 }
 
 async function start(outDir: string, hub: string, delayMs = 0): Promise<HostProcess> {
   return spawnLocalHost(
-    { appRoot, entryPoint: path.join(appRoot, 'index.ts'), settings: settings(outDir, hub, delayMs), port: 0, functionKey: key },
+    {
+      appRoot,
+      entryPoint: path.join(appRoot, 'index.ts'),
+      settings: settings(outDir, hub, delayMs),
+      port: 0,
+      functionKey: key,
+    },
     () => undefined,
   );
 }
 
 async function status(uri: string) {
   const res = await fetch(uri);
-  return { http: res.status, body: (await res.json()) as { runtimeStatus: string; output: unknown; customStatus: unknown } };
+  return {
+    http: res.status,
+    body: (await res.json()) as { runtimeStatus: string; output: unknown; customStatus: unknown },
+  };
 }
 
 describe('Durable Functions on the local host', () => {
@@ -56,14 +70,19 @@ describe('Durable Functions on the local host', () => {
     const outDir = mkdtempSync(path.join(os.tmpdir(), 'lifeboat-df-'));
     host = await start(outDir, `sample${randomUUID().slice(0, 6)}`);
     const base = `http://127.0.0.1:${host.port}/api`;
-    const started = await fetch(`${base}/samples?code=${key}`, { method: 'POST', body: JSON.stringify({ n: 5 }) });
+    const started = await fetch(`${base}/samples?code=${key}`, {
+      method: 'POST',
+      body: JSON.stringify({ n: 5 }),
+    });
     expect(started.status).toBe(202);
     const check = (await started.json()) as CheckStatus;
     expect(started.headers.get('location')).toBe(check.statusQueryGetUri);
 
     await waitFor(async () => {
       const s = await status(check.statusQueryGetUri);
-      return (s.body.customStatus as { stage?: string } | null)?.stage === 'waiting-for-approval' ? s : undefined;
+      return (s.body.customStatus as { stage?: string } | null)?.stage === 'waiting-for-approval'
+        ? s
+        : undefined;
     }, 'the orchestration to wait for approval');
     const raised = await fetch(check.sendEventPostUri.replace('{eventName}', 'approval'), {
       method: 'POST',
@@ -77,13 +96,24 @@ describe('Durable Functions on the local host', () => {
       return s.body.runtimeStatus === 'Completed' ? s : undefined;
     }, 'the orchestration to complete');
     expect(done.http).toBe(200);
-    expect(done.body.output).toEqual({ sum: 30, flaky: 'succeeded on attempt 3', approval: { by: 'operator' } });
+    expect(done.body.output).toEqual({
+      sum: 30,
+      flaky: 'succeeded on attempt 3',
+      approval: { by: 'operator' },
+    });
 
     const runs = readJsonLines<Run>(path.join(outDir, 'runs.jsonl'));
     expect(runs.filter((r) => r.activity === 'flaky')).toHaveLength(3);
-    expect(runs.filter((r) => r.activity === 'double' && r.phase === 'end').map((r) => r.input).sort()).toEqual([1, 2, 3, 4, 5]);
+    expect(
+      runs
+        .filter((r) => r.activity === 'double' && r.phase === 'end')
+        .map((r) => r.input)
+        .sort(),
+    ).toEqual([1, 2, 3, 4, 5]);
 
-    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
+    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as {
+      history: HistoryEvent[];
+    };
     const types = history.history.map((e) => e.EventType);
     expect(types[0]).toBe('ExecutionStarted');
     expect(types.at(-1)).toBe('ExecutionCompleted');
@@ -97,13 +127,17 @@ describe('Durable Functions on the local host', () => {
     const hub = `kill${randomUUID().slice(0, 6)}`;
     host = await start(outDir, hub, 400);
     let base = `http://127.0.0.1:${host.port}/api`;
-    const check = (await (await fetch(`${base}/samples?code=${key}`, { method: 'POST', body: JSON.stringify({ n: 12 }) })).json()) as CheckStatus;
+    const check = (await (
+      await fetch(`${base}/samples?code=${key}`, { method: 'POST', body: JSON.stringify({ n: 12 }) })
+    ).json()) as CheckStatus;
     const firstPid = host.child.pid!;
     await waitFor(() => {
       const ended = readJsonLines<Run>(path.join(outDir, 'runs.jsonl')).filter((r) => r.phase === 'end');
       return ended.length >= 3 ? ended : undefined;
     }, 'a few activities to finish');
-    const before = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
+    const before = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as {
+      history: HistoryEvent[];
+    };
     await host.kill();
     const recorded = new Set(
       before.history.filter((e) => e.EventType === 'TaskCompleted').map((e) => (e.Result as number) / 2),
@@ -115,25 +149,42 @@ describe('Durable Functions on the local host', () => {
     const statusUri = check.statusQueryGetUri.replace(/127\.0\.0\.1:\d+/, `127.0.0.1:${host.port}`);
     await waitFor(async () => {
       const s = await status(statusUri);
-      return (s.body.customStatus as { stage?: string } | null)?.stage === 'waiting-for-approval' ? s : undefined;
+      return (s.body.customStatus as { stage?: string } | null)?.stage === 'waiting-for-approval'
+        ? s
+        : undefined;
     }, 'the resumed orchestration to wait for approval');
-    await fetch(check.sendEventPostUri.replace(/127\.0\.0\.1:\d+/, `127.0.0.1:${host.port}`).replace('{eventName}', 'approval'), {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: '"after-restart"',
-    });
+    await fetch(
+      check.sendEventPostUri
+        .replace(/127\.0\.0\.1:\d+/, `127.0.0.1:${host.port}`)
+        .replace('{eventName}', 'approval'),
+      {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: '"after-restart"',
+      },
+    );
     const done = await waitFor(async () => {
       const s = await status(statusUri);
       return s.body.runtimeStatus === 'Completed' ? s : undefined;
     }, 'the resumed orchestration to complete');
-    expect(done.body.output).toEqual({ sum: 156, flaky: 'succeeded on attempt 3', approval: 'after-restart' });
+    expect(done.body.output).toEqual({
+      sum: 156,
+      flaky: 'succeeded on attempt 3',
+      approval: 'after-restart',
+    });
 
     const runs = readJsonLines<Run>(path.join(outDir, 'runs.jsonl'));
-    const rerunAfterRestart = runs.filter((r) => r.activity === 'double' && r.pid !== firstPid && recorded.has(r.input as number));
+    const rerunAfterRestart = runs.filter(
+      (r) => r.activity === 'double' && r.pid !== firstPid && recorded.has(r.input as number),
+    );
     expect(rerunAfterRestart).toEqual([]);
-    const ends = runs.filter((r) => r.activity === 'double' && r.phase === 'end').map((r) => r.input as number);
+    const ends = runs
+      .filter((r) => r.activity === 'double' && r.phase === 'end')
+      .map((r) => r.input as number);
     expect(new Set(ends)).toEqual(new Set([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]));
-    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as { history: HistoryEvent[] };
+    const history = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as {
+      history: HistoryEvent[];
+    };
     expect(history.history.filter((e) => e.EventType === 'ExecutionCompleted')).toHaveLength(1);
   });
 });

@@ -28,7 +28,15 @@ describe('local Functions host', () => {
 
   beforeAll(async () => {
     host = await spawnLocalHost(
-      { appRoot, entryPoint: path.join(appRoot, 'index.ts'), settings, port: 0, functionKey: key, maxDeliveryCount: 3, lockSeconds: 5 },
+      {
+        appRoot,
+        entryPoint: path.join(appRoot, 'index.ts'),
+        settings,
+        port: 0,
+        functionKey: key,
+        maxDeliveryCount: 3,
+        lockSeconds: 5,
+      },
       () => undefined,
     );
     base = `http://127.0.0.1:${host.port}`;
@@ -36,7 +44,15 @@ describe('local Functions host', () => {
   afterAll(async () => host?.stop());
 
   it('registers every function of the app through @azure/functions', () => {
-    expect(host.functions.sort()).toEqual(['always-fails', 'anon', 'boom', 'collect', 'echo', 'send', 'tick']);
+    expect(host.functions.sort()).toEqual([
+      'always-fails',
+      'anon',
+      'boom',
+      'collect',
+      'echo',
+      'send',
+      'tick',
+    ]);
   });
 
   it('routes with parameters, query, body, status and headers', async () => {
@@ -57,7 +73,10 @@ describe('local Functions host', () => {
     const unknown = await fetch(`${base}/api/nowhere`, { headers: { 'x-functions-key': key } });
     expect(unknown.status).toBe(404);
     expect((await unknown.json()).error.message).toContain('/api/nowhere');
-    const method = await fetch(`${base}/api/echo/a`, { method: 'DELETE', headers: { 'x-functions-key': key } });
+    const method = await fetch(`${base}/api/echo/a`, {
+      method: 'DELETE',
+      headers: { 'x-functions-key': key },
+    });
     expect(method.status).toBe(405);
     expect(method.headers.get('allow')).toContain('GET');
     expect((await fetch(`${base}/api/echo/a`)).status).toBe(401);
@@ -82,9 +101,19 @@ describe('local Functions host', () => {
     await sender.send({ body: { n: 1 }, messageId: 'm-1' });
     await sender.send({ body: { n: 2 }, messageId: 'm-2' });
     // and through a function, with the same helper
-    expect((await fetch(`${base}/api/send`, { method: 'POST', body: '{"n":3}', headers: { 'x-functions-key': key } })).status).toBe(202);
+    expect(
+      (
+        await fetch(`${base}/api/send`, {
+          method: 'POST',
+          body: '{"n":3}',
+          headers: { 'x-functions-key': key },
+        })
+      ).status,
+    ).toBe(202);
     const lines = await waitFor(() => {
-      const got = readJsonLines<{ message: { n: number }; id: string; count: number }>(path.join(outDir, 'collected.jsonl'));
+      const got = readJsonLines<{ message: { n: number }; id: string; count: number }>(
+        path.join(outDir, 'collected.jsonl'),
+      );
       return got.length >= 3 ? got : undefined;
     }, 'three collected messages');
     expect(lines.map((l) => l.message.n).sort()).toEqual([1, 2, 3]);
@@ -94,12 +123,17 @@ describe('local Functions host', () => {
   it('moves a message that always fails to the poison queue after maxDeliveryCount tries', async () => {
     const sender = createMessageSender(settings, 'ServiceBusConnection', settings.FailingQueue);
     await sender.send({ body: { doomed: true }, messageId: 'doomed-1' });
-    const poison = QueueServiceClient.fromConnectionString(connection).getQueueClient(`${settings.FailingQueue}-poison`);
+    const poison = QueueServiceClient.fromConnectionString(connection).getQueueClient(
+      `${settings.FailingQueue}-poison`,
+    );
     const peeked = await waitFor(async () => {
       const r = await poison.peekMessages({ numberOfMessages: 1 }).catch(() => undefined);
       return r && r.peekedMessageItems.length > 0 ? r.peekedMessageItems : undefined;
     }, 'the poisoned message');
-    expect(JSON.parse(peeked[0].messageText)).toMatchObject({ messageId: 'doomed-1', body: { doomed: true } });
+    expect(JSON.parse(peeked[0].messageText)).toMatchObject({
+      messageId: 'doomed-1',
+      body: { doomed: true },
+    });
     const attempts = readJsonLines<{ count: number }>(path.join(outDir, 'failures.jsonl'));
     expect(attempts.map((a) => a.count)).toEqual([1, 2, 3]);
   });

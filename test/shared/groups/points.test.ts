@@ -44,7 +44,10 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
       for (const m of machines) {
         const agent = await startAgent(site, dir, m, ['d0', 'd1'], SIZE);
         agents.push(agent);
-        clients.push(await GroupNbdClient.connect(agent.nbd!.port, 'd0'), await GroupNbdClient.connect(agent.nbd!.port, 'd1'));
+        clients.push(
+          await GroupNbdClient.connect(agent.nbd!.port, 'd0'),
+          await GroupNbdClient.connect(agent.nbd!.port, 'd1'),
+        );
       }
       const links = agents.map((a) => localLink(new GroupParticipant(a, { logger: silent })));
       const coordinator = new GroupCoordinator({ group, members: links, logger: silent });
@@ -67,8 +70,21 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
       }
       await chain;
       // A marker only two members cut: the third's link refuses prepare. No point may form.
-      const refusing: MemberLink = { machine: machines[2], prepare: async (c) => ({ machine: machines[2], markerId: c.markerId, prepared: false, reason: 'test' }), decide: async () => undefined };
-      const partial = await new GroupCoordinator({ group, members: [links[0], links[1], refusing], logger: silent }).runMarker('crash');
+      const refusing: MemberLink = {
+        machine: machines[2],
+        prepare: async (c) => ({
+          machine: machines[2],
+          markerId: c.markerId,
+          prepared: false,
+          reason: 'test',
+        }),
+        decide: async () => undefined,
+      };
+      const partial = await new GroupCoordinator({
+        group,
+        members: [links[0], links[1], refusing],
+        logger: silent,
+      }).runMarker('crash');
       expect(partial.decision).toBe('abort');
       const last = await coordinator.runMarker('crash');
       expect(last.decision).toBe('commit');
@@ -81,10 +97,21 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
       // The cloud side.
       const deps = testDeps(connection);
       const store = GroupStore.fromSettings(deps.tables, testSettings(connection, 'unused'));
-      const created = await putGroup(store, group, { members: machines, policy: { crashConsistentIntervalSeconds: 60 } }, new Date(Date.now() - 3_600_000));
+      const created = await putGroup(
+        store,
+        group,
+        { members: machines, policy: { crashConsistentIntervalSeconds: 60 } },
+        new Date(Date.now() - 3_600_000),
+      );
       expect(created.created).toBe(true);
       for (const m of machines) {
-        await registerMachine(deps, m, { disks: [{ id: 'd0', sizeBytes: SIZE }, { id: 'd1', sizeBytes: SIZE }], group });
+        await registerMachine(deps, m, {
+          disks: [
+            { id: 'd0', sizeBytes: SIZE },
+            { id: 'd1', sizeBytes: SIZE },
+          ],
+          group,
+        });
         for (const d of ['d0', 'd1']) {
           for (const s of site.decoded(m, d)) await uploadSegment(deps, s);
           await applyUntilIdle(deps, m, d);
@@ -97,8 +124,14 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
         expect(p.members.map((x) => x.machine).sort()).toEqual([...machines].sort());
         for (const member of p.members) {
           for (const disk of member.disks) {
-            const bytes = await readWhole(seedBlob(deps.seed, member.machine, disk.id).withSnapshot(disk.snapshot), SIZE);
-            expect(bytes.equals(site.replay(member.machine, disk.id, SIZE, p.id)), `${member.machine}/${disk.id} at ${p.id}`).toBe(true);
+            const bytes = await readWhole(
+              seedBlob(deps.seed, member.machine, disk.id).withSnapshot(disk.snapshot),
+              SIZE,
+            );
+            expect(
+              bytes.equals(site.replay(member.machine, disk.id, SIZE, p.id)),
+              `${member.machine}/${disk.id} at ${p.id}`,
+            ).toBe(true);
           }
         }
       }
@@ -107,12 +140,18 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
         const steps: number[] = [];
         for (const member of p.members) {
           for (const disk of member.disks) {
-            const bytes = await readWhole(seedBlob(deps.seed, member.machine, disk.id).withSnapshot(disk.snapshot), SIZE);
-            for (let o = 0; o < SIZE; o += 512) if (bytes[o + 1] === (bytes.readUInt32LE(o) >> 8) % 256 && bytes.readUInt32LE(o) > 0) steps.push(bytes.readUInt32LE(o));
+            const bytes = await readWhole(
+              seedBlob(deps.seed, member.machine, disk.id).withSnapshot(disk.snapshot),
+              SIZE,
+            );
+            for (let o = 0; o < SIZE; o += 512)
+              if (bytes[o + 1] === (bytes.readUInt32LE(o) >> 8) % 256 && bytes.readUInt32LE(o) > 0)
+                steps.push(bytes.readUInt32LE(o));
           }
         }
         const top = Math.max(0, ...steps);
-        for (let s = Math.max(1, top - 63); s <= top; s++) expect(steps, `step ${s} missing under ${top} at ${p.id}`).toContain(s);
+        for (let s = Math.max(1, top - 63); s <= top; s++)
+          expect(steps, `step ${s} missing under ${top} at ${p.id}`).toContain(s);
       }
       expect((await resolveGroupPoint(store, group, 'latest-group-processed')).id).toBe(last.markerId);
       const app = await resolveGroupPoint(store, group, 'latest-group-app-consistent').catch(() => undefined);
