@@ -10,7 +10,7 @@
  * data mode for the whole run (the figure is the write rate while journaling); what was shipped
  * during the run is printed beside it.
  */
-import { execFile, fork, spawn, type ChildProcess } from 'node:child_process';
+import { fork } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -18,6 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { MachineAgent } from '../agent/mobility/agent';
+import { exec, median, startNbdkit as startReferenceNbdkit } from './tools';
 import type { BenchResult } from './types';
 
 const MiB = 1024 * 1024;
@@ -38,26 +39,6 @@ interface Target {
   stop(): Promise<void>;
   /** Why the run does not count (the agent left data mode), if it does not. */
   spoiled(): string | undefined;
-}
-
-function exec(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) =>
-    execFile(
-      cmd,
-      args,
-      { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } },
-      (err, stdout, stderr) =>
-        err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
-    ),
-  );
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
 }
 
 /** Takes every segment (201) and reports the highest seq it took: the proxy contract, minus the spool. */
@@ -148,39 +129,6 @@ async function startAgent(image: string, dir: string): Promise<Target> {
   };
 }
 
-async function startNbdkit(image: string): Promise<Target> {
-  const port = await freePort();
-  const child: ChildProcess = spawn(
-    'nbdkit',
-    ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`],
-    {
-      stdio: 'ignore',
-    },
-  );
-  for (let i = 0; ; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) break;
-    if (i > 100) throw new Error('nbdkit did not start listening');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return {
-    uri: `nbd://127.0.0.1:${port}/`,
-    spoiled: () => undefined,
-    async stop() {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
-}
-
 interface Sample {
   /** IOPS or MiB/s, per the workload's unit. */
   rate: number;
@@ -188,6 +136,12 @@ interface Sample {
   writtenMiBps: number;
   /** MiB/s the stub proxy took during the run (the agent only). */
   shippedMiBps?: number;
+}
+
+/** nbdkit's file plugin on the same image: the reference. */
+async function startNbdkit(image: string): Promise<Target> {
+  const nbdkit = await startReferenceNbdkit(image);
+  return { uri: nbdkit.uri, spoiled: () => undefined, stop: () => nbdkit.stop() };
 }
 
 async function fio(target: Target, workload: Workload, seconds: number, size: number): Promise<Sample> {
@@ -215,12 +169,6 @@ async function fio(target: Target, workload: Workload, seconds: number, size: nu
         ? (shippedAfter - shippedBefore) / runSeconds
         : undefined,
   };
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
 export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {

@@ -4,12 +4,11 @@
  * image, with the same client and job, in the same run. Prints each figure with nbdkit's as the
  * reference; the target is a ratio of at least 0.7.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { AppendFileJournal, NbdExport, NbdServer } from '../agent/mobility/nbd';
+import { exec, median, preallocatedImage, startNbdkit } from './tools';
 import type { BenchResult } from './types';
 
 const MiB = 1024 * 1024;
@@ -34,42 +33,6 @@ interface Sample {
   cpuPerGiB: number;
 }
 
-function exec(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) =>
-    execFile(
-      cmd,
-      args,
-      { maxBuffer: 64 * MiB, env: { ...process.env, LC_ALL: 'C' } },
-      (err, stdout, stderr) =>
-        err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout),
-    ),
-  );
-}
-
-/** A fully written image, so neither server pays the file system's block allocation. */
-function preallocatedImage(file: string, size: number): void {
-  const fd = fs.openSync(file, 'w');
-  const chunk = Buffer.alloc(4 * MiB);
-  for (let at = 0; at < size; at += chunk.length)
-    fs.writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
 async function startLifeboat(image: string, journalFile: string | undefined): Promise<Target> {
   if (journalFile) fs.rmSync(journalFile, { force: true });
   const journal = journalFile ? await AppendFileJournal.open(journalFile) : undefined;
@@ -88,45 +51,6 @@ async function startLifeboat(image: string, journalFile: string | undefined): Pr
       await exp.close();
       await journal?.close();
       if (journalFile) fs.rmSync(journalFile, { force: true });
-    },
-  };
-}
-
-async function startNbdkit(image: string): Promise<Target> {
-  const port = await freePort();
-  const child: ChildProcess = spawn(
-    'nbdkit',
-    ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), 'file', `file=${image}`],
-    {
-      stdio: 'ignore',
-    },
-  );
-  // Ready once it accepts a connection.
-  for (let i = 0; ; i++) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) break;
-    if (i > 100) throw new Error('nbdkit did not start listening');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return {
-    uri: `nbd://127.0.0.1:${port}/`,
-    cpuSeconds() {
-      // utime and stime, fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second).
-      const stat = fs.readFileSync(`/proc/${child.pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return (Number(fields[11]) + Number(fields[12])) / 100;
-    },
-    async stop() {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
     },
   };
 }
