@@ -8,13 +8,13 @@ import { createLogger } from '../../shared/logger';
 import { validateName } from '../../shared/names';
 import { decodeSegment, encodeSegment, isMarkerId, type MarkerKind } from '../../shared/segment';
 import { writeFileDurably } from './bitmap';
-import { CommandPoller, ProxyCommandClient, type AgentCommand, type CommandChannel, type CommandResult } from './commands';
+import { CommandClosedError, CommandPoller, ProxyCommandClient, type AgentCommand, type AgentResyncProgress, type CommandChannel, type CommandResult, type QuiesceCommand, type ResyncCommand } from './commands';
 import { JournalDamagedError, SegmentJournal, bootId, type DiskMode, type DiskState } from './journal';
 import { FileBacking, NbdExport, NbdServer } from './nbd';
 import { BlockScanner } from './scan';
 import { DiskSegmenter, recoverOpenSegments, type MarkerSpec, type SegmenterOptions } from './segmenter';
 import { DiskShipper, ProxyClient, backoffDelay, type ProxyClientOptions, type RetryPolicy, type ShipperStats } from './shipper';
-import { EmptyDiskChecksums, SyncInterruptedError, runCatchup, runResync, type RemoteChecksums, type SyncDevice, type SyncProgress } from './sync';
+import { EmptyDiskChecksums, SyncInterruptedError, UnknownCloudChecksums, runCatchup, runResync, type RemoteChecksums, type SyncDevice, type SyncProgress } from './sync';
 
 export interface AgentDisk {
   /** Disk id (a DNS label); also the NBD export name. */
@@ -67,8 +67,14 @@ export interface MachineAgentOptions {
   commandPollMs?: number;
   /** How long a quiesce waits for every disk to be in data mode before failing (default 10 min). */
   quiesceReadyTimeoutMs?: number;
-  /** The cloud copy's checksums for resync (default: an empty cloud disk). */
+  /** The cloud copy's checksums for resync (default: an empty cloud disk). Called once per pass. */
   remoteChecksums?: (disk: string, sizeBytes: number) => RemoteChecksums;
+  /**
+   * Where the agent reads the epoch the cloud's apply is in (the API's GET /machines/{m}). A
+   * resync the cloud asked for compares checksums only once the disk is there; without it that
+   * resync ships every block.
+   */
+  cloud?: CloudPosition;
   segment?: Pick<SegmenterOptions, 'maxSegmentBytes' | 'maxSegmentAgeMs' | 'maxJournalBytes' | 'blockBytes'>;
   retry?: RetryPolicy;
   /** Sync passes keep the journal below this fraction of its bound (default 0.5). */
@@ -155,6 +161,13 @@ interface MachineFile {
   markerCounter: number;
   /** The last quiesce whose marker was cut (so a command seen again after a restart is not cut twice). */
   quiesced?: WriteHold;
+  /** The last resync the cloud asked for, and the marker that ended it once cut. */
+  resync?: { commandId: string; disks: { disk: string; epoch: number }[]; marker?: { id: string; seqs: Record<string, number>; epochs: Record<string, number> } };
+}
+
+/** The epoch the cloud's apply has each disk in. */
+export interface CloudPosition {
+  diskEpoch(disk: string): Promise<number | undefined>;
 }
 
 /**
@@ -456,6 +469,11 @@ export class MachineAgent extends EventEmitter {
     const acked = seq ?? 0;
     if (epoch !== null && epoch > state.epoch) {
       await this.resetStream(d, epoch, acked + 1, `the proxy is at epoch ${epoch}, newer than this agent's ${state.epoch}`);
+      // A new epoch another run of this agent began: compare only once the cloud moved there.
+      if (this.options.cloud) {
+        state.awaitCloudEpoch = epoch;
+        await d.journal.saveState(state);
+      }
       return;
     }
     if ((epoch === null || epoch === state.epoch) && acked >= state.nextSeq) {
@@ -549,8 +567,10 @@ export class MachineAgent extends EventEmitter {
       try {
         const mode = seg.mode;
         if (mode === 'resync' && this.source === 'nbd') {
-          this.log.info({ disk: d.id, seq: seg.state.nextSeq, reason: seg.state.resyncReason }, 'resync: comparing block checksums with the cloud copy');
-          const p = await runResync({ ...pass, remote: d.remote });
+          const epoch = seg.state.epoch;
+          const remote = seg.state.awaitCloudEpoch !== undefined ? await this.awaitCloudEpoch(d, seg.state.awaitCloudEpoch) : d.remote;
+          this.log.info({ disk: d.id, epoch, seq: seg.state.nextSeq, reason: seg.state.resyncReason }, 'resync: comparing block checksums with the cloud copy');
+          const p = await runResync({ ...pass, remote, shouldStop: () => this.stopping || seg.state.epoch !== epoch });
           d.sync = p;
           await seg.finishSync();
           this.log.info({ disk: d.id, comparedBytes: p.doneBytes, shippedBytes: p.shippedBytes, zeroBytes: p.zeroBytes }, 'resync complete');
@@ -569,6 +589,38 @@ export class MachineAgent extends EventEmitter {
         if (!(err instanceof SyncInterruptedError)) this.log.error({ disk: d.id, err }, 'sync pass failed; retrying');
         await this.waitWake(d, 500);
       }
+    }
+  }
+
+  /**
+   * Before a cloud-requested resync compares anything: waits until the cloud's apply moved the
+   * disk to the new epoch (from then on the seed changes only by this epoch's segments, which
+   * are all applied in order, so a block found equal stays right), then reads fresh checksums.
+   * Without a way to ask the cloud, waits until the proxy has seq 1 and ships every block.
+   */
+  private async awaitCloudEpoch(d: Protected, epoch: number): Promise<RemoteChecksums> {
+    const seg = d.segmenter;
+    const cloud = this.options.cloud;
+    let logged = false;
+    for (;;) {
+      if (this.stopping || seg.state.epoch !== epoch || seg.mode !== 'resync') {
+        throw new SyncInterruptedError(`The resync of disk ${d.id} in epoch ${epoch} stopped before the cloud moved there.`);
+      }
+      if (cloud) {
+        try {
+          const at = await cloud.diskEpoch(d.id);
+          if (at !== undefined && at >= epoch) {
+            return this.options.remoteChecksums?.(d.id, d.backing.size) ?? new UnknownCloudChecksums(seg.bitmap.blockSize);
+          }
+        } catch (err) {
+          this.log.warn({ disk: d.id, epoch }, `cannot read the disk's epoch from the cloud (${ensureError(err).message}); retrying`);
+        }
+      } else if (seg.state.ackedSeq >= 1) {
+        return new UnknownCloudChecksums(seg.bitmap.blockSize);
+      }
+      if (!logged) this.log.info({ disk: d.id, epoch }, 'resync: waiting for the cloud to move the disk to the new epoch');
+      logged = true;
+      await this.waitWake(d, 500);
     }
   }
 
@@ -663,10 +715,12 @@ export class MachineAgent extends EventEmitter {
 
   // ---- commands from the cloud: planned failover's quiesce ----
 
-  private async handleCommand(command: AgentCommand): Promise<CommandResult> {
-    let result: CommandResult;
+  private async handleCommand(command: AgentCommand): Promise<CommandResult | undefined> {
+    let result: CommandResult | undefined;
     if (command.type === 'quiesce') result = await this.quiesce(command);
-    else result = { state: 'failed', message: `This agent does not know the command type ${JSON.stringify(command.type)}; upgrade the agent.` };
+    else if (command.type === 'resync') result = await this.resync(command);
+    else result = { state: 'failed', message: `This agent does not know the command type ${JSON.stringify((command as { type: unknown }).type)}; upgrade the agent.` };
+    if (!result) return undefined;
     this.lastCommand = { id: command.id, type: command.type, result, at: new Date().toISOString() };
     this.emit('command', { command, result });
     return result;
@@ -685,7 +739,7 @@ export class MachineAgent extends EventEmitter {
    * on itself. The marker is `app` when the freeze hook succeeded; without a hook, or when it
    * failed, it is `crash` (tagged with why): the disks are still exactly as acknowledged.
    */
-  async quiesce(command: Pick<AgentCommand, 'id' | 'markerId' | 'failoverId'>): Promise<CommandResult> {
+  async quiesce(command: Pick<QuiesceCommand, 'id' | 'markerId' | 'failoverId'>): Promise<CommandResult> {
     const failed = (message: string): CommandResult => ({ state: 'failed', message });
     if (this.source !== 'nbd') {
       return failed(`Machine ${this.machine} is protected by scanning (--scan): the agent cannot hold its writes, so a planned failover cannot guarantee zero data loss; shut the machine down and use an unplanned failover with recoveryPoint "latest".`);
@@ -767,6 +821,114 @@ export class MachineAgent extends EventEmitter {
     this.hold = undefined;
     for (const d of this.disks) d.export?.resume();
     this.log.info('held writes released');
+  }
+
+  // ---- commands from the cloud: resync in a new epoch ----
+
+  /**
+   * A resync the cloud asked for (docs/agent.md, "Cloud-requested resync"): each listed disk's
+   * stream moves to the command's epoch (what is open in the old one is sealed and shipped
+   * first; seq 1 of the new epoch is an empty segment), the checksum resync runs once the cloud
+   * applies from that epoch, progress goes to the command, and when every disk is back in data
+   * mode a marker is cut and shipped, so recovery points resume. Idempotent: a disk already in
+   * the epoch is not moved again; the command and its marker are recorded in machine.json, so a
+   * command seen again after a restart carries on (or only waits for its marker) instead of
+   * starting over. Resolves undefined when the agent stops meanwhile: the command stays pending.
+   */
+  async resync(command: Pick<ResyncCommand, 'id' | 'operationId' | 'disks'>): Promise<CommandResult | undefined> {
+    const failed = (message: string): CommandResult => ({ state: 'failed', message });
+    if (this.source !== 'nbd') {
+      return failed(`Machine ${this.machine} is protected by scanning (--scan); a resync the cloud asks for is carried out only by an agent serving the disks over NBD.`);
+    }
+    const targets: { d: Protected; epoch: number }[] = [];
+    for (const { disk, epoch } of command.disks) {
+      const d = this.disks.find((x) => x.id === disk);
+      if (!d) return failed(`This agent does not protect a disk ${disk} of machine ${this.machine}; it protects ${this.disks.map((x) => x.id).join(', ')}.`);
+      if (!Number.isSafeInteger(epoch) || epoch < 1) return failed(`The command's epoch ${JSON.stringify(epoch)} for disk ${disk} is not a positive integer.`);
+      targets.push({ d, epoch });
+    }
+    let record = this.machineFile.resync;
+    if (record?.commandId !== command.id) {
+      record = { commandId: command.id, disks: command.disks.map(({ disk, epoch }) => ({ disk, epoch })) };
+      this.machineFile.resync = record;
+      await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+    }
+    if (!record.marker) {
+      for (const { d, epoch } of targets) {
+        if (d.segmenter.state.epoch >= epoch) continue; // moved already (a restart, or the command seen again)
+        await d.export?.pause();
+        try {
+          await d.segmenter.startEpoch(epoch, `the cloud asked for a resync in epoch ${epoch} (command ${command.id})`);
+        } finally {
+          d.export?.resume();
+        }
+        d.sync = null;
+        this.pendingMarkers.splice(0); // their seqs were in the old epoch
+        this.wakeDisk(d.id);
+      }
+      const outcome = await this.followResync(command.id, targets);
+      if (outcome) return outcome;
+      // Every disk compared and shipped its differences: a marker lets recovery points resume.
+      for (;;) {
+        if (this.stopping) return undefined;
+        if (this.hold) return failed(`Writes are held for planned failover ${this.hold.failoverId}; no marker can end the resync.`);
+        const moved = targets.find(({ d, epoch }) => d.segmenter.state.epoch !== epoch);
+        if (moved) return failed(`Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch} before the resync in epoch ${moved.epoch} ended.`);
+        const event = await this.cutMarker('crash', `resync ${command.operationId}`).catch(() => undefined);
+        if (event) {
+          record.marker = { id: event.id, seqs: event.seqs, epochs: Object.fromEntries(this.disks.map((x) => [x.id, x.segmenter.state.epoch])) };
+          await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+          break;
+        }
+        await new Promise((r) => setTimeout(r, 250)); // another disk is still syncing
+      }
+    }
+    const marker = record.marker;
+    for (;;) {
+      const waiting = this.disks.find((d) => marker.seqs[d.id] !== undefined && d.segmenter.state.epoch === marker.epochs[d.id] && d.segmenter.state.ackedSeq < marker.seqs[d.id]);
+      if (!waiting) break;
+      if (this.stopping) return undefined;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await this.reportResync(command.id, targets).catch(() => undefined);
+    const summary = targets.map(({ d, epoch }) => `${d.id} epoch ${epoch}: ${d.sync?.shippedBytes ?? 0} bytes shipped`).join(', ');
+    return { state: 'done', message: `Resync complete (${summary}); marker ${marker.id} cut and acknowledged by the proxy.` };
+  }
+
+  /** Waits until every disk of the resync is back in data mode in its epoch, reporting progress each second. */
+  private async followResync(commandId: string, targets: { d: Protected; epoch: number }[]): Promise<CommandResult | undefined> {
+    let lastReport = 0;
+    for (;;) {
+      if (this.stopping) return undefined;
+      const left = targets.filter(({ d, epoch }) => d.segmenter.state.epoch === epoch && d.segmenter.mode !== 'data');
+      const moved = targets.find(({ d, epoch }) => d.segmenter.state.epoch > epoch);
+      if (moved) return { state: 'failed', message: `Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch}; this resync (epoch ${moved.epoch}) is superseded.` };
+      if (left.length === 0) return undefined;
+      if (Date.now() - lastReport >= 1000) {
+        lastReport = Date.now();
+        try {
+          await this.reportResync(commandId, targets);
+        } catch (err) {
+          if (err instanceof CommandClosedError) return { state: 'failed', message: `The cloud closed the command before the resync ended (${err.message}).` };
+          this.log.debug({ command: commandId, err }, 'resync progress not reported');
+        }
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  private resyncProgress(targets: { d: Protected; epoch: number }[]): Record<string, AgentResyncProgress> {
+    const out: Record<string, AgentResyncProgress> = {};
+    for (const { d } of targets) {
+      const done = d.segmenter.mode === 'data';
+      const p = d.sync?.kind === 'resync' ? d.sync : undefined;
+      out[d.id] = { comparedBytes: done ? d.segmenter.state.sizeBytes : (p?.doneBytes ?? 0), shippedBytes: p?.shippedBytes ?? 0 };
+    }
+    return out;
+  }
+
+  private async reportResync(commandId: string, targets: { d: Protected; epoch: number }[]): Promise<void> {
+    await this.channel?.reportProgress?.(commandId, this.resyncProgress(targets));
   }
 
   /** Polls for commands now and carries them out (tests, tools). */

@@ -5,7 +5,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import { ConfigError } from '../../shared/errors';
 import { createLogger } from '../../shared/logger';
 import { MachineAgent, type AgentStatus, type DiskStatus } from './agent';
-import { ApiChecksums } from './remote-checksums';
+import { ApiChecksums, ApiDiskEpochs } from './remote-checksums';
 import { ImageFileChecksums, type RemoteChecksums } from './sync';
 
 // `lifeboat agent …`: protect a machine's disks against a proxy, and show the agent's status.
@@ -215,6 +215,7 @@ export function protectAgent(opts: ProtectOptions): { agent: MachineAgent; journ
     thawCommand: opts.thawCmd,
     segment: { maxJournalBytes: opts.journalMax, maxSegmentBytes: opts.segmentMax, maxSegmentAgeMs: opts.segmentAge * 1000 },
     remoteChecksums: remoteChecksumsFromFlags(opts),
+    ...(opts.api ? { cloud: new ApiDiskEpochs({ apiUrl: opts.api, key: opts.apiKeyFile ? readApiKey(opts.apiKeyFile) : undefined, machine: opts.machine }) } : {}),
     logger: createLogger('agent'),
   });
   return { agent, journalDir };

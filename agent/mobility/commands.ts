@@ -2,7 +2,8 @@ import http from 'node:http';
 import https from 'node:https';
 import type { Logger } from 'pino';
 import { LifeboatError, ensureError } from '../../shared/errors';
-import type { AgentCommand } from '../../shared/failover/commands';
+import type { AgentCommand as QuiesceCommand } from '../../shared/failover/commands';
+import type { AgentResyncProgress, ResyncCommand } from '../../shared/reprotect/resync';
 import { ProxyUnavailableError, type ProxyClientOptions } from './shipper';
 
 // The agent's side of the command channel (docs/failover.md, "Planned failover and the agent
@@ -10,8 +11,11 @@ import { ProxyUnavailableError, type ProxyClientOptions } from './shipper';
 // and answer it.
 //   GET  /v1/machines/{m}/commands            → { value: AgentCommand[] }
 //   POST /v1/machines/{m}/commands/{id}/ack   ← { state: "done" | "failed", message? } → 204
+//   POST /v1/machines/{m}/commands/{id}/progress ← { progress: { [disk]: { comparedBytes, shippedBytes } } } (resync)
 
-export type { AgentCommand };
+/** What the proxy serves: planned failover's `quiesce`, or a cloud-requested `resync`. */
+export type AgentCommand = QuiesceCommand | ResyncCommand;
+export type { QuiesceCommand, ResyncCommand, AgentResyncProgress };
 
 export interface CommandResult {
   state: 'done' | 'failed';
@@ -22,6 +26,8 @@ export interface CommandResult {
 export interface CommandChannel {
   pending(): Promise<AgentCommand[]>;
   acknowledge(commandId: string, result: CommandResult): Promise<void>;
+  /** A resync command's progress per disk (best effort; absent: progress is not reported). */
+  reportProgress?(commandId: string, progress: Record<string, AgentResyncProgress>): Promise<void>;
   close(): void;
 }
 
@@ -76,6 +82,16 @@ export class ProxyCommandClient implements CommandChannel {
       throw new CommandClosedError(
         `The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`,
       );
+    }
+    throw this.failure(res, `POST ${path}`);
+  }
+
+  async reportProgress(commandId: string, progress: Record<string, AgentResyncProgress>): Promise<void> {
+    const path = `/v1/machines/${this.machine}/commands/${encodeURIComponent(commandId)}/progress`;
+    const res = await this.request('POST', path, Buffer.from(JSON.stringify({ progress })));
+    if (res.status === 204 || res.status === 200) return;
+    if (res.status === 404 || res.status === 409) {
+      throw new CommandClosedError(`The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`);
     }
     throw this.failure(res, `POST ${path}`);
   }
@@ -135,8 +151,11 @@ export class ProxyCommandClient implements CommandChannel {
 
 export interface CommandPollerOptions {
   channel: CommandChannel;
-  /** Carries a command out; resolves with the answer to send (never meant to throw). */
-  handle(command: AgentCommand): Promise<CommandResult>;
+  /**
+   * Carries a command out; resolves with the answer to send (never meant to throw), or undefined
+   * to leave the command pending unanswered (the agent is stopping: the next start carries it on).
+   */
+  handle(command: AgentCommand): Promise<CommandResult | undefined>;
   /** Poll interval (default 3 s). */
   intervalMs?: number;
   /** poke() polls at once only if the last poll is at least this old (default 1 s). */
@@ -233,12 +252,9 @@ export class CommandPoller {
       if (!result) {
         this.active.add(command.id);
         this.log.info(
-          {
-            command: command.id,
-            type: command.type,
-            markerId: command.markerId,
-            failoverId: command.failoverId,
-          },
+          command.type === 'resync'
+            ? { command: command.id, type: command.type, operationId: command.operationId, disks: command.disks }
+            : { command: command.id, type: command.type, markerId: command.markerId, failoverId: command.failoverId },
           'agent command received',
         );
         try {
@@ -247,6 +263,10 @@ export class CommandPoller {
           result = { state: 'failed', message: ensureError(err).message };
         } finally {
           this.active.delete(command.id);
+        }
+        if (!result) {
+          this.log.info({ command: command.id }, 'agent command left pending (the agent is stopping)');
+          continue;
         }
         this.results.set(command.id, result);
         (result.state === 'done' ? this.log.info : this.log.error).call(

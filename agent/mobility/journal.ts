@@ -41,6 +41,11 @@ export interface DiskState {
   mode: DiskMode;
   /** Why the disk is in `resync` mode. */
   resyncReason?: string;
+  /**
+   * A resync the cloud asked for (a new epoch): the checksum comparison waits until the cloud's
+   * apply has moved the disk to this epoch (docs/agent.md, "Cloud-requested resync").
+   */
+  awaitCloudEpoch?: number;
   /** True only between a clean stop and the next start. */
   clean: boolean;
   /** Kernel boot id of the last run (tells a process crash from a machine crash in the logs). */

@@ -190,3 +190,43 @@ export class ApiChecksums implements RemoteChecksums {
     return { offset, blocks: (body.blocks as string[]).map((h) => Buffer.from(h, 'hex')) };
   }
 }
+
+/**
+ * The epoch the cloud's apply has each disk in, from GET {api}/machines/{machine} (its `disks`:
+ * `{ id, epoch, state, appliedSeq, … }`). A cloud-requested resync compares checksums only once
+ * the disk is in the new epoch (docs/agent.md, "Cloud-requested resync").
+ */
+export class ApiDiskEpochs {
+  private readonly base: URL;
+
+  constructor(private readonly options: Pick<ApiChecksumsOptions, 'apiUrl' | 'key' | 'machine' | 'timeoutMs'>) {
+    this.base = apiBase(options.apiUrl);
+  }
+
+  async diskEpoch(disk: string): Promise<number | undefined> {
+    const url = new URL(`${this.base.pathname}/machines/${encodeURIComponent(this.options.machine)}`, this.base);
+    let res: Response;
+    try {
+      res = await fetch(url, {
+        headers: this.options.key ? { 'x-functions-key': this.options.key } : {},
+        signal: AbortSignal.timeout(this.options.timeoutMs ?? 30_000),
+      });
+    } catch (err) {
+      throw new LifeboatError(
+        'ApiUnavailable',
+        `The Lifeboat API at ${this.base.origin} cannot be reached for machine ${this.options.machine} (${(err as Error).message}).`,
+        { status: 503, target: 'api' },
+      );
+    }
+    const text = await res.text();
+    if (res.status !== 200) {
+      throw new LifeboatError('ApiUnavailable', `The Lifeboat API answered ${res.status} to GET ${url.pathname}: ${text.slice(0, 300)}`, {
+        status: res.status === 401 || res.status === 403 ? res.status : 503,
+        target: 'api',
+      });
+    }
+    const body = JSON.parse(text) as { disks?: { id?: unknown; epoch?: unknown }[] };
+    const row = body.disks?.find((d) => d.id === disk);
+    return typeof row?.epoch === 'number' ? row.epoch : undefined;
+  }
+}

@@ -368,6 +368,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.bitmap.clearAll();
     this.state.mode = 'data';
     delete this.state.resyncReason;
+    delete this.state.awaitCloudEpoch;
     await Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
     this.log.info('sync complete: data mode, markers resume');
     this.emit('mode', 'data');
@@ -422,6 +423,48 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.state.nextSeq = this.open.seq;
     this.state.clean = this.failure === undefined;
     await this.journal.saveState(this.state);
+  }
+
+  /**
+   * A resync the cloud asked for: ends the stream's epoch and begins `epoch` at seq 1. What is
+   * open in the old epoch is sealed into the journal (the shipper sends it before the new epoch,
+   * the proxy uploads in order, so apply takes it before it moves on); seq 1 of the new epoch is
+   * cut at once, empty, so the cloud can switch before any block is compared; the disk is in
+   * `resync` mode with `awaitCloudEpoch` set. Persisted before it resolves (a restart continues
+   * in the new epoch). Call it with the export paused.
+   */
+  async startEpoch(epoch: number, reason: string): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (epoch <= this.state.epoch) return;
+    const sealed = this.state.mode !== 'bitmap' && this.open.records.length > 0 ? this.cut() : Promise.resolve(undefined);
+    if (this.ageTimer) clearTimeout(this.ageTimer);
+    this.ageTimer = undefined;
+    // The open segment of the old epoch (empty, or the one the cut just opened) is abandoned.
+    const stale = this.open;
+    if (this.state.mode === 'bitmap') {
+      for (const r of stale.records) if (r.type !== 'marker') this.bitmap.markRange(r.offset, r.type === 'write' ? r.data.length : r.length);
+    }
+    this.state.epoch = epoch;
+    this.state.nextSeq = 2;
+    this.state.ackedSeq = 0;
+    this.state.mode = 'resync';
+    this.state.resyncReason = reason;
+    this.state.awaitCloudEpoch = epoch;
+    this.open = this.newOpen(2, true);
+    const now = Date.now();
+    const first = encodeSegment({ header: { machine: this.machine, disk: this.disk, epoch, seq: 1, firstWriteTime: now, lastWriteTime: now }, records: [] });
+    const done = this.chain.then(async () => {
+      await stale.file?.discard();
+      // Seq 1 before the state: a state in the new epoch always has its seq 1 in the journal.
+      const entry = await this.journal.write(epoch, 1, first);
+      await this.journal.saveState(this.state);
+      this.emit('segment', entry);
+    });
+    this.chain = done.catch((err: Error) => this.fail(new JournalWriteError(`Epoch ${epoch} of disk ${this.disk} could not be started in ${this.journal.dir} (${err.message}).`, err)));
+    await sealed;
+    await done;
+    this.log.warn({ epoch, reason }, 'new epoch: the stream restarts at seq 1 with a resync');
+    this.emit('mode', 'resync');
   }
 
   /**

@@ -317,7 +317,8 @@ export class DiskShipper extends EventEmitter {
     }
     const result = await this.client.putSegment(machine, disk, entry.epoch, entry.seq, bytes);
     await this.segmenter.journal.remove(entry);
-    if (entry.seq > state.ackedSeq) state.ackedSeq = entry.seq;
+    // Segments of an epoch the stream has left (shipped before the new epoch's seq 1) do not move the cursor.
+    if (entry.epoch === state.epoch && entry.seq > state.ackedSeq) state.ackedSeq = entry.seq;
     this.stats.shippedSegments += 1;
     this.stats.shippedBytes += bytes.length;
     if (result === 'duplicate') this.stats.duplicates += 1;

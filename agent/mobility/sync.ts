@@ -44,6 +44,15 @@ export class EmptyDiskChecksums implements RemoteChecksums {
   }
 }
 
+/** No knowledge of the cloud copy: every block differs (a full copy, zero blocks as zero records). */
+export class UnknownCloudChecksums implements RemoteChecksums {
+  constructor(readonly blockSize = 64 * 1024) {}
+
+  checksums(): Promise<Buffer[]> {
+    return Promise.resolve([]);
+  }
+}
+
 /**
  * The local stand-in for the cloud endpoint: checksums of another image file (a copy of the disk
  * as the cloud holds it). Bytes past the file's end read as zeros.

@@ -10,6 +10,13 @@ import {
 } from '../../shared/failover/commands';
 import { FailoverTables, type FailoverTableName } from '../../shared/failover/tables';
 import { validateName } from '../../shared/names';
+import {
+  pendingResyncCommands,
+  readResyncCommand,
+  reportResyncProgress,
+  type AgentResyncProgress,
+  type ResyncCommand,
+} from '../../shared/reprotect/resync';
 import { isNotFound } from '../../shared/replication';
 import { StorageClients } from '../../shared/storage';
 import type { MachineAuthenticator } from './auth';
@@ -18,15 +25,25 @@ import type { MachineAuthenticator } from './auth';
 // contract"); the cloud writes them to table `commands` of ReplicaStorage:
 //   GET  /v1/machines/{m}/commands            → 200 { value: AgentCommand[] }  (pending, oldest first)
 //   POST /v1/machines/{m}/commands/{id}/ack   ← { state: "done" | "failed", message? } → 204
+//   POST /v1/machines/{m}/commands/{id}/progress ← { progress: { [disk]: { comparedBytes, shippedBytes } } } → 204
+//        (resync commands only: docs/reprotect.md, "The command")
 // Same credential rules as segments: 401 without a valid credential, 403 for another machine.
+// The answer to GET holds both kinds of command, told apart by `type` ('quiesce', 'resync').
 
 export type CommandAck = { state: 'done' | 'failed'; message?: string };
 
+/** A command as the proxy serves it: planned failover's quiesce, or a cloud-requested resync. */
+export type ServedCommand = AgentCommand | ResyncCommand;
+
+export type ResyncProgressReport = Record<string, AgentResyncProgress>;
+
 /** Where the proxy reads and answers a machine's commands. */
 export interface CommandStore {
-  pending(machine: string): Promise<AgentCommand[]>;
-  read(machine: string, commandId: string): Promise<AgentCommand | undefined>;
+  pending(machine: string): Promise<ServedCommand[]>;
+  read(machine: string, commandId: string): Promise<ServedCommand | undefined>;
   acknowledge(machine: string, commandId: string, ack: CommandAck): Promise<void>;
+  /** Records a resync command's progress (bytes compared and shipped per disk). */
+  reportProgress(machine: string, commandId: string, progress: ResyncProgressReport): Promise<void>;
 }
 
 /**
@@ -65,17 +82,22 @@ export class TableCommandStore implements CommandStore {
     ));
   }
 
-  async pending(machine: string): Promise<AgentCommand[]> {
+  async pending(machine: string): Promise<ServedCommand[]> {
     try {
-      return await pendingCommands(this.tables, machine);
+      const [quiesce, resync] = await Promise.all([pendingCommands(this.tables, machine), pendingResyncCommands(this.tables, machine)]);
+      return [...quiesce, ...resync.map(servedResync)].sort((a, b) => a.createdAt.localeCompare(b.createdAt));
     } catch (err) {
       if (isNotFound(err)) return []; // no command was ever issued here
       throw storeUnavailable(err);
     }
   }
 
-  async read(machine: string, commandId: string): Promise<AgentCommand | undefined> {
+  async read(machine: string, commandId: string): Promise<ServedCommand | undefined> {
     try {
+      if (commandId.startsWith('resync-')) {
+        const resync = await readResyncCommand(this.tables, machine, commandId.slice('resync-'.length));
+        if (resync) return resync;
+      }
       return await readCommand(this.tables, machine, commandId);
     } catch (err) {
       if (isNotFound(err)) return undefined;
@@ -92,6 +114,22 @@ export class TableCommandStore implements CommandStore {
       throw storeUnavailable(err);
     }
   }
+
+  async reportProgress(machine: string, commandId: string, progress: ResyncProgressReport): Promise<void> {
+    try {
+      await reportResyncProgress(this.tables, machine, commandId, { progress }, new Date());
+    } catch (err) {
+      if (isNotFound(err))
+        throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+      throw storeUnavailable(err);
+    }
+  }
+}
+
+/** The agent needs no more than the contract's fields (the progress it reported stays in the table). */
+function servedResync(c: ResyncCommand): ResyncCommand {
+  const { progress: _progress, ...rest } = c;
+  return rest;
 }
 
 const COMMAND_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
@@ -218,6 +256,82 @@ export async function ackCommand(
     { machine, command: commandId, type: command.type, state: ack.state, message: ack.message },
     'agent command acknowledged',
   );
+  res.writeHead(204);
+  res.end();
+}
+
+const MAX_PROGRESS_DISKS = 64;
+
+function parseProgress(body: Buffer): ResyncProgressReport {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(body.toString('utf8'));
+  } catch {
+    throw new ValidationError(
+      'The progress report is not JSON; send { "progress": { "<disk>": { "comparedBytes", "shippedBytes" } } }.',
+      'body',
+    );
+  }
+  const report = parsed as { progress?: unknown } | null;
+  if (typeof report !== 'object' || report === null || Array.isArray(report)) {
+    throw new ValidationError('The progress report must be a JSON object { "progress": { … } }.', 'body');
+  }
+  const unknown = Object.keys(report).filter((k) => k !== 'progress');
+  if (unknown.length > 0) {
+    throw new ValidationError(`Unknown field ${unknown[0]}; the progress report has only "progress".`, unknown[0]);
+  }
+  const progress = report.progress;
+  if (typeof progress !== 'object' || progress === null || Array.isArray(progress)) {
+    throw new ValidationError('progress must be an object of disk → { comparedBytes, shippedBytes }.', 'progress');
+  }
+  const entries = Object.entries(progress as Record<string, unknown>);
+  if (entries.length === 0 || entries.length > MAX_PROGRESS_DISKS) {
+    throw new ValidationError(`progress must name 1 to ${MAX_PROGRESS_DISKS} disks.`, 'progress');
+  }
+  const out: ResyncProgressReport = {};
+  for (const [disk, value] of entries) {
+    validateName(disk, 'disk');
+    const v = value as Record<string, unknown> | null;
+    const bytes = (k: string): number => {
+      const n = v?.[k];
+      if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) {
+        throw new ValidationError(`progress.${disk}.${k} must be a non-negative integer.`, `progress.${disk}.${k}`);
+      }
+      return n;
+    };
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) {
+      throw new ValidationError(`progress.${disk} must be an object { comparedBytes, shippedBytes }.`, `progress.${disk}`);
+    }
+    out[disk] = { comparedBytes: bytes('comparedBytes'), shippedBytes: bytes('shippedBytes') };
+  }
+  return out;
+}
+
+/**
+ * POST /v1/machines/{m}/commands/{id}/progress: a resync command's progress, written to the
+ * command row (`reportResyncProgress`); the cloud's resync operation shows it. 409 once the
+ * command is closed, 400 for a command that is not a resync.
+ */
+export async function reportCommandProgress(
+  deps: CommandRouteDeps,
+  req: IncomingMessage,
+  res: ServerResponse,
+  m: string,
+  id: string,
+): Promise<void> {
+  const machine = await authorize(deps, req, m);
+  const commandId = validateCommandId(id);
+  const progress = parseProgress(await readSmallBody(req, MAX_ACK_BYTES));
+  const command = await deps.commands.read(machine, commandId);
+  if (!command) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+  if (command.type !== 'resync') {
+    throw new ValidationError(`Command ${commandId} is a ${command.type} command; only resync commands take progress reports.`, 'command');
+  }
+  if (command.state !== 'pending') {
+    throw new ConflictError(`Command ${commandId} of machine ${machine} is already ${command.state}; progress is no longer taken.`, 'command', 'CommandClosed');
+  }
+  await deps.commands.reportProgress(machine, commandId, progress);
+  deps.logger.debug({ machine, command: commandId, progress }, 'resync progress reported');
   res.writeHead(204);
   res.end();
 }

@@ -4,7 +4,7 @@ import { LifeboatError, ValidationError, ensureError } from '../../shared/errors
 import { validateName } from '../../shared/names';
 import { TRAILER_BYTES, decodeSegment } from '../../shared/segment';
 import type { MachineAuthenticator } from './auth';
-import { ackCommand, getCommands, type CommandStore } from './commands';
+import { ackCommand, getCommands, reportCommandProgress, type CommandStore } from './commands';
 import type { Spool } from './spool';
 import type { IngestCounters, ProxyStatus } from './status';
 import type { Uploader } from './uploader';
@@ -13,7 +13,8 @@ import type { Uploader } from './uploader';
 //   PUT /v1/machines/{m}/disks/{d}/segments/{epoch}/{seq}  201 new · 200 same bytes · 409 other bytes
 //   GET /v1/machines/{m}/disks/{d}                          last acknowledged (epoch, seq)
 //   GET /v1/status                                          spool, backlog, upload rate, errors
-//   GET /v1/machines/{m}/commands, POST …/commands/{id}/ack  agent commands (commands.ts)
+//   GET /v1/machines/{m}/commands, POST …/commands/{id}/ack, POST …/commands/{id}/progress
+//                                                            agent commands (commands.ts)
 // A segment is checked (credential, names, size, its own checksum, header = URL) before a byte of
 // it reaches the spool, and acknowledged only once it is durable there.
 
@@ -283,6 +284,10 @@ export function createIngestHandler(
         allow('POST');
         return ackCommand(commandDeps, req, res, parts[2], parts[4]);
       }
+      if (parts.length === 6 && parts[5] === 'progress') {
+        allow('POST');
+        return reportCommandProgress(commandDeps, req, res, parts[2], parts[4]);
+      }
     }
     if (parts[0] === 'v1' && parts[1] === 'machines' && parts[3] === 'disks') {
       if (parts.length === 5) {
@@ -298,7 +303,7 @@ export function createIngestHandler(
       'NotFound',
       `No route ${method} ${pathname}; the proxy serves PUT /v1/machines/{machine}/disks/{disk}/segments/{epoch}/{seq}, ` +
         'GET /v1/machines/{machine}/disks/{disk}, GET /v1/machines/{machine}/commands, ' +
-        'POST /v1/machines/{machine}/commands/{id}/ack and GET /v1/status.',
+        'POST /v1/machines/{machine}/commands/{id}/ack, POST /v1/machines/{machine}/commands/{id}/progress and GET /v1/status.',
       { status: 404 },
     );
   }
