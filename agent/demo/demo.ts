@@ -2,7 +2,7 @@ import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'no
 import path from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { MachineAgent, type MarkerEvent } from '../mobility/agent';
-import { ApiChecksums } from '../mobility/remote-checksums';
+import { ApiChecksums, ApiDiskEpochs } from '../mobility/remote-checksums';
 import { FailoverMachineExport } from '../target/failover-machine';
 import { ReprotectTargetRunner } from '../target/reprotect-target';
 import type { SyncProgress } from '../mobility/sync';
@@ -106,6 +106,7 @@ async function runOperation(
   route: string,
   body: unknown,
   say: (line: string) => void,
+  onProgress?: (progress: { step?: string; state?: string }) => Promise<void>,
 ): Promise<{ started: { operationId: string; failoverId?: string }; op: Operation; seconds: number }> {
   const begun = Date.now();
   const { body: started } = await api.call<{ operationId: string; failoverId?: string }>('POST', route, body);
@@ -118,6 +119,7 @@ async function runOperation(
       lastProgress = progress;
       say(`  … ${progress}`);
     }
+    await onProgress?.(p);
     return ['Completed', 'Failed', 'Terminated'].includes(current.status) ? current : undefined;
   });
   if (op.status !== 'Completed')
@@ -157,7 +159,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
     ? { d0: 16 * 1024 * 1024, d1: 8 * 1024 * 1024 }
     : { d0: 128 * 1024 * 1024, d1: 64 * 1024 * 1024 };
   const rounds = options.short ? 3 : 6;
-  const totalSteps = 9;
+  const totalSteps = 10;
   let stepNo = 0;
   const step = async <T>(name: string, run: () => Promise<T>): Promise<T> => {
     stepNo++;
@@ -245,21 +247,25 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
       },
     );
 
+    const newAgent = () =>
+      new MachineAgent({
+        machine: MACHINE,
+        disks: disks.map((d) => ({ id: d.id, path: d.path })),
+        journalDir: path.join(options.dataDir, 'agent'),
+        proxy: { url: stack!.proxy.url, credential, ca: stack!.proxy.certificate },
+        nbd: { port: 0, host: '127.0.0.1' },
+        crashIntervalSeconds: 0,
+        remoteChecksums: (disk) =>
+          new ApiChecksums({ apiUrl: stack!.apiUrl, key: stack!.functionKey, machine: MACHINE, disk }),
+        cloud: new ApiDiskEpochs({ apiUrl: stack!.apiUrl, key: stack!.functionKey, machine: MACHINE }),
+        logger: createLogger('agent', { machine: MACHINE }, report.where.agentLog),
+      });
+
     await step(
       'Initial sync: the agent compares block checksums and ships what the cloud lacks',
       async () => {
         report.where.journal = path.join(options.dataDir, 'agent');
-        agent = new MachineAgent({
-          machine: MACHINE,
-          disks: disks.map((d) => ({ id: d.id, path: d.path })),
-          journalDir: report.where.journal,
-          proxy: { url: stack!.proxy.url, credential, ca: stack!.proxy.certificate },
-          nbd: { port: 0, host: '127.0.0.1' },
-          crashIntervalSeconds: 0,
-          remoteChecksums: (disk) =>
-            new ApiChecksums({ apiUrl: stack!.apiUrl, key: stack!.functionKey, machine: MACHINE, disk }),
-          logger: createLogger('agent', { machine: MACHINE }, report.where.agentLog),
-        });
+        agent = newAgent();
         const bar = options.progressBars
           ? new SingleBar(
               {
@@ -542,15 +548,28 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
           });
           say('  first pass applied: only the blocks that differ from the site disks travelled');
           say(`  the failed-over machine wrote ${((await work(101)) / 1024).toFixed(0)} KiB more`);
+          // Once the site is verified, the failback asks the site's agent to resume forward
+          // protection in a new epoch: the demo starts the agent again, as an operator would.
           const { op, seconds } = await runOperation(
             api,
             `machines/${MACHINE}/failback`,
-            { waitSeconds: 20 },
+            { waitSeconds: 120 },
             say,
+            async (progress) => {
+              if (agent || progress.state !== 'resuming-protection') return;
+              agent = newAgent();
+              await agent.start();
+              say('  the site agent is running again; it picks up the forward resync from the cloud');
+            },
           );
           await running.stopped;
           say(
             `  failback done in ${seconds.toFixed(1)} s; forward protection: ${String(op.output?.forwardProtection)}`,
+          );
+          verify(
+            'forward protection resumed',
+            op.output?.forwardProtection === 'protected',
+            `${String(op.output?.forwardProtection)}; epochs ${JSON.stringify(op.output?.epochs ?? {})}`,
           );
           verify(
             'site ready',
@@ -572,6 +591,47 @@ export async function runDemo(options: DemoOptions): Promise<DemoReport> {
         } finally {
           await runner.stop();
           await running.stop().catch(() => undefined);
+        }
+      },
+    );
+
+    await step(
+      'Forward protection from the site: new writes, a new recovery point, equal to the site disks',
+      async () => {
+        if (!agent) throw new DemoFailure('The site agent is not running.');
+        const nbd = agent.status().nbd!;
+        const shadow = path.join(options.dataDir, 'shadow-home');
+        mkdirSync(shadow, { recursive: true });
+        for (const d of disks) {
+          const client = await NbdClient.connect(nbd.host, nbd.port, d.id);
+          for (const change of nextVersion(d, shadow, 200)) await client.write(change.offset, change.data);
+          await client.flush();
+          await client.close();
+        }
+        const marker = await agent.cutMarker('crash', 'back home');
+        if (!marker) throw new DemoFailure('The agent did not cut a marker after failback.');
+        const want = Object.fromEntries(disks.map((d) => [d.id, sha256(readFileSync(d.path))]));
+        const point = await until(`recovery point ${marker.id}`, 120_000, async () => {
+          const { body } = await api.call<{ value: RecoveryPoint[] }>(
+            'GET',
+            `machines/${MACHINE}/recovery-points`,
+          );
+          return body.value.find((p) => p.id === marker.id);
+        });
+        const seed = StorageClients.fromConnectionString(stack!.azurite.connectionString)
+          .blobService()
+          .getContainerClient('seed-disks');
+        for (const d of disks) {
+          const snapshot = point.disks.find((x) => x.id === d.id)?.snapshot;
+          const bytes = snapshot
+            ? await seed.getBlobClient(`${MACHINE}/${d.id}.img`).withSnapshot(snapshot).downloadToBuffer()
+            : Buffer.alloc(0);
+          const same = sha256(bytes) === want[d.id];
+          verify(
+            `point ${marker.id} disk ${d.id}`,
+            same,
+            same ? 'equals the site disk: protected again' : 'differs from the site disk',
+          );
         }
       },
     );
