@@ -8,13 +8,39 @@ import { createLogger } from '../../shared/logger';
 import { validateName } from '../../shared/names';
 import { decodeSegment, encodeSegment, isMarkerId, type MarkerKind } from '../../shared/segment';
 import { writeFileDurably } from './bitmap';
-import { CommandClosedError, CommandPoller, ProxyCommandClient, type AgentCommand, type AgentResyncProgress, type CommandChannel, type CommandResult, type QuiesceCommand, type ResyncCommand } from './commands';
+import {
+  CommandClosedError,
+  CommandPoller,
+  ProxyCommandClient,
+  type AgentCommand,
+  type AgentResyncProgress,
+  type CommandChannel,
+  type CommandResult,
+  type QuiesceCommand,
+  type ResyncCommand,
+} from './commands';
 import { JournalDamagedError, SegmentJournal, bootId, type DiskMode, type DiskState } from './journal';
 import { FileBacking, NbdExport, NbdServer } from './nbd';
 import { BlockScanner } from './scan';
 import { DiskSegmenter, recoverOpenSegments, type MarkerSpec, type SegmenterOptions } from './segmenter';
-import { DiskShipper, ProxyClient, backoffDelay, type ProxyClientOptions, type RetryPolicy, type ShipperStats } from './shipper';
-import { EmptyDiskChecksums, SyncInterruptedError, UnknownCloudChecksums, runCatchup, runResync, type RemoteChecksums, type SyncDevice, type SyncProgress } from './sync';
+import {
+  DiskShipper,
+  ProxyClient,
+  backoffDelay,
+  type ProxyClientOptions,
+  type RetryPolicy,
+  type ShipperStats,
+} from './shipper';
+import {
+  EmptyDiskChecksums,
+  SyncInterruptedError,
+  UnknownCloudChecksums,
+  runCatchup,
+  runResync,
+  type RemoteChecksums,
+  type SyncDevice,
+  type SyncProgress,
+} from './sync';
 
 export interface AgentDisk {
   /** Disk id (a DNS label); also the NBD export name. */
@@ -162,7 +188,11 @@ interface MachineFile {
   /** The last quiesce whose marker was cut (so a command seen again after a restart is not cut twice). */
   quiesced?: WriteHold;
   /** The last resync the cloud asked for, and the marker that ended it once cut. */
-  resync?: { commandId: string; disks: { disk: string; epoch: number }[]; marker?: { id: string; seqs: Record<string, number>; epochs: Record<string, number> } };
+  resync?: {
+    commandId: string;
+    disks: { disk: string; epoch: number }[];
+    marker?: { id: string; seqs: Record<string, number>; epochs: Record<string, number> };
+  };
 }
 
 /** The epoch the cloud's apply has each disk in. */
@@ -206,24 +236,37 @@ export class MachineAgent extends EventEmitter {
     super();
     this.machine = validateName(options.machine, 'machine');
     this.source = options.source ?? 'nbd';
-    if (!options.disks.length) throw new ConfigError('Name at least one disk to protect: --disk d0=/path/to/image.', 'disk');
+    if (!options.disks.length)
+      throw new ConfigError('Name at least one disk to protect: --disk d0=/path/to/image.', 'disk');
     const ids = new Set<string>();
     for (const d of options.disks) {
       validateName(d.id, 'disk');
-      if (ids.has(d.id)) throw new ConfigError(`Disk ${d.id} is listed twice; give each disk its own id.`, 'disk');
+      if (ids.has(d.id))
+        throw new ConfigError(`Disk ${d.id} is listed twice; give each disk its own id.`, 'disk');
       ids.add(d.id);
     }
     if ((options.appIntervalSeconds ?? 0) > 0 && !options.freezeCommand) {
-      throw new ConfigError('App-consistent markers need a freeze hook: pass --freeze-cmd (and usually --thaw-cmd), or --app-interval 0.', 'freezeCommand');
+      throw new ConfigError(
+        'App-consistent markers need a freeze hook: pass --freeze-cmd (and usually --thaw-cmd), or --app-interval 0.',
+        'freezeCommand',
+      );
     }
     this.client = options.proxy instanceof ProxyClient ? options.proxy : new ProxyClient(options.proxy);
     this.log = (options.logger ?? createLogger('agent')).child({ machine: this.machine });
     const channel = (this.channel =
       options.commands === false
         ? undefined
-        : (options.commands ?? (options.proxy instanceof ProxyClient ? undefined : new ProxyCommandClient(options.proxy, this.machine))));
+        : (options.commands ??
+          (options.proxy instanceof ProxyClient
+            ? undefined
+            : new ProxyCommandClient(options.proxy, this.machine))));
     this.commands = channel
-      ? new CommandPoller({ channel, handle: (c) => this.handleCommand(c), intervalMs: options.commandPollMs, logger: this.log })
+      ? new CommandPoller({
+          channel,
+          handle: (c) => this.handleCommand(c),
+          intervalMs: options.commandPollMs,
+          logger: this.log,
+        })
       : undefined;
   }
 
@@ -258,8 +301,14 @@ export class MachineAgent extends EventEmitter {
     try {
       for (const spec of this.options.disks) this.disks.push(await this.openDisk(spec));
       if (this.source === 'nbd') {
-        this.server = new NbdServer({ exports: this.disks.map((d) => d.export as NbdExport), logger: this.log });
-        const addr = await this.server.listen({ port: this.options.nbd?.port ?? 10809, host: this.options.nbd?.host ?? '127.0.0.1' });
+        this.server = new NbdServer({
+          exports: this.disks.map((d) => d.export as NbdExport),
+          logger: this.log,
+        });
+        const addr = await this.server.listen({
+          port: this.options.nbd?.port ?? 10809,
+          host: this.options.nbd?.host ?? '127.0.0.1',
+        });
         this.nbdAddress = { host: addr.address, port: addr.port };
       }
     } catch (err) {
@@ -279,11 +328,17 @@ export class MachineAgent extends EventEmitter {
     this.statusTimer = setInterval(() => void this.writeStatus(), 1000);
     this.statusTimer.unref();
     await this.writeStatus();
-    this.log.info({ disks: this.disks.map((d) => d.id), source: this.source, nbd: this.nbdAddress }, 'agent started');
+    this.log.info(
+      { disks: this.disks.map((d) => d.id), source: this.source, nbd: this.nbdAddress },
+      'agent started',
+    );
   }
 
   private every(seconds: number, fn: () => Promise<unknown>): void {
-    const t = setInterval(() => void fn().catch((err) => this.log.error({ err }, 'scheduled work failed')), seconds * 1000);
+    const t = setInterval(
+      () => void fn().catch((err) => this.log.error({ err }, 'scheduled work failed')),
+      seconds * 1000,
+    );
     this.timers.push(t);
   }
 
@@ -296,7 +351,9 @@ export class MachineAgent extends EventEmitter {
 
   private loadMachineFile(): MachineFile {
     try {
-      const m = JSON.parse(fs.readFileSync(path.join(this.options.journalDir, 'machine.json'), 'utf8')) as MachineFile;
+      const m = JSON.parse(
+        fs.readFileSync(path.join(this.options.journalDir, 'machine.json'), 'utf8'),
+      ) as MachineFile;
       if (Number.isSafeInteger(m.markerCounter)) return m;
     } catch {
       // first run, or unreadable: marker ids only need to be unique, the time part makes them so
@@ -334,10 +391,16 @@ export class MachineAgent extends EventEmitter {
       if (fresh) reasons.push('initial replication');
     } else {
       if (!state.clean && state.mode !== 'resync') {
-        reasons.push('the agent stopped uncleanly: writes may have reached the disk without reaching the journal');
+        reasons.push(
+          'the agent stopped uncleanly: writes may have reached the disk without reaching the journal',
+        );
       }
       const rec = await recoverOpenSegments(journal, state);
-      if (rec.recovered.length > 0) this.log.info({ disk: spec.id, seqs: rec.recovered, torn: rec.torn }, 'recovered the open segment written before the stop');
+      if (rec.recovered.length > 0)
+        this.log.info(
+          { disk: spec.id, seqs: rec.recovered, torn: rec.torn },
+          'recovered the open segment written before the stop',
+        );
       if (rec.damaged) reasons.push('the open segment file was damaged');
       if (state.sizeBytes !== backing.size) {
         reasons.push(`the disk size changed from ${state.sizeBytes} to ${backing.size} bytes`);
@@ -346,7 +409,8 @@ export class MachineAgent extends EventEmitter {
     }
     const damage = await this.verifyJournal(journal, state);
     if (damage) reasons.push(damage);
-    if (state.mode === 'resync' && state.resyncReason && !reasons.includes(state.resyncReason)) reasons.unshift(state.resyncReason);
+    if (state.mode === 'resync' && state.resyncReason && !reasons.includes(state.resyncReason))
+      reasons.unshift(state.resyncReason);
     if (reasons.length > 0) {
       state.mode = 'resync';
       state.resyncReason = reasons.join('; ');
@@ -354,7 +418,8 @@ export class MachineAgent extends EventEmitter {
     state.clean = false;
     state.bootId = bootId();
     await journal.saveState(state);
-    if (state.mode === 'resync') this.log.warn({ disk: spec.id, reason: state.resyncReason }, 'disk needs a resync');
+    if (state.mode === 'resync')
+      this.log.warn({ disk: spec.id, reason: state.resyncReason }, 'disk needs a resync');
 
     const segmenter = new DiskSegmenter({ journal, state, logger: this.log, ...this.options.segment });
     const shipper = new DiskShipper(segmenter, this.client, this.log, this.options.retry);
@@ -377,7 +442,12 @@ export class MachineAgent extends EventEmitter {
     let exp: NbdExport | undefined;
     let device: SyncDevice;
     if (this.source === 'nbd') {
-      const e = new NbdExport({ name: spec.id, backing, journal: segmenter, description: `${this.machine}/${spec.id}` });
+      const e = new NbdExport({
+        name: spec.id,
+        backing,
+        journal: segmenter,
+        description: `${this.machine}/${spec.id}`,
+      });
       e.on('fault', (f: { error: Error; stage: string }) => {
         this.log.error({ disk: spec.id, stage: f.stage, err: f.error }, 'NBD export fault');
         this.emit('fault', { disk: spec.id, error: f.error });
@@ -405,9 +475,26 @@ export class MachineAgent extends EventEmitter {
         resume: () => undefined,
       };
     }
-    const remote = this.options.remoteChecksums?.(spec.id, backing.size) ?? new EmptyDiskChecksums(segmenter.bitmap.blockSize);
-    const scanner = this.source === 'scan' ? new BlockScanner({ device, segmenter, remote, blockSize: remote.blockSize }) : undefined;
-    return { id: spec.id, path: spec.path, journal, segmenter, shipper, backing, export: exp, device, scanner, remote, sync: null };
+    const remote =
+      this.options.remoteChecksums?.(spec.id, backing.size) ??
+      new EmptyDiskChecksums(segmenter.bitmap.blockSize);
+    const scanner =
+      this.source === 'scan'
+        ? new BlockScanner({ device, segmenter, remote, blockSize: remote.blockSize })
+        : undefined;
+    return {
+      id: spec.id,
+      path: spec.path,
+      journal,
+      segmenter,
+      shipper,
+      backing,
+      export: exp,
+      device,
+      scanner,
+      remote,
+      sync: null,
+    };
   }
 
   /**
@@ -425,7 +512,12 @@ export class MachineAgent extends EventEmitter {
       have.add(e.seq);
       try {
         const seg = decodeSegment(await journal.read(e));
-        if (seg.header.seq !== e.seq || seg.header.disk !== state.disk || seg.header.machine !== state.machine) throw new Error('header mismatch');
+        if (
+          seg.header.seq !== e.seq ||
+          seg.header.disk !== state.disk ||
+          seg.header.machine !== state.machine
+        )
+          throw new Error('header mismatch');
       } catch {
         bad.push(e.seq);
       }
@@ -437,10 +529,22 @@ export class MachineAgent extends EventEmitter {
     if (bad.length === 0) return undefined;
     const now = Date.now();
     for (const seq of bad) {
-      const empty = encodeSegment({ header: { machine: state.machine, disk: state.disk, epoch: state.epoch, seq, firstWriteTime: now, lastWriteTime: now }, records: [] });
+      const empty = encodeSegment({
+        header: {
+          machine: state.machine,
+          disk: state.disk,
+          epoch: state.epoch,
+          seq,
+          firstWriteTime: now,
+          lastWriteTime: now,
+        },
+        records: [],
+      });
       await journal.write(state.epoch, seq, empty);
     }
-    return new JournalDamagedError(`the journal was damaged (segments ${bad.sort((a, b) => a - b).join(', ')} missing or unreadable)`).message;
+    return new JournalDamagedError(
+      `the journal was damaged (segments ${bad.sort((a, b) => a - b).join(', ')} missing or unreadable)`,
+    ).message;
   }
 
   /** Asks the proxy where the disk stands, then decides: resume, skip what it has, or resync. */
@@ -454,10 +558,16 @@ export class MachineAgent extends EventEmitter {
         await this.applyProxyPosition(d, pos.epoch, pos.seq);
         return;
       } catch (err) {
-        const delay = backoffDelay(attempt++, { baseMs: this.options.retry?.baseMs ?? 500, maxMs: this.options.retry?.maxMs ?? 60_000 });
+        const delay = backoffDelay(attempt++, {
+          baseMs: this.options.retry?.baseMs ?? 500,
+          maxMs: this.options.retry?.maxMs ?? 60_000,
+        });
         d.shipper.stats.reachable = false;
         d.shipper.stats.lastError = ensureError(err).message;
-        this.log.warn({ disk: d.id, seq: state.nextSeq, delayMs: delay }, `cannot ask the proxy for the disk's position: ${ensureError(err).message}`);
+        this.log.warn(
+          { disk: d.id, seq: state.nextSeq, delayMs: delay },
+          `cannot ask the proxy for the disk's position: ${ensureError(err).message}`,
+        );
         await this.waitWake(d, delay);
       }
     }
@@ -468,7 +578,12 @@ export class MachineAgent extends EventEmitter {
     const state = segmenter.state;
     const acked = seq ?? 0;
     if (epoch !== null && epoch > state.epoch) {
-      await this.resetStream(d, epoch, acked + 1, `the proxy is at epoch ${epoch}, newer than this agent's ${state.epoch}`);
+      await this.resetStream(
+        d,
+        epoch,
+        acked + 1,
+        `the proxy is at epoch ${epoch}, newer than this agent's ${state.epoch}`,
+      );
       // A new epoch another run of this agent began: compare only once the cloud moved there.
       if (this.options.cloud) {
         state.awaitCloudEpoch = epoch;
@@ -477,7 +592,12 @@ export class MachineAgent extends EventEmitter {
       return;
     }
     if ((epoch === null || epoch === state.epoch) && acked >= state.nextSeq) {
-      await this.resetStream(d, state.epoch, acked + 1, `the proxy acknowledged seq ${acked}, beyond this agent's last seq ${state.nextSeq - 1} (the agent's state is older than the proxy's)`);
+      await this.resetStream(
+        d,
+        state.epoch,
+        acked + 1,
+        `the proxy acknowledged seq ${acked}, beyond this agent's last seq ${state.nextSeq - 1} (the agent's state is older than the proxy's)`,
+      );
       return;
     }
     const entries = d.journal.list();
@@ -513,10 +633,18 @@ export class MachineAgent extends EventEmitter {
       // Nothing after the conflicting seq was shipped (segments go in order), so the stream
       // continues right after what the proxy holds; the resync re-sends whatever differs.
       const next = (pos.seq ?? 0) + 1;
-      await this.resetStream(d, Math.max(pos.epoch ?? 0, d.segmenter.state.epoch), next, `the proxy holds other bytes for a segment this agent sent (${err.message})`);
+      await this.resetStream(
+        d,
+        Math.max(pos.epoch ?? 0, d.segmenter.state.epoch),
+        next,
+        `the proxy holds other bytes for a segment this agent sent (${err.message})`,
+      );
       d.shipper.unhalt();
     } catch (e) {
-      this.log.error({ disk, err: e }, 'could not recover from a segment conflict; shipping for this disk stays halted');
+      this.log.error(
+        { disk, err: e },
+        'could not recover from a segment conflict; shipping for this disk stays halted',
+      );
     }
   }
 
@@ -549,7 +677,11 @@ export class MachineAgent extends EventEmitter {
     const seg = d.segmenter;
     const fraction = this.options.syncJournalFraction ?? 0.5;
     const waitForRoom = async (bytes: number): Promise<void> => {
-      while (!this.stopping && seg.backlogBytes + bytes > seg.maxJournalBytes * fraction && seg.journal.count > 0) {
+      while (
+        !this.stopping &&
+        seg.backlogBytes + bytes > seg.maxJournalBytes * fraction &&
+        seg.journal.count > 0
+      ) {
         await this.waitWake(d, 50);
       }
     };
@@ -568,25 +700,44 @@ export class MachineAgent extends EventEmitter {
         const mode = seg.mode;
         if (mode === 'resync' && this.source === 'nbd') {
           const epoch = seg.state.epoch;
-          const remote = seg.state.awaitCloudEpoch !== undefined ? await this.awaitCloudEpoch(d, seg.state.awaitCloudEpoch) : d.remote;
-          this.log.info({ disk: d.id, epoch, seq: seg.state.nextSeq, reason: seg.state.resyncReason }, 'resync: comparing block checksums with the cloud copy');
-          const p = await runResync({ ...pass, remote, shouldStop: () => this.stopping || seg.state.epoch !== epoch });
+          const remote =
+            seg.state.awaitCloudEpoch !== undefined
+              ? await this.awaitCloudEpoch(d, seg.state.awaitCloudEpoch)
+              : d.remote;
+          this.log.info(
+            { disk: d.id, epoch, seq: seg.state.nextSeq, reason: seg.state.resyncReason },
+            'resync: comparing block checksums with the cloud copy',
+          );
+          const p = await runResync({
+            ...pass,
+            remote,
+            shouldStop: () => this.stopping || seg.state.epoch !== epoch,
+          });
           d.sync = p;
           await seg.finishSync();
-          this.log.info({ disk: d.id, comparedBytes: p.doneBytes, shippedBytes: p.shippedBytes, zeroBytes: p.zeroBytes }, 'resync complete');
+          this.log.info(
+            { disk: d.id, comparedBytes: p.doneBytes, shippedBytes: p.shippedBytes, zeroBytes: p.zeroBytes },
+            'resync complete',
+          );
         } else if (mode === 'catchup') {
           const p = await runCatchup(pass);
           d.sync = p;
           if (seg.state.resyncReason) await seg.startResync(seg.state.resyncReason);
           else await seg.finishSync();
           this.log.info({ disk: d.id, shippedBytes: p.shippedBytes }, 'catch-up complete');
-        } else if (mode === 'bitmap' && d.shipper.stats.reachable === true && d.journal.count === 0 && seg.backlogBytes === 0) {
+        } else if (
+          mode === 'bitmap' &&
+          d.shipper.stats.reachable === true &&
+          d.journal.count === 0 &&
+          seg.backlogBytes === 0
+        ) {
           await seg.startCatchup();
         } else {
           await this.waitWake(d, 1000);
         }
       } catch (err) {
-        if (!(err instanceof SyncInterruptedError)) this.log.error({ disk: d.id, err }, 'sync pass failed; retrying');
+        if (!(err instanceof SyncInterruptedError))
+          this.log.error({ disk: d.id, err }, 'sync pass failed; retrying');
         await this.waitWake(d, 500);
       }
     }
@@ -604,21 +755,33 @@ export class MachineAgent extends EventEmitter {
     let logged = false;
     for (;;) {
       if (this.stopping || seg.state.epoch !== epoch || seg.mode !== 'resync') {
-        throw new SyncInterruptedError(`The resync of disk ${d.id} in epoch ${epoch} stopped before the cloud moved there.`);
+        throw new SyncInterruptedError(
+          `The resync of disk ${d.id} in epoch ${epoch} stopped before the cloud moved there.`,
+        );
       }
       if (cloud) {
         try {
           const at = await cloud.diskEpoch(d.id);
           if (at !== undefined && at >= epoch) {
-            return this.options.remoteChecksums?.(d.id, d.backing.size) ?? new UnknownCloudChecksums(seg.bitmap.blockSize);
+            return (
+              this.options.remoteChecksums?.(d.id, d.backing.size) ??
+              new UnknownCloudChecksums(seg.bitmap.blockSize)
+            );
           }
         } catch (err) {
-          this.log.warn({ disk: d.id, epoch }, `cannot read the disk's epoch from the cloud (${ensureError(err).message}); retrying`);
+          this.log.warn(
+            { disk: d.id, epoch },
+            `cannot read the disk's epoch from the cloud (${ensureError(err).message}); retrying`,
+          );
         }
       } else if (seg.state.ackedSeq >= 1) {
         return new UnknownCloudChecksums(seg.bitmap.blockSize);
       }
-      if (!logged) this.log.info({ disk: d.id, epoch }, 'resync: waiting for the cloud to move the disk to the new epoch');
+      if (!logged)
+        this.log.info(
+          { disk: d.id, epoch },
+          'resync: waiting for the cloud to move the disk to the new epoch',
+        );
       logged = true;
       await this.waitWake(d, 500);
     }
@@ -628,7 +791,9 @@ export class MachineAgent extends EventEmitter {
     // A marker is safe once every disk's segment carrying it is acknowledged.
     while (this.pendingMarkers.length > 0) {
       const m = this.pendingMarkers[0];
-      const safe = this.disks.every((d) => m.seqs[d.id] === undefined || d.segmenter.state.ackedSeq >= m.seqs[d.id]);
+      const safe = this.disks.every(
+        (d) => m.seqs[d.id] === undefined || d.segmenter.state.ackedSeq >= m.seqs[d.id],
+      );
       if (!safe) break;
       this.pendingMarkers.shift();
       this.lastSafeMarker = m;
@@ -642,9 +807,18 @@ export class MachineAgent extends EventEmitter {
    * the writes in flight, ends every disk's segment with the same marker record, resumes.
    * Skipped (resolves undefined, emits 'marker-skipped') while any disk is not in data mode.
    */
-  cutMarker(kind: MarkerKind = 'crash', tag = '', options: { id?: string } = {}): Promise<MarkerEvent | undefined> {
+  cutMarker(
+    kind: MarkerKind = 'crash',
+    tag = '',
+    options: { id?: string } = {},
+  ): Promise<MarkerEvent | undefined> {
     if (options.id !== undefined && !isMarkerId(options.id)) {
-      return Promise.reject(new ConfigError(`The marker id ${JSON.stringify(options.id)} is not valid: 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit.`, 'markerId'));
+      return Promise.reject(
+        new ConfigError(
+          `The marker id ${JSON.stringify(options.id)} is not valid: 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit.`,
+          'markerId',
+        ),
+      );
     }
     const run = this.markerChain.then(() => this.doCutMarker(kind, tag, options.id));
     this.markerChain = run.catch(() => undefined);
@@ -664,9 +838,18 @@ export class MachineAgent extends EventEmitter {
     return d ? `disk ${d.id} is in ${d.segmenter.mode} mode` : undefined;
   }
 
-  private async doCutMarker(kind: MarkerKind, tag: string, id?: string, final = false): Promise<MarkerEvent | undefined> {
+  private async doCutMarker(
+    kind: MarkerKind,
+    tag: string,
+    id?: string,
+    final = false,
+  ): Promise<MarkerEvent | undefined> {
     if (this.stopping) return undefined;
-    if (this.hold && !final) return this.skip(kind, `writes are held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId} was the last)`);
+    if (this.hold && !final)
+      return this.skip(
+        kind,
+        `writes are held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId} was the last)`,
+      );
     const early = this.notReady();
     if (early) return this.skip(kind, early);
     const exps = this.disks.map((d) => d.export).filter((e): e is NbdExport => e !== undefined);
@@ -690,7 +873,10 @@ export class MachineAgent extends EventEmitter {
     const seqs = await Promise.all(cuts);
     const event: MarkerEvent = { id: spec.id, kind, time: spec.time, tag, seqs: {} };
     this.disks.forEach((d, i) => (event.seqs[d.id] = seqs[i] as number));
-    await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+    await writeFileDurably(
+      path.join(this.options.journalDir, 'machine.json'),
+      JSON.stringify(this.machineFile),
+    );
     this.markersCut += 1;
     this.lastMarker = event;
     this.pendingMarkers.push(event);
@@ -719,7 +905,11 @@ export class MachineAgent extends EventEmitter {
     let result: CommandResult | undefined;
     if (command.type === 'quiesce') result = await this.quiesce(command);
     else if (command.type === 'resync') result = await this.resync(command);
-    else result = { state: 'failed', message: `This agent does not know the command type ${JSON.stringify((command as { type: unknown }).type)}; upgrade the agent.` };
+    else
+      result = {
+        state: 'failed',
+        message: `This agent does not know the command type ${JSON.stringify((command as { type: unknown }).type)}; upgrade the agent.`,
+      };
     if (!result) return undefined;
     this.lastCommand = { id: command.id, type: command.type, result, at: new Date().toISOString() };
     this.emit('command', { command, result });
@@ -742,20 +932,29 @@ export class MachineAgent extends EventEmitter {
   async quiesce(command: Pick<QuiesceCommand, 'id' | 'markerId' | 'failoverId'>): Promise<CommandResult> {
     const failed = (message: string): CommandResult => ({ state: 'failed', message });
     if (this.source !== 'nbd') {
-      return failed(`Machine ${this.machine} is protected by scanning (--scan): the agent cannot hold its writes, so a planned failover cannot guarantee zero data loss; shut the machine down and use an unplanned failover with recoveryPoint "latest".`);
+      return failed(
+        `Machine ${this.machine} is protected by scanning (--scan): the agent cannot hold its writes, so a planned failover cannot guarantee zero data loss; shut the machine down and use an unplanned failover with recoveryPoint "latest".`,
+      );
     }
-    if (!isMarkerId(command.markerId)) return failed(`The command's marker id ${JSON.stringify(command.markerId)} is not a valid marker id.`);
+    if (!isMarkerId(command.markerId))
+      return failed(`The command's marker id ${JSON.stringify(command.markerId)} is not a valid marker id.`);
     const done = this.machineFile.quiesced;
     if (done && done.commandId === command.id) {
       // Seen again (the answer was lost, or the agent restarted): hold again, never cut twice.
       await this.holdWrites(done);
       return this.finishQuiesce(done);
     }
-    if (this.hold) return failed(`Writes are already held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId}); release them first.`);
+    if (this.hold)
+      return failed(
+        `Writes are already held for planned failover ${this.hold.failoverId} (marker ${this.hold.markerId}); release them first.`,
+      );
     const readyBy = Date.now() + (this.options.quiesceReadyTimeoutMs ?? 10 * 60_000);
     for (let reason = this.notReady(); reason; reason = this.notReady()) {
       if (this.stopping) return failed('The agent is stopping.');
-      if (Date.now() > readyBy) return failed(`No consistent cut exists yet: ${reason} (initial sync, resync or catch-up still running); retry the planned failover when the disks are in data mode.`);
+      if (Date.now() > readyBy)
+        return failed(
+          `No consistent cut exists yet: ${reason} (initial sync, resync or catch-up still running); retry the planned failover when the disks are in data mode.`,
+        );
       await new Promise((r) => setTimeout(r, 200));
     }
     const freeze = await this.runHook('freeze', this.options.freezeCommand);
@@ -765,12 +964,22 @@ export class MachineAgent extends EventEmitter {
       const cut = this.markerChain.then(async () => {
         const exps = this.disks.map((d) => d.export as NbdExport);
         const drained = exps.map((e) => e.pause());
-        hold = { commandId: command.id, failoverId: command.failoverId, markerId: command.markerId, seqs: {}, since: new Date().toISOString() };
+        hold = {
+          commandId: command.id,
+          failoverId: command.failoverId,
+          markerId: command.markerId,
+          seqs: {},
+          since: new Date().toISOString(),
+        };
         this.hold = hold;
         await Promise.all(drained);
         await Promise.all(exps.map((e) => e.flush()));
         const kind: MarkerKind = freeze?.ok ? 'app' : 'crash';
-        const tag = !freeze ? 'planned failover, no freeze hook' : freeze.ok ? 'planned failover, frozen' : `planned failover, freeze failed (exit ${freeze.exitCode})`;
+        const tag = !freeze
+          ? 'planned failover, no freeze hook'
+          : freeze.ok
+            ? 'planned failover, frozen'
+            : `planned failover, freeze failed (exit ${freeze.exitCode})`;
         return this.doCutMarker(kind, tag, command.markerId, true);
       });
       this.markerChain = cut.catch(() => undefined);
@@ -787,10 +996,17 @@ export class MachineAgent extends EventEmitter {
     }
     hold.seqs = event.seqs;
     this.machineFile.quiesced = hold;
-    await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
-    this.log.info({ failoverId: hold.failoverId, marker: event.id, kind: event.kind, seqs: event.seqs }, 'quiesced: final marker cut, writes held');
+    await writeFileDurably(
+      path.join(this.options.journalDir, 'machine.json'),
+      JSON.stringify(this.machineFile),
+    );
+    this.log.info(
+      { failoverId: hold.failoverId, marker: event.id, kind: event.kind, seqs: event.seqs },
+      'quiesced: final marker cut, writes held',
+    );
     const result = await this.finishQuiesce(hold);
-    if (result.state === 'done' && freeze && !freeze.ok) result.message += ` The freeze hook failed (exit ${freeze.exitCode}), so the point is crash-consistent.`;
+    if (result.state === 'done' && freeze && !freeze.ok)
+      result.message += ` The freeze hook failed (exit ${freeze.exitCode}), so the point is crash-consistent.`;
     return result;
   }
 
@@ -806,13 +1022,24 @@ export class MachineAgent extends EventEmitter {
   /** Waits until the proxy acknowledged every segment up to the final marker. */
   private async finishQuiesce(hold: WriteHold): Promise<CommandResult> {
     for (;;) {
-      const waiting = this.disks.find((d) => hold.seqs[d.id] !== undefined && d.segmenter.state.ackedSeq < hold.seqs[d.id]);
+      const waiting = this.disks.find(
+        (d) => hold.seqs[d.id] !== undefined && d.segmenter.state.ackedSeq < hold.seqs[d.id],
+      );
       if (!waiting) break;
-      if (this.stopping) return { state: 'failed', message: `The agent stopped before the proxy acknowledged disk ${waiting.id} up to the final marker ${hold.markerId}.` };
+      if (this.stopping)
+        return {
+          state: 'failed',
+          message: `The agent stopped before the proxy acknowledged disk ${waiting.id} up to the final marker ${hold.markerId}.`,
+        };
       await new Promise((r) => setTimeout(r, 100));
     }
-    const seqs = Object.entries(hold.seqs).map(([d, seq]) => `${d} seq ${seq}`).join(', ');
-    return { state: 'done', message: `Final marker ${hold.markerId} cut and acknowledged by the proxy (${seqs}); writes are held.` };
+    const seqs = Object.entries(hold.seqs)
+      .map(([d, seq]) => `${d} seq ${seq}`)
+      .join(', ');
+    return {
+      state: 'done',
+      message: `Final marker ${hold.markerId} cut and acknowledged by the proxy (${seqs}); writes are held.`,
+    };
   }
 
   /** Admits the writes held since a quiesce (e.g. the planned failover was cancelled). */
@@ -835,30 +1062,46 @@ export class MachineAgent extends EventEmitter {
    * command seen again after a restart carries on (or only waits for its marker) instead of
    * starting over. Resolves undefined when the agent stops meanwhile: the command stays pending.
    */
-  async resync(command: Pick<ResyncCommand, 'id' | 'operationId' | 'disks'>): Promise<CommandResult | undefined> {
+  async resync(
+    command: Pick<ResyncCommand, 'id' | 'operationId' | 'disks'>,
+  ): Promise<CommandResult | undefined> {
     const failed = (message: string): CommandResult => ({ state: 'failed', message });
     if (this.source !== 'nbd') {
-      return failed(`Machine ${this.machine} is protected by scanning (--scan); a resync the cloud asks for is carried out only by an agent serving the disks over NBD.`);
+      return failed(
+        `Machine ${this.machine} is protected by scanning (--scan); a resync the cloud asks for is carried out only by an agent serving the disks over NBD.`,
+      );
     }
     const targets: { d: Protected; epoch: number }[] = [];
     for (const { disk, epoch } of command.disks) {
       const d = this.disks.find((x) => x.id === disk);
-      if (!d) return failed(`This agent does not protect a disk ${disk} of machine ${this.machine}; it protects ${this.disks.map((x) => x.id).join(', ')}.`);
-      if (!Number.isSafeInteger(epoch) || epoch < 1) return failed(`The command's epoch ${JSON.stringify(epoch)} for disk ${disk} is not a positive integer.`);
+      if (!d)
+        return failed(
+          `This agent does not protect a disk ${disk} of machine ${this.machine}; it protects ${this.disks.map((x) => x.id).join(', ')}.`,
+        );
+      if (!Number.isSafeInteger(epoch) || epoch < 1)
+        return failed(
+          `The command's epoch ${JSON.stringify(epoch)} for disk ${disk} is not a positive integer.`,
+        );
       targets.push({ d, epoch });
     }
     let record = this.machineFile.resync;
     if (record?.commandId !== command.id) {
       record = { commandId: command.id, disks: command.disks.map(({ disk, epoch }) => ({ disk, epoch })) };
       this.machineFile.resync = record;
-      await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+      await writeFileDurably(
+        path.join(this.options.journalDir, 'machine.json'),
+        JSON.stringify(this.machineFile),
+      );
     }
     if (!record.marker) {
       for (const { d, epoch } of targets) {
         if (d.segmenter.state.epoch >= epoch) continue; // moved already (a restart, or the command seen again)
         await d.export?.pause();
         try {
-          await d.segmenter.startEpoch(epoch, `the cloud asked for a resync in epoch ${epoch} (command ${command.id})`);
+          await d.segmenter.startEpoch(
+            epoch,
+            `the cloud asked for a resync in epoch ${epoch} (command ${command.id})`,
+          );
         } finally {
           d.export?.resume();
         }
@@ -871,13 +1114,26 @@ export class MachineAgent extends EventEmitter {
       // Every disk compared and shipped its differences: a marker lets recovery points resume.
       for (;;) {
         if (this.stopping) return undefined;
-        if (this.hold) return failed(`Writes are held for planned failover ${this.hold.failoverId}; no marker can end the resync.`);
+        if (this.hold)
+          return failed(
+            `Writes are held for planned failover ${this.hold.failoverId}; no marker can end the resync.`,
+          );
         const moved = targets.find(({ d, epoch }) => d.segmenter.state.epoch !== epoch);
-        if (moved) return failed(`Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch} before the resync in epoch ${moved.epoch} ended.`);
+        if (moved)
+          return failed(
+            `Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch} before the resync in epoch ${moved.epoch} ended.`,
+          );
         const event = await this.cutMarker('crash', `resync ${command.operationId}`).catch(() => undefined);
         if (event) {
-          record.marker = { id: event.id, seqs: event.seqs, epochs: Object.fromEntries(this.disks.map((x) => [x.id, x.segmenter.state.epoch])) };
-          await writeFileDurably(path.join(this.options.journalDir, 'machine.json'), JSON.stringify(this.machineFile));
+          record.marker = {
+            id: event.id,
+            seqs: event.seqs,
+            epochs: Object.fromEntries(this.disks.map((x) => [x.id, x.segmenter.state.epoch])),
+          };
+          await writeFileDurably(
+            path.join(this.options.journalDir, 'machine.json'),
+            JSON.stringify(this.machineFile),
+          );
           break;
         }
         await new Promise((r) => setTimeout(r, 250)); // another disk is still syncing
@@ -885,31 +1141,54 @@ export class MachineAgent extends EventEmitter {
     }
     const marker = record.marker;
     for (;;) {
-      const waiting = this.disks.find((d) => marker.seqs[d.id] !== undefined && d.segmenter.state.epoch === marker.epochs[d.id] && d.segmenter.state.ackedSeq < marker.seqs[d.id]);
+      const waiting = this.disks.find(
+        (d) =>
+          marker.seqs[d.id] !== undefined &&
+          d.segmenter.state.epoch === marker.epochs[d.id] &&
+          d.segmenter.state.ackedSeq < marker.seqs[d.id],
+      );
       if (!waiting) break;
       if (this.stopping) return undefined;
       await new Promise((r) => setTimeout(r, 100));
     }
     await this.reportResync(command.id, targets).catch(() => undefined);
-    const summary = targets.map(({ d, epoch }) => `${d.id} epoch ${epoch}: ${d.sync?.shippedBytes ?? 0} bytes shipped`).join(', ');
-    return { state: 'done', message: `Resync complete (${summary}); marker ${marker.id} cut and acknowledged by the proxy.` };
+    const summary = targets
+      .map(({ d, epoch }) => `${d.id} epoch ${epoch}: ${d.sync?.shippedBytes ?? 0} bytes shipped`)
+      .join(', ');
+    return {
+      state: 'done',
+      message: `Resync complete (${summary}); marker ${marker.id} cut and acknowledged by the proxy.`,
+    };
   }
 
   /** Waits until every disk of the resync is back in data mode in its epoch, reporting progress each second. */
-  private async followResync(commandId: string, targets: { d: Protected; epoch: number }[]): Promise<CommandResult | undefined> {
+  private async followResync(
+    commandId: string,
+    targets: { d: Protected; epoch: number }[],
+  ): Promise<CommandResult | undefined> {
     let lastReport = 0;
     for (;;) {
       if (this.stopping) return undefined;
-      const left = targets.filter(({ d, epoch }) => d.segmenter.state.epoch === epoch && d.segmenter.mode !== 'data');
+      const left = targets.filter(
+        ({ d, epoch }) => d.segmenter.state.epoch === epoch && d.segmenter.mode !== 'data',
+      );
       const moved = targets.find(({ d, epoch }) => d.segmenter.state.epoch > epoch);
-      if (moved) return { state: 'failed', message: `Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch}; this resync (epoch ${moved.epoch}) is superseded.` };
+      if (moved)
+        return {
+          state: 'failed',
+          message: `Disk ${moved.d.id} moved on to epoch ${moved.d.segmenter.state.epoch}; this resync (epoch ${moved.epoch}) is superseded.`,
+        };
       if (left.length === 0) return undefined;
       if (Date.now() - lastReport >= 1000) {
         lastReport = Date.now();
         try {
           await this.reportResync(commandId, targets);
         } catch (err) {
-          if (err instanceof CommandClosedError) return { state: 'failed', message: `The cloud closed the command before the resync ended (${err.message}).` };
+          if (err instanceof CommandClosedError)
+            return {
+              state: 'failed',
+              message: `The cloud closed the command before the resync ended (${err.message}).`,
+            };
           this.log.debug({ command: commandId, err }, 'resync progress not reported');
         }
       }
@@ -922,7 +1201,10 @@ export class MachineAgent extends EventEmitter {
     for (const { d } of targets) {
       const done = d.segmenter.mode === 'data';
       const p = d.sync?.kind === 'resync' ? d.sync : undefined;
-      out[d.id] = { comparedBytes: done ? d.segmenter.state.sizeBytes : (p?.doneBytes ?? 0), shippedBytes: p?.shippedBytes ?? 0 };
+      out[d.id] = {
+        comparedBytes: done ? d.segmenter.state.sizeBytes : (p?.doneBytes ?? 0),
+        shippedBytes: p?.shippedBytes ?? 0,
+      };
     }
     return out;
   }
@@ -943,7 +1225,12 @@ export class MachineAgent extends EventEmitter {
     const result = await new Promise<HookResult>((resolve) => {
       let output = '';
       const child = spawn('/bin/sh', ['-c', command], {
-        env: { ...process.env, LIFEBOAT_HOOK: hook, LIFEBOAT_MACHINE: this.machine, LIFEBOAT_DISKS: this.disks.map((d) => `${d.id}=${d.path}`).join(' ') },
+        env: {
+          ...process.env,
+          LIFEBOAT_HOOK: hook,
+          LIFEBOAT_MACHINE: this.machine,
+          LIFEBOAT_DISKS: this.disks.map((d) => `${d.id}=${d.path}`).join(' '),
+        },
         stdio: ['ignore', 'pipe', 'pipe'],
       });
       const keep = (c: Buffer): void => {
@@ -966,7 +1253,10 @@ export class MachineAgent extends EventEmitter {
     });
     if (!result.ok) {
       this.lastHookFailure = result;
-      this.log.error({ hook, exitCode: result.exitCode, output: result.output }, `${hook} hook failed: ${command}`);
+      this.log.error(
+        { hook, exitCode: result.exitCode, output: result.output },
+        `${hook} hook failed: ${command}`,
+      );
     }
     this.emit('hook', result);
     return result;
@@ -1080,9 +1370,17 @@ export class MachineAgent extends EventEmitter {
   async settled(timeoutMs = 30_000): Promise<void> {
     const until = Date.now() + timeoutMs;
     for (;;) {
-      const busy = this.disks.find((d) => d.segmenter.mode !== 'data' || d.journal.count > 0 || d.segmenter.backlogBytes > d.segmenter.openBytes);
+      const busy = this.disks.find(
+        (d) =>
+          d.segmenter.mode !== 'data' ||
+          d.journal.count > 0 ||
+          d.segmenter.backlogBytes > d.segmenter.openBytes,
+      );
       if (!busy) return;
-      if (Date.now() > until) throw new Error(`disk ${busy.id} did not settle within ${timeoutMs} ms (mode ${busy.segmenter.mode}, ${busy.journal.count} segments waiting)`);
+      if (Date.now() > until)
+        throw new Error(
+          `disk ${busy.id} did not settle within ${timeoutMs} ms (mode ${busy.segmenter.mode}, ${busy.journal.count} segments waiting)`,
+        );
       await new Promise((r) => setTimeout(r, 25));
     }
   }
@@ -1116,7 +1414,10 @@ export class MachineAgent extends EventEmitter {
     await Promise.all(this.disks.map((d) => d.task));
     for (const d of this.disks) await d.segmenter.close();
     const drainMs = this.options.stopDrainMs ?? 5_000;
-    await Promise.race([Promise.all(this.disks.map((d) => d.shipper.drained())), new Promise((r) => setTimeout(r, drainMs))]);
+    await Promise.race([
+      Promise.all(this.disks.map((d) => d.shipper.drained())),
+      new Promise((r) => setTimeout(r, drainMs)),
+    ]);
     for (const d of this.disks) {
       await d.shipper.stop();
       await d.journal.saveState(d.segmenter.state);

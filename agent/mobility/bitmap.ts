@@ -24,7 +24,10 @@ export class DirtyBitmap {
     bits?: Uint8Array,
   ) {
     if (!Number.isSafeInteger(blockSize) || blockSize < 512 || blockSize % 512 !== 0) {
-      throw new ConfigError(`The bitmap block size must be a positive multiple of 512 bytes; got ${blockSize}.`, 'blockSize');
+      throw new ConfigError(
+        `The bitmap block size must be a positive multiple of 512 bytes; got ${blockSize}.`,
+        'blockSize',
+      );
     }
     this.blockCount = Math.ceil(diskSize / blockSize);
     this.bits = bits ?? new Uint8Array(Math.ceil(this.blockCount / 8));
@@ -81,7 +84,7 @@ export class DirtyBitmap {
 
   /** The first marked block at or after `from`, or -1. */
   next(from: number): number {
-    for (let b = from; b < this.blockCount; ) {
+    for (let b = from; b < this.blockCount;) {
       if (this.bits[b >>> 3] === 0 && (b & 7) === 0) {
         b += 8;
         continue;
@@ -121,13 +124,22 @@ export class DirtyBitmap {
 
   static decode(bytes: Buffer, where: string): DirtyBitmap {
     if (bytes.length < HEADER_BYTES || bytes.readUInt32LE(0) !== MAGIC) {
-      throw new ConfigError(`The dirty-block bitmap ${where} is damaged (bad header); the disk needs a resync.`, 'bitmap');
+      throw new ConfigError(
+        `The dirty-block bitmap ${where} is damaged (bad header); the disk needs a resync.`,
+        'bitmap',
+      );
     }
     const blockSize = bytes.readUInt32LE(4);
     const diskSize = Number(bytes.readBigUInt64LE(8));
     const bits = bytes.subarray(HEADER_BYTES);
-    if (bits.length !== Math.ceil(Math.ceil(diskSize / blockSize) / 8) || crc32(bits) !== bytes.readUInt32LE(16)) {
-      throw new ConfigError(`The dirty-block bitmap ${where} is damaged (length or checksum); the disk needs a resync.`, 'bitmap');
+    if (
+      bits.length !== Math.ceil(Math.ceil(diskSize / blockSize) / 8) ||
+      crc32(bits) !== bytes.readUInt32LE(16)
+    ) {
+      throw new ConfigError(
+        `The dirty-block bitmap ${where} is damaged (length or checksum); the disk needs a resync.`,
+        'bitmap',
+      );
     }
     return new DirtyBitmap(diskSize, blockSize, new Uint8Array(bits));
   }
@@ -157,7 +169,6 @@ function popcount(x: number): number {
   }
   return n;
 }
-
 
 /** Replaces `file` atomically and durably with `data`. */
 let tmpCounter = 0;

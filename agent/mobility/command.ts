@@ -14,7 +14,8 @@ import { ImageFileChecksums, type RemoteChecksums } from './sync';
 function integer(min: number, max: number) {
   return (value: string): number => {
     const n = Number(value);
-    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}.`);
+    if (!Number.isInteger(n) || n < min || n > max)
+      throw new InvalidArgumentError(`expected an integer from ${min} to ${max}.`);
     return n;
   };
 }
@@ -30,7 +31,8 @@ export function parseBytes(value: string): number {
 
 function collectPair(value: string, previous: [string, string][]): [string, string][] {
   const at = value.indexOf('=');
-  if (at <= 0 || at === value.length - 1) throw new InvalidArgumentError(`expected id=path (e.g. d0=/dev/sdb); got ${JSON.stringify(value)}.`);
+  if (at <= 0 || at === value.length - 1)
+    throw new InvalidArgumentError(`expected id=path (e.g. d0=/dev/sdb); got ${JSON.stringify(value)}.`);
   return [...previous, [value.slice(0, at), value.slice(at + 1)]];
 }
 
@@ -44,7 +46,10 @@ export function readCredential(file: string): string {
   try {
     text = fs.readFileSync(file, 'utf8').trim();
   } catch (err) {
-    throw new ConfigError(`The credential file ${file} cannot be read (${(err as Error).message}); save the credential registration returned there.`, 'credentialFile');
+    throw new ConfigError(
+      `The credential file ${file} cannot be read (${(err as Error).message}); save the credential registration returned there.`,
+      'credentialFile',
+    );
   }
   if (text.startsWith('{')) {
     try {
@@ -54,9 +59,16 @@ export function readCredential(file: string): string {
     } catch {
       // fall through
     }
-    throw new ConfigError(`The credential file ${file} is JSON without a "credential" field.`, 'credentialFile');
+    throw new ConfigError(
+      `The credential file ${file} is JSON without a "credential" field.`,
+      'credentialFile',
+    );
   }
-  if (!text) throw new ConfigError(`The credential file ${file} is empty; save the credential registration returned there.`, 'credentialFile');
+  if (!text)
+    throw new ConfigError(
+      `The credential file ${file} is empty; save the credential registration returned there.`,
+      'credentialFile',
+    );
   return text;
 }
 
@@ -80,8 +92,10 @@ function formatSeconds(s: number | null | undefined): string {
 
 function diskLine(d: DiskStatus): string {
   if (d.sync) {
-    return `${d.mode} ${d.sync.percent.toFixed(1)}% compared ${formatBytes(d.sync.doneBytes)} shipped ${formatBytes(d.sync.shippedBytes)} ` +
-      `${formatBytes(d.sync.bytesPerSecond)}/s ETA ${formatSeconds(d.sync.etaSeconds)}`;
+    return (
+      `${d.mode} ${d.sync.percent.toFixed(1)}% compared ${formatBytes(d.sync.doneBytes)} shipped ${formatBytes(d.sync.shippedBytes)} ` +
+      `${formatBytes(d.sync.bytesPerSecond)}/s ETA ${formatSeconds(d.sync.etaSeconds)}`
+    );
   }
   return `${d.mode} backlog ${d.backlogSegments} seg / ${formatBytes(d.backlogBytes)}${d.dirtyBlocks ? ` dirty ${formatBytes(d.dirtyBytes)}` : ''}`;
 }
@@ -101,7 +115,9 @@ export function formatStatus(status: AgentStatus): string {
   if (status.lastSkip) lines.push(`last skip: ${status.lastSkip}`);
   if (status.lastHookFailure) {
     const h = status.lastHookFailure;
-    lines.push(`last hook failure: ${h.hook} (${h.command}) exit ${h.exitCode} at ${new Date(h.at).toISOString()}: ${h.output.split('\n')[0]}`);
+    lines.push(
+      `last hook failure: ${h.hook} (${h.command}) exit ${h.exitCode} at ${new Date(h.at).toISOString()}: ${h.output.split('\n')[0]}`,
+    );
   }
   const header = ['DISK', 'MODE', 'SEQ', 'ACKED', 'BACKLOG', 'DIRTY', 'LAG', 'PROXY', 'SYNC'];
   const rows = status.disks.map((d) => [
@@ -112,11 +128,21 @@ export function formatStatus(status: AgentStatus): string {
     `${d.backlogSegments} / ${formatBytes(d.backlogBytes)}`,
     d.dirtyBlocks ? formatBytes(d.dirtyBytes) : '-',
     formatSeconds(d.lagSeconds),
-    d.shipper.halted ? 'halted' : d.shipper.reachable === false ? 'unreachable' : d.shipper.reachable ? 'ok' : '?',
+    d.shipper.halted
+      ? 'halted'
+      : d.shipper.reachable === false
+        ? 'unreachable'
+        : d.shipper.reachable
+          ? 'ok'
+          : '?',
     d.sync ? `${d.sync.percent.toFixed(1)}% ETA ${formatSeconds(d.sync.etaSeconds)}` : '-',
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
-  const fmt = (r: string[]): string => r.map((c, i) => c.padEnd(widths[i])).join('  ').trimEnd();
+  const fmt = (r: string[]): string =>
+    r
+      .map((c, i) => c.padEnd(widths[i]))
+      .join('  ')
+      .trimEnd();
   lines.push(fmt(header));
   for (const r of rows) lines.push(fmt(r));
   for (const d of status.disks) {
@@ -175,9 +201,13 @@ export function readApiKey(file: string): string {
   try {
     text = fs.readFileSync(file, 'utf8').trim().split('\n')[0].trim();
   } catch (err) {
-    throw new ConfigError(`The API key file ${file} cannot be read (${(err as Error).message}); save the function key (or the local key of lifeboat up) there.`, 'apiKeyFile');
+    throw new ConfigError(
+      `The API key file ${file} cannot be read (${(err as Error).message}); save the function key (or the local key of lifeboat up) there.`,
+      'apiKeyFile',
+    );
   }
-  if (!text) throw new ConfigError(`The API key file ${file} is empty; save the function key there.`, 'apiKeyFile');
+  if (!text)
+    throw new ConfigError(`The API key file ${file} is empty; save the function key there.`, 'apiKeyFile');
   return text;
 }
 
@@ -185,8 +215,11 @@ export function readApiKey(file: string): string {
  * Where a resync gets the cloud copy's checksums: --remote-image for that disk, else the API
  * (--api, --api-key-file), else an empty cloud disk (every non-zero block is sent).
  */
-export function remoteChecksumsFromFlags(opts: Pick<ProtectOptions, 'machine' | 'remoteImage' | 'api' | 'apiKeyFile'>): (disk: string) => RemoteChecksums {
-  if (opts.apiKeyFile && !opts.api) throw new ConfigError('--api-key-file needs --api <url> (the Lifeboat API the key is for).', 'api');
+export function remoteChecksumsFromFlags(
+  opts: Pick<ProtectOptions, 'machine' | 'remoteImage' | 'api' | 'apiKeyFile'>,
+): (disk: string) => RemoteChecksums {
+  if (opts.apiKeyFile && !opts.api)
+    throw new ConfigError('--api-key-file needs --api <url> (the Lifeboat API the key is for).', 'api');
   const remotes = new Map(opts.remoteImage);
   const key = opts.apiKeyFile ? readApiKey(opts.apiKeyFile) : undefined;
   return (disk) => {
@@ -213,9 +246,21 @@ export function protectAgent(opts: ProtectOptions): { agent: MachineAgent; journ
     appIntervalSeconds: opts.appInterval,
     freezeCommand: opts.freezeCmd,
     thawCommand: opts.thawCmd,
-    segment: { maxJournalBytes: opts.journalMax, maxSegmentBytes: opts.segmentMax, maxSegmentAgeMs: opts.segmentAge * 1000 },
+    segment: {
+      maxJournalBytes: opts.journalMax,
+      maxSegmentBytes: opts.segmentMax,
+      maxSegmentAgeMs: opts.segmentAge * 1000,
+    },
     remoteChecksums: remoteChecksumsFromFlags(opts),
-    ...(opts.api ? { cloud: new ApiDiskEpochs({ apiUrl: opts.api, key: opts.apiKeyFile ? readApiKey(opts.apiKeyFile) : undefined, machine: opts.machine }) } : {}),
+    ...(opts.api
+      ? {
+          cloud: new ApiDiskEpochs({
+            apiUrl: opts.api,
+            key: opts.apiKeyFile ? readApiKey(opts.apiKeyFile) : undefined,
+            machine: opts.machine,
+          }),
+        }
+      : {}),
     logger: createLogger('agent'),
   });
   return { agent, journalDir };
@@ -227,14 +272,16 @@ function startProgress(agent: MachineAgent): () => void {
     const t = setInterval(() => {
       const s = agent.status();
       console.log(
-        `[${new Date().toISOString()}] RPO ${formatSeconds(s.rpoSeconds)} | ` + s.disks.map((d) => `${d.disk}: ${diskLine(d)}`).join(' | '),
+        `[${new Date().toISOString()}] RPO ${formatSeconds(s.rpoSeconds)} | ` +
+          s.disks.map((d) => `${d.disk}: ${diskLine(d)}`).join(' | '),
       );
     }, 10_000);
     return () => clearInterval(t);
   }
   const multi = new MultiBar(
     {
-      format: '{disk} {mode} [{bar}] {percentage}% | {rate}/s | ETA {etaText} | backlog {backlog} | RPO {rpo}',
+      format:
+        '{disk} {mode} [{bar}] {percentage}% | {rate}/s | ETA {etaText} | backlog {backlog} | RPO {rpo}',
       hideCursor: true,
       clearOnComplete: false,
       stopOnComplete: false,
@@ -292,7 +339,9 @@ async function protect(opts: ProtectOptions): Promise<void> {
           resolve();
         },
         (err: unknown) => {
-          console.error(`The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`);
+          console.error(
+            `The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`,
+          );
           process.exitCode = 1;
           resolve();
         },
@@ -305,28 +354,55 @@ async function protect(opts: ProtectOptions): Promise<void> {
 
 /** `lifeboat agent …` */
 export function agentCommand(): Command {
-  const agent = new Command('agent').description('The mobility agent: replicate a machine\'s disks to a proxy.');
+  const agent = new Command('agent').description(
+    "The mobility agent: replicate a machine's disks to a proxy.",
+  );
   agent
     .command('protect')
-    .description('Serve disks over NBD (or scan them), journal every change, and ship it to the proxy until Ctrl-C.')
+    .description(
+      'Serve disks over NBD (or scan them), journal every change, and ship it to the proxy until Ctrl-C.',
+    )
     .requiredOption('--machine <name>', 'machine name (as registered)')
-    .requiredOption('--disk <id=path>', 'disk id and image file or block device (repeat for each disk)', collectPair, [])
+    .requiredOption(
+      '--disk <id=path>',
+      'disk id and image file or block device (repeat for each disk)',
+      collectPair,
+      [],
+    )
     .requiredOption('--proxy <url>', 'proxy URL, e.g. https://proxy:9443')
     .requiredOption('--credential-file <file>', "file holding the machine's credential from registration")
-    .option('--proxy-ca <file>', "PEM certificate to trust for the proxy (its self-signed certificate)")
+    .option('--proxy-ca <file>', 'PEM certificate to trust for the proxy (its self-signed certificate)')
     .option('--nbd-port <port>', 'NBD port (0 picks a free one)', integer(0, 65535), 10809)
     .option('--nbd-host <host>', 'NBD listen address', '127.0.0.1')
     .option('--journal-dir <dir>', 'journal folder (default $LIFEBOAT_HOME/agent/<machine>)')
     .option('--journal-max <size>', 'journal bound before bitmap mode', parseBytes, 1024 ** 3)
     .option('--segment-max <size>', 'cut a segment at this size', parseBytes, 8 * 1024 ** 2)
     .option('--segment-age <seconds>', 'cut a segment when its first change is this old', integer(1, 3600), 5)
-    .option('--crash-interval <seconds>', 'crash-consistent marker (or scan) interval; 0 = off', integer(0, 86_400), 300)
-    .option('--app-interval <seconds>', 'app-consistent marker interval (needs --freeze-cmd); 0 = off', integer(0, 86_400), 0)
+    .option(
+      '--crash-interval <seconds>',
+      'crash-consistent marker (or scan) interval; 0 = off',
+      integer(0, 86_400),
+      300,
+    )
+    .option(
+      '--app-interval <seconds>',
+      'app-consistent marker interval (needs --freeze-cmd); 0 = off',
+      integer(0, 86_400),
+      0,
+    )
     .option('--freeze-cmd <command>', 'run before an app-consistent marker (e.g. "fsfreeze -f /data")')
     .option('--thaw-cmd <command>', 'run after it, always (e.g. "fsfreeze -u /data")')
     .option('--scan', 'scan the disks for changed blocks instead of serving them over NBD')
-    .option('--remote-image <id=path>', "a local copy of the cloud disk to compare checksums with during resync (default: --api, else an empty cloud disk)", collectPair, [])
-    .option('--api <url>', "the Lifeboat API (e.g. https://<function app>/api): initial sync and resync compare with the cloud copy's block checksums and send only blocks that differ")
+    .option(
+      '--remote-image <id=path>',
+      'a local copy of the cloud disk to compare checksums with during resync (default: --api, else an empty cloud disk)',
+      collectPair,
+      [],
+    )
+    .option(
+      '--api <url>',
+      "the Lifeboat API (e.g. https://<function app>/api): initial sync and resync compare with the cloud copy's block checksums and send only blocks that differ",
+    )
     .option('--api-key-file <file>', 'file holding the function key for --api (sent as x-functions-key)')
     .option('--no-progress', 'no progress display')
     .action(async (opts: ProtectOptions) => {
@@ -341,7 +417,9 @@ export function agentCommand(): Command {
     .action((opts: { machine?: string; journalDir?: string; json?: boolean }) => {
       const statuses = readStatusFiles(opts);
       if (opts.json) {
-        console.log(JSON.stringify(opts.machine || opts.journalDir ? (statuses[0] ?? null) : statuses, null, 2));
+        console.log(
+          JSON.stringify(opts.machine || opts.journalDir ? (statuses[0] ?? null) : statuses, null, 2),
+        );
         return;
       }
       if (statuses.length === 0) {

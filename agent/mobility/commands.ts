@@ -91,7 +91,9 @@ export class ProxyCommandClient implements CommandChannel {
     const res = await this.request('POST', path, Buffer.from(JSON.stringify({ progress })));
     if (res.status === 204 || res.status === 200) return;
     if (res.status === 404 || res.status === 409) {
-      throw new CommandClosedError(`The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`);
+      throw new CommandClosedError(
+        `The proxy answered ${res.status} to POST ${path}: ${errorMessage(res.body)}`,
+      );
     }
     throw this.failure(res, `POST ${path}`);
   }
@@ -253,8 +255,18 @@ export class CommandPoller {
         this.active.add(command.id);
         this.log.info(
           command.type === 'resync'
-            ? { command: command.id, type: command.type, operationId: command.operationId, disks: command.disks }
-            : { command: command.id, type: command.type, markerId: command.markerId, failoverId: command.failoverId },
+            ? {
+                command: command.id,
+                type: command.type,
+                operationId: command.operationId,
+                disks: command.disks,
+              }
+            : {
+                command: command.id,
+                type: command.type,
+                markerId: command.markerId,
+                failoverId: command.failoverId,
+              },
           'agent command received',
         );
         try {

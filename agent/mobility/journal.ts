@@ -73,7 +73,6 @@ function segmentName(epoch: number, seq: number): string {
   return `${String(epoch).padStart(8, '0')}-${String(seq).padStart(12, '0')}.seg`;
 }
 
-
 export function bootId(): string | undefined {
   try {
     return fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
@@ -101,7 +100,10 @@ export class SegmentJournal {
     try {
       fs.mkdirSync(path.join(dir, 'segments'), { recursive: true });
     } catch (err) {
-      throw new ConfigError(`The journal folder ${dir} cannot be created (${(err as Error).message}); pass a writable --journal-dir.`, 'journalDir');
+      throw new ConfigError(
+        `The journal folder ${dir} cannot be created (${(err as Error).message}); pass a writable --journal-dir.`,
+        'journalDir',
+      );
     }
     const journal = new SegmentJournal(dir);
     for (const name of fs.readdirSync(journal.segmentsDir)) {
@@ -235,23 +237,31 @@ export class SegmentJournal {
     }
     try {
       const state = JSON.parse(text) as DiskState;
-      if (state.version !== 1 || !Number.isSafeInteger(state.nextSeq) || !Number.isSafeInteger(state.ackedSeq)) throw new Error('bad fields');
+      if (
+        state.version !== 1 ||
+        !Number.isSafeInteger(state.nextSeq) ||
+        !Number.isSafeInteger(state.ackedSeq)
+      )
+        throw new Error('bad fields');
       return state;
     } catch (err) {
-      throw new JournalDamagedError(`The disk state file ${this.statePath()} is damaged (${(err as Error).message}); the disk needs a resync.`);
+      throw new JournalDamagedError(
+        `The disk state file ${this.statePath()} is damaged (${(err as Error).message}); the disk needs a resync.`,
+      );
     }
   }
 
   /** Saves the state durably; saves run one after another, each writing the state as it is then. */
   saveState(state: DiskState): Promise<void> {
     const run = this.stateChain.then(() =>
-      writeFileDurably(this.statePath(), JSON.stringify({ ...state, updatedAt: new Date().toISOString() }, null, 2)),
+      writeFileDurably(
+        this.statePath(),
+        JSON.stringify({ ...state, updatedAt: new Date().toISOString() }, null, 2),
+      ),
     );
     this.stateChain = run.catch(() => undefined);
     return run;
   }
-
-
 }
 
 // ---- the open segment, written in place ----
@@ -267,7 +277,13 @@ function indexName(segmentFile: string): string {
 }
 
 /** Bytes of an encoded segment's header for these names (the codec's own rule, via an empty segment). */
-function headerBytes(identity: SegmentIdentity, firstWriteTime: number, lastWriteTime: number, recordCount: number, payloadBytes: number): Buffer {
+function headerBytes(
+  identity: SegmentIdentity,
+  firstWriteTime: number,
+  lastWriteTime: number,
+  recordCount: number,
+  payloadBytes: number,
+): Buffer {
   const empty = encodeSegment({ header: { ...identity, firstWriteTime, lastWriteTime }, records: [] });
   const header = Buffer.from(empty.subarray(0, empty.length - TRAILER_BYTES));
   // recordCount and payloadBytes (docs/segment-format.md, "Header").
@@ -356,7 +372,10 @@ export class OpenSegmentFile {
   }
 
   appendMarker(marker: MarkerRecord): void {
-    const one = encodeSegment({ header: { ...this.identity, firstWriteTime: 0, lastWriteTime: 0 }, records: [marker] });
+    const one = encodeSegment({
+      header: { ...this.identity, firstWriteTime: 0, lastWriteTime: 0 },
+      records: [marker],
+    });
     const bytes = Buffer.from(one.subarray(this.headerLength, one.length - TRAILER_BYTES));
     this.out.append(bytes);
     this.addIndex(crc32(bytes));
@@ -400,19 +419,26 @@ export class OpenSegmentFile {
     if (this.closed) return;
     await Promise.all([this.out.waitWritten(), this.index.waitWritten()]).catch(() => undefined);
     this.closed = true;
-    await Promise.all([this.fd, this.indexFd].map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve()))));
+    await Promise.all(
+      [this.fd, this.indexFd].map((fd) => new Promise<void>((resolve) => fs.close(fd, () => resolve()))),
+    );
   }
 
   /** Closes and deletes the files (the changes are in a segment now, or abandoned). */
   async discard(): Promise<void> {
     await this.close();
-    await Promise.all([fs.promises.rm(this.file, { force: true }), fs.promises.rm(indexName(this.file), { force: true })]);
+    await Promise.all([
+      fs.promises.rm(this.file, { force: true }),
+      fs.promises.rm(indexName(this.file), { force: true }),
+    ]);
   }
 }
 
 function writeAt(fd: number, data: Buffer, position: number): Promise<void> {
   return new Promise((resolve, reject) =>
-    fs.write(fd, data, 0, data.length, position, (err, n) => (err ? reject(err) : n === data.length ? resolve() : reject(new Error('short write')))),
+    fs.write(fd, data, 0, data.length, position, (err, n) =>
+      err ? reject(err) : n === data.length ? resolve() : reject(new Error('short write')),
+    ),
   );
 }
 
@@ -510,10 +536,21 @@ export function readOpenSegment(file: string): { bytes: Buffer | undefined; reco
   while (at < data.length && (count + 1) * 4 <= index.length) {
     const type = data[at];
     let size = 0;
-    if (type === RECORD_TYPE.write && at + WRITE_RECORD_HEADER_BYTES <= data.length) size = WRITE_RECORD_HEADER_BYTES + data.readUInt32LE(at + 9);
-    else if ((type === RECORD_TYPE.zero || type === RECORD_TYPE.trim) && at + RANGE_RECORD_BYTES <= data.length) size = RANGE_RECORD_BYTES;
-    else if (type === RECORD_TYPE.marker && at + 13 <= data.length) size = 13 + data[at + 10] + data.readUInt16LE(at + 11);
-    if (size === 0 || at + size > data.length || crc32(data.subarray(at, at + size)) !== index.readUInt32LE(count * 4)) break;
+    if (type === RECORD_TYPE.write && at + WRITE_RECORD_HEADER_BYTES <= data.length)
+      size = WRITE_RECORD_HEADER_BYTES + data.readUInt32LE(at + 9);
+    else if (
+      (type === RECORD_TYPE.zero || type === RECORD_TYPE.trim) &&
+      at + RANGE_RECORD_BYTES <= data.length
+    )
+      size = RANGE_RECORD_BYTES;
+    else if (type === RECORD_TYPE.marker && at + 13 <= data.length)
+      size = 13 + data[at + 10] + data.readUInt16LE(at + 11);
+    if (
+      size === 0 ||
+      at + size > data.length ||
+      crc32(data.subarray(at, at + size)) !== index.readUInt32LE(count * 4)
+    )
+      break;
     at += size;
     count += 1;
   }

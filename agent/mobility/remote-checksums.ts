@@ -199,12 +199,17 @@ export class ApiChecksums implements RemoteChecksums {
 export class ApiDiskEpochs {
   private readonly base: URL;
 
-  constructor(private readonly options: Pick<ApiChecksumsOptions, 'apiUrl' | 'key' | 'machine' | 'timeoutMs'>) {
+  constructor(
+    private readonly options: Pick<ApiChecksumsOptions, 'apiUrl' | 'key' | 'machine' | 'timeoutMs'>,
+  ) {
     this.base = apiBase(options.apiUrl);
   }
 
   async diskEpoch(disk: string): Promise<number | undefined> {
-    const url = new URL(`${this.base.pathname}/machines/${encodeURIComponent(this.options.machine)}`, this.base);
+    const url = new URL(
+      `${this.base.pathname}/machines/${encodeURIComponent(this.options.machine)}`,
+      this.base,
+    );
     let res: Response;
     try {
       res = await fetch(url, {
@@ -220,10 +225,14 @@ export class ApiDiskEpochs {
     }
     const text = await res.text();
     if (res.status !== 200) {
-      throw new LifeboatError('ApiUnavailable', `The Lifeboat API answered ${res.status} to GET ${url.pathname}: ${text.slice(0, 300)}`, {
-        status: res.status === 401 || res.status === 403 ? res.status : 503,
-        target: 'api',
-      });
+      throw new LifeboatError(
+        'ApiUnavailable',
+        `The Lifeboat API answered ${res.status} to GET ${url.pathname}: ${text.slice(0, 300)}`,
+        {
+          status: res.status === 401 || res.status === 403 ? res.status : 503,
+          target: 'api',
+        },
+      );
     }
     const body = JSON.parse(text) as { disks?: { id?: unknown; epoch?: unknown }[] };
     const row = body.disks?.find((d) => d.id === disk);

@@ -55,9 +55,11 @@ export class BlockHashes {
       return undefined;
     }
     if (bytes.length < HEADER_BYTES || bytes.readUInt32LE(0) !== MAGIC) return undefined;
-    if (bytes.readUInt32LE(4) !== blockSize || Number(bytes.readBigUInt64LE(8)) !== diskSize) return undefined;
+    if (bytes.readUInt32LE(4) !== blockSize || Number(bytes.readBigUInt64LE(8)) !== diskSize)
+      return undefined;
     const digests = bytes.subarray(HEADER_BYTES);
-    if (digests.length !== Math.ceil(diskSize / blockSize) * 32 || crc32(digests) !== bytes.readUInt32LE(16)) return undefined;
+    if (digests.length !== Math.ceil(diskSize / blockSize) * 32 || crc32(digests) !== bytes.readUInt32LE(16))
+      return undefined;
     return new BlockHashes(blockSize, diskSize, Buffer.from(digests));
   }
 }
@@ -93,13 +95,22 @@ export class BlockScanner {
     const { device, segmenter } = this.options;
     const blockSize = this.blockSize;
     const previous = BlockHashes.load(this.hashesPath, blockSize, device.size);
-    const next = new BlockHashes(blockSize, device.size, Buffer.alloc(Math.ceil(device.size / blockSize) * 32));
-    const chunk = Math.max(blockSize, Math.floor((this.options.chunkBytes ?? 1024 * 1024) / blockSize) * blockSize);
+    const next = new BlockHashes(
+      blockSize,
+      device.size,
+      Buffer.alloc(Math.ceil(device.size / blockSize) * 32),
+    );
+    const chunk = Math.max(
+      blockSize,
+      Math.floor((this.options.chunkBytes ?? 1024 * 1024) / blockSize) * blockSize,
+    );
     const result: ScanResult = { scannedBytes: 0, changedBlocks: 0, zeroBlocks: 0, shippedBytes: 0 };
     for (let offset = 0; offset < device.size; offset += chunk) {
       const length = Math.min(chunk, device.size - offset);
       const data = await device.read(offset, length);
-      const theirs = previous ? undefined : await (this.options.remote?.checksums({ offset, length }) ?? Promise.resolve(undefined));
+      const theirs = previous
+        ? undefined
+        : await (this.options.remote?.checksums({ offset, length }) ?? Promise.resolve(undefined));
       const accepted: (Promise<void> | void)[] = [];
       for (let at = 0, i = 0; at < length; at += blockSize, i++) {
         const block = data.subarray(at, Math.min(length, at + blockSize));
@@ -115,7 +126,14 @@ export class BlockScanner {
           result.zeroBlocks += 1;
           accepted.push(segmenter.append({ kind: 'zero', offset: offset + at, length: block.length }));
         } else {
-          accepted.push(segmenter.append({ kind: 'write', offset: offset + at, length: block.length, data: Buffer.from(block) }));
+          accepted.push(
+            segmenter.append({
+              kind: 'write',
+              offset: offset + at,
+              length: block.length,
+              data: Buffer.from(block),
+            }),
+          );
         }
       }
       await Promise.all(accepted);

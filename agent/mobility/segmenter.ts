@@ -18,7 +18,15 @@ import {
   type SegmentRecord,
 } from '../../shared/segment';
 import { DirtyBitmap } from './bitmap';
-import { OpenSegmentFile, openSegmentFiles, readOpenSegment, type DiskMode, type DiskState, type JournalEntry, type SegmentJournal } from './journal';
+import {
+  OpenSegmentFile,
+  openSegmentFiles,
+  readOpenSegment,
+  type DiskMode,
+  type DiskState,
+  type JournalEntry,
+  type SegmentJournal,
+} from './journal';
 import type { ChangeKind, WriteJournal } from './nbd';
 
 export const DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024;
@@ -120,7 +128,8 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.writeHighWater = options.writeHighWaterBytes ?? 64 * 1024 * 1024;
     const bitmapFile = this.bitmapPath();
     this.bitmap =
-      DirtyBitmap.load(bitmapFile) ?? new DirtyBitmap(options.state.sizeBytes, options.blockBytes ?? DEFAULT_BLOCK_BYTES);
+      DirtyBitmap.load(bitmapFile) ??
+      new DirtyBitmap(options.state.sizeBytes, options.blockBytes ?? DEFAULT_BLOCK_BYTES);
     this.open = this.newOpen(this.state.nextSeq, this.state.mode !== 'bitmap');
   }
 
@@ -177,7 +186,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
       this.enterBitmapMode(change);
       return;
     }
-    if (this.open.records.length > 0 && (this.open.bytes + size > this.maxSegmentBytes || this.open.records.length >= MAX_RECORDS - 1)) {
+    if (
+      this.open.records.length > 0 &&
+      (this.open.bytes + size > this.maxSegmentBytes || this.open.records.length >= MAX_RECORDS - 1)
+    ) {
       void this.cut();
     }
     const now = Date.now();
@@ -193,7 +205,8 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     const file = open.file;
     // (Only right after a stream reset is there briefly no file; the reset writes the records to the new one.)
     file?.append(change);
-    if (file && file.pendingBytes > this.writeHighWater) return file.waitWritten(file.bytes - this.writeHighWater);
+    if (file && file.pendingBytes > this.writeHighWater)
+      return file.waitWritten(file.bytes - this.writeHighWater);
   }
 
   /** Resolves once every change appended before the call is durable. */
@@ -224,7 +237,12 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   cut(marker?: MarkerSpec): Promise<number | undefined> {
     if (this.failure) return Promise.reject(this.failure);
     if (marker && this.state.mode !== 'data') {
-      return Promise.reject(new LifeboatError('MarkerRefused', `Disk ${this.disk} is in ${this.state.mode} mode; markers are cut only in data mode.`));
+      return Promise.reject(
+        new LifeboatError(
+          'MarkerRefused',
+          `Disk ${this.disk} is in ${this.state.mode} mode; markers are cut only in data mode.`,
+        ),
+      );
     }
     const seg = this.open;
     if (!marker && seg.records.length === 0) return Promise.resolve(undefined);
@@ -234,7 +252,13 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.state.nextSeq = seg.seq + 1;
     const records = seg.records;
     if (marker) {
-      const m: MarkerRecord = { type: 'marker', id: marker.id, kind: marker.kind, time: marker.time, tag: marker.tag ?? '' };
+      const m: MarkerRecord = {
+        type: 'marker',
+        id: marker.id,
+        kind: marker.kind,
+        time: marker.time,
+        tag: marker.tag ?? '',
+      };
       records.push(m);
       if (records.length === 1) seg.firstTime = seg.lastTime = marker.time;
       else seg.lastTime = Math.max(seg.lastTime, marker.time);
@@ -256,10 +280,18 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
           entry = await this.journal.write(epoch, seg.seq, this.encode(epoch, seg, records));
           await seg.file?.discard();
         }
-        this.log.debug({ seq: seg.seq, records: records.length, bytes: entry.bytes, marker: marker?.id }, 'segment cut');
+        this.log.debug(
+          { seq: seg.seq, records: records.length, bytes: entry.bytes, marker: marker?.id },
+          'segment cut',
+        );
         this.emit('segment', entry);
       } catch (err) {
-        this.fail(new JournalWriteError(`Segment ${seg.seq} of disk ${this.disk} could not be written to the journal in ${this.journal.dir} (${(err as Error).message}).`, err));
+        this.fail(
+          new JournalWriteError(
+            `Segment ${seg.seq} of disk ${this.disk} could not be written to the journal in ${this.journal.dir} (${(err as Error).message}).`,
+            err,
+          ),
+        );
         throw this.failure;
       } finally {
         this.cuttingBytes -= seg.bytes;
@@ -303,7 +335,12 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   }
 
   private openFile(seq: number): OpenSegmentFile {
-    return OpenSegmentFile.create(this.journal.dir, { machine: this.state.machine, disk: this.state.disk, epoch: this.state.epoch, seq });
+    return OpenSegmentFile.create(this.journal.dir, {
+      machine: this.state.machine,
+      disk: this.state.disk,
+      epoch: this.state.epoch,
+      seq,
+    });
   }
 
   // ---- modes ----
@@ -329,7 +366,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     const saved = Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
     saved.then(
       () => oldFile?.discard(),
-      (err: Error) => this.fail(new JournalWriteError(`The bitmap of disk ${this.disk} could not be saved (${err.message}).`, err)),
+      (err: Error) =>
+        this.fail(
+          new JournalWriteError(`The bitmap of disk ${this.disk} could not be saved (${err.message}).`, err),
+        ),
     );
     this.emit('mode', 'bitmap');
   }
@@ -348,7 +388,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.open = this.newOpen(this.open.seq, true);
     this.state.mode = 'catchup';
     await this.journal.saveState(this.state);
-    this.log.info({ dirtyBlocks: this.bitmap.count }, 'catch-up: re-reading the blocks changed in bitmap mode');
+    this.log.info(
+      { dirtyBlocks: this.bitmap.count },
+      'catch-up: re-reading the blocks changed in bitmap mode',
+    );
     this.emit('mode', 'catchup');
   }
 
@@ -378,13 +421,15 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   saveBitmap(): Promise<void> {
     if (!this.bitmapSave) return this.startBitmapSave();
     if (!this.bitmapSaveNext) {
-      this.bitmapSaveNext = this.bitmapSave.then(
-        () => undefined,
-        () => undefined,
-      ).then(() => {
-        this.bitmapSaveNext = undefined;
-        return this.startBitmapSave();
-      });
+      this.bitmapSaveNext = this.bitmapSave
+        .then(
+          () => undefined,
+          () => undefined,
+        )
+        .then(() => {
+          this.bitmapSaveNext = undefined;
+          return this.startBitmapSave();
+        });
     }
     return this.bitmapSaveNext;
   }
@@ -436,13 +481,16 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   async startEpoch(epoch: number, reason: string): Promise<void> {
     if (this.failure) throw this.failure;
     if (epoch <= this.state.epoch) return;
-    const sealed = this.state.mode !== 'bitmap' && this.open.records.length > 0 ? this.cut() : Promise.resolve(undefined);
+    const sealed =
+      this.state.mode !== 'bitmap' && this.open.records.length > 0 ? this.cut() : Promise.resolve(undefined);
     if (this.ageTimer) clearTimeout(this.ageTimer);
     this.ageTimer = undefined;
     // The open segment of the old epoch (empty, or the one the cut just opened) is abandoned.
     const stale = this.open;
     if (this.state.mode === 'bitmap') {
-      for (const r of stale.records) if (r.type !== 'marker') this.bitmap.markRange(r.offset, r.type === 'write' ? r.data.length : r.length);
+      for (const r of stale.records)
+        if (r.type !== 'marker')
+          this.bitmap.markRange(r.offset, r.type === 'write' ? r.data.length : r.length);
     }
     this.state.epoch = epoch;
     this.state.nextSeq = 2;
@@ -452,7 +500,17 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     this.state.awaitCloudEpoch = epoch;
     this.open = this.newOpen(2, true);
     const now = Date.now();
-    const first = encodeSegment({ header: { machine: this.machine, disk: this.disk, epoch, seq: 1, firstWriteTime: now, lastWriteTime: now }, records: [] });
+    const first = encodeSegment({
+      header: {
+        machine: this.machine,
+        disk: this.disk,
+        epoch,
+        seq: 1,
+        firstWriteTime: now,
+        lastWriteTime: now,
+      },
+      records: [],
+    });
     const done = this.chain.then(async () => {
       await stale.file?.discard();
       // Seq 1 before the state: a state in the new epoch always has its seq 1 in the journal.
@@ -460,7 +518,14 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
       await this.journal.saveState(this.state);
       this.emit('segment', entry);
     });
-    this.chain = done.catch((err: Error) => this.fail(new JournalWriteError(`Epoch ${epoch} of disk ${this.disk} could not be started in ${this.journal.dir} (${err.message}).`, err)));
+    this.chain = done.catch((err: Error) =>
+      this.fail(
+        new JournalWriteError(
+          `Epoch ${epoch} of disk ${this.disk} could not be started in ${this.journal.dir} (${err.message}).`,
+          err,
+        ),
+      ),
+    );
     await sealed;
     await done;
     this.log.warn({ epoch, reason }, 'new epoch: the stream restarts at seq 1 with a resync');
@@ -476,7 +541,14 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     const old = this.open;
     if (this.ageTimer) clearTimeout(this.ageTimer);
     this.ageTimer = undefined;
-    this.open = { seq: nextSeq, records: [], bytes: this.newOpenBytes(), firstTime: 0, lastTime: 0, file: undefined };
+    this.open = {
+      seq: nextSeq,
+      records: [],
+      bytes: this.newOpenBytes(),
+      firstTime: 0,
+      lastTime: 0,
+      file: undefined,
+    };
     this.state.nextSeq = nextSeq;
     const done = this.chain.then(async () => {
       await old.file?.discard();
@@ -485,8 +557,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
       if (this.state.mode !== 'bitmap' && !open.file && open.seq === nextSeq) {
         open.file = this.openFile(open.seq);
         for (const r of open.records) {
-          if (r.type === 'write') open.file.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
-          else if (r.type !== 'marker') open.file.append({ kind: r.type, offset: r.offset, length: r.length });
+          if (r.type === 'write')
+            open.file.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
+          else if (r.type !== 'marker')
+            open.file.append({ kind: r.type, offset: r.offset, length: r.length });
         }
       }
     });
@@ -535,7 +609,8 @@ export async function recoverOpenSegments(
     try {
       read = readOpenSegment(open.file);
       segment = read.bytes ? decodeSegment(read.bytes) : undefined;
-      if (segment && (segment.header.seq !== open.seq || segment.header.disk !== state.disk)) throw new Error('header mismatch');
+      if (segment && (segment.header.seq !== open.seq || segment.header.disk !== state.disk))
+        throw new Error('header mismatch');
     } catch {
       damaged = true;
       await Promise.all([fs.promises.rm(open.file, { force: true }), fs.promises.rm(index, { force: true })]);

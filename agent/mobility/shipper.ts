@@ -56,13 +56,22 @@ export class ProxyClient {
     try {
       url = new URL(options.url);
     } catch {
-      throw new ConfigError(`The proxy URL ${JSON.stringify(options.url)} is not a URL; pass --proxy https://host:9443.`, 'proxy');
+      throw new ConfigError(
+        `The proxy URL ${JSON.stringify(options.url)} is not a URL; pass --proxy https://host:9443.`,
+        'proxy',
+      );
     }
     if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-      throw new ConfigError(`The proxy URL ${options.url} must start with https:// (or http:// for a trusted local set-up).`, 'proxy');
+      throw new ConfigError(
+        `The proxy URL ${options.url} must start with https:// (or http:// for a trusted local set-up).`,
+        'proxy',
+      );
     }
     if (!/^\S+$/.test(options.credential ?? '')) {
-      throw new ConfigError('The agent credential is empty or has spaces; pass the file registration wrote with --credential-file.', 'credential');
+      throw new ConfigError(
+        'The agent credential is empty or has spaces; pass the file registration wrote with --credential-file.',
+        'credential',
+      );
     }
     this.url = url;
     this.credential = options.credential;
@@ -73,13 +82,21 @@ export class ProxyClient {
         : new http.Agent({ keepAlive: true, maxSockets: 16 });
   }
 
-  async putSegment(machine: string, disk: string, epoch: number, seq: number, body: Buffer): Promise<'created' | 'duplicate'> {
+  async putSegment(
+    machine: string,
+    disk: string,
+    epoch: number,
+    seq: number,
+    body: Buffer,
+  ): Promise<'created' | 'duplicate'> {
     const path = `/v1/machines/${machine}/disks/${disk}/segments/${epoch}/${seq}`;
     const res = await this.request('PUT', path, body);
     if (res.status === 201) return 'created';
     if (res.status === 200) return 'duplicate';
     if (res.status === 409) {
-      throw new ProxyConflictError(`The proxy already holds different bytes for ${machine}/${disk} segment ${epoch}/${seq}: ${errorMessage(res.body)}`);
+      throw new ProxyConflictError(
+        `The proxy already holds different bytes for ${machine}/${disk} segment ${epoch}/${seq}: ${errorMessage(res.body)}`,
+      );
     }
     throw this.failure(res, `PUT ${path}`);
   }
@@ -89,7 +106,8 @@ export class ProxyClient {
     const res = await this.request('GET', path);
     if (res.status !== 200) throw this.failure(res, `GET ${path}`);
     const body = JSON.parse(res.body.toString('utf8')) as { epoch?: unknown; seq?: unknown };
-    const num = (v: unknown): number | null => (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 ? v : null);
+    const num = (v: unknown): number | null =>
+      typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 ? v : null;
     return { epoch: num(body.epoch), seq: num(body.seq) };
   }
 
@@ -97,7 +115,10 @@ export class ProxyClient {
     this.agent.destroy();
   }
 
-  private failure(res: { status: number; headers: http.IncomingHttpHeaders; body: Buffer }, what: string): LifeboatError {
+  private failure(
+    res: { status: number; headers: http.IncomingHttpHeaders; body: Buffer },
+    what: string,
+  ): LifeboatError {
     const retryAfter = parseRetryAfter(res.headers['retry-after']);
     const message = `The proxy answered ${res.status} to ${what}: ${errorMessage(res.body)}`;
     // 4xx other than 408/429 will not go away by itself, but the agent keeps the data and retries
@@ -105,7 +126,11 @@ export class ProxyClient {
     return new ProxyUnavailableError(message, retryAfter, res.status);
   }
 
-  private request(method: string, path: string, body?: Buffer): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }> {
+  private request(
+    method: string,
+    path: string,
+    body?: Buffer,
+  ): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }> {
     const target = new URL(path, this.url);
     const lib = this.url.protocol === 'https:' ? https : http;
     return new Promise((resolve, reject) => {
@@ -117,19 +142,33 @@ export class ProxyClient {
           timeout: this.timeoutMs,
           headers: {
             authorization: `Bearer ${this.credential}`,
-            ...(body ? { 'content-type': 'application/octet-stream', 'content-length': String(body.length) } : {}),
+            ...(body
+              ? { 'content-type': 'application/octet-stream', 'content-length': String(body.length) }
+              : {}),
           },
         },
         (res) => {
           const chunks: Buffer[] = [];
           res.on('data', (c: Buffer) => chunks.push(c));
-          res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
-          res.on('error', (err) => reject(new ProxyUnavailableError(`The proxy at ${this.url.origin} broke off the answer (${err.message}).`)));
+          res.on('end', () =>
+            resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
+          );
+          res.on('error', (err) =>
+            reject(
+              new ProxyUnavailableError(
+                `The proxy at ${this.url.origin} broke off the answer (${err.message}).`,
+              ),
+            ),
+          );
         },
       );
       req.on('timeout', () => req.destroy(new Error(`no answer within ${this.timeoutMs} ms`)));
       req.on('error', (err) =>
-        reject(new ProxyUnavailableError(`The proxy at ${this.url.origin} cannot be reached (${err.message}); the agent keeps the data and retries.`)),
+        reject(
+          new ProxyUnavailableError(
+            `The proxy at ${this.url.origin} cannot be reached (${err.message}); the agent keeps the data and retries.`,
+          ),
+        ),
       );
       req.end(body);
     });
@@ -195,7 +234,14 @@ export class DiskShipper extends EventEmitter {
   private readonly log: Logger;
   private halted: string | undefined;
   private recent: { at: number; bytes: number }[] = [];
-  readonly stats: ShipperStats = { reachable: undefined, shippedSegments: 0, shippedBytes: 0, duplicates: 0, retries: 0, bytesPerSecond: 0 };
+  readonly stats: ShipperStats = {
+    reachable: undefined,
+    shippedSegments: 0,
+    shippedBytes: 0,
+    duplicates: 0,
+    retries: 0,
+    bytesPerSecond: 0,
+  };
 
   constructor(
     private readonly segmenter: DiskSegmenter,
@@ -300,7 +346,10 @@ export class DiskShipper extends EventEmitter {
         const retryAfter = err instanceof ProxyUnavailableError ? err.retryAfterMs : undefined;
         const delay = retryAfter !== undefined ? retryAfter : backoffDelay(attempt, this.retry);
         attempt += 1;
-        this.log.warn({ seq: entry.seq, delayMs: delay, attempt }, `segment not shipped, retrying: ${(err as Error).message}`);
+        this.log.warn(
+          { seq: entry.seq, delayMs: delay, attempt },
+          `segment not shipped, retrying: ${(err as Error).message}`,
+        );
         await this.sleep(delay);
       }
     }
@@ -326,9 +375,13 @@ export class DiskShipper extends EventEmitter {
     this.recent.push({ at: now, bytes: bytes.length });
     this.recent = this.recent.filter((r) => now - r.at < 10_000);
     const span = Math.max(1, now - this.recent[0].at) / 1000;
-    this.stats.bytesPerSecond = this.recent.length > 1 ? this.recent.reduce((s, r) => s + r.bytes, 0) / span : 0;
+    this.stats.bytesPerSecond =
+      this.recent.length > 1 ? this.recent.reduce((s, r) => s + r.bytes, 0) / span : 0;
     this.setReachable(true);
-    this.log.debug({ seq: entry.seq, epoch: entry.epoch, bytes: bytes.length, result }, 'segment acknowledged');
+    this.log.debug(
+      { seq: entry.seq, epoch: entry.epoch, bytes: bytes.length, result },
+      'segment acknowledged',
+    );
     this.emit('acked', entry);
   }
 

@@ -82,7 +82,8 @@ export class ImageFileChecksums implements RemoteChecksums {
       }
     }
     const out: Buffer[] = [];
-    for (let at = 0; at < range.length; at += this.blockSize) out.push(blockChecksum(buf.subarray(at, Math.min(range.length, at + this.blockSize))));
+    for (let at = 0; at < range.length; at += this.blockSize)
+      out.push(blockChecksum(buf.subarray(at, Math.min(range.length, at + this.blockSize))));
     return out;
   }
 }
@@ -148,7 +149,17 @@ class Progress {
     totalBytes: number,
     private readonly onProgress?: (p: SyncProgress) => void,
   ) {
-    this.p = { kind, totalBytes, doneBytes: 0, shippedBytes: 0, zeroBytes: 0, percent: 0, bytesPerSecond: 0, etaSeconds: null, startedAt: Date.now() };
+    this.p = {
+      kind,
+      totalBytes,
+      doneBytes: 0,
+      shippedBytes: 0,
+      zeroBytes: 0,
+      percent: 0,
+      bytesPerSecond: 0,
+      etaSeconds: null,
+      startedAt: Date.now(),
+    };
   }
 
   update(force = false): void {
@@ -169,7 +180,13 @@ class Progress {
  * Re-reads `[offset, offset+length)` while the disk is paused and appends it, block by block, to
  * the change stream: all-zero blocks as zero records, others as writes.
  */
-async function appendConsistent(opts: SyncPassOptions, offset: number, length: number, blockSize: number, progress: Progress): Promise<void> {
+async function appendConsistent(
+  opts: SyncPassOptions,
+  offset: number,
+  length: number,
+  blockSize: number,
+  progress: Progress,
+): Promise<void> {
   await opts.waitForRoom?.(length);
   const { device, segmenter } = opts;
   await device.pause();
@@ -201,15 +218,24 @@ async function appendConsistent(opts: SyncPassOptions, offset: number, length: n
 export async function runResync(opts: SyncPassOptions & { remote: RemoteChecksums }): Promise<SyncProgress> {
   const { device, remote, segmenter } = opts;
   const blockSize = remote.blockSize;
-  if (blockSize % 512 !== 0 || blockSize <= 0) throw new LifeboatError('InvalidChecksums', `The remote checksum block size ${blockSize} is not a multiple of 512.`);
+  if (blockSize % 512 !== 0 || blockSize <= 0)
+    throw new LifeboatError(
+      'InvalidChecksums',
+      `The remote checksum block size ${blockSize} is not a multiple of 512.`,
+    );
   const chunk = Math.max(blockSize, Math.floor((opts.chunkBytes ?? 1024 * 1024) / blockSize) * blockSize);
   const progress = new Progress('resync', device.size, opts.onProgress);
   for (let offset = 0; offset < device.size; offset += chunk) {
     if (opts.shouldStop?.() || segmenter.mode !== 'resync') {
-      throw new SyncInterruptedError(`The resync of disk ${segmenter.disk} stopped at byte ${offset} (mode ${segmenter.mode}).`);
+      throw new SyncInterruptedError(
+        `The resync of disk ${segmenter.disk} stopped at byte ${offset} (mode ${segmenter.mode}).`,
+      );
     }
     const length = Math.min(chunk, device.size - offset);
-    const [local, theirs] = await Promise.all([device.read(offset, length), remote.checksums({ offset, length })]);
+    const [local, theirs] = await Promise.all([
+      device.read(offset, length),
+      remote.checksums({ offset, length }),
+    ]);
     // Runs of differing blocks, re-read under pause and appended.
     let runStart = -1;
     const flushRun = async (end: number): Promise<void> => {
@@ -241,7 +267,9 @@ export async function runCatchup(opts: SyncPassOptions): Promise<SyncProgress> {
     const next = bitmap.runs(blocksPerStep).next();
     if (next.done) break;
     if (opts.shouldStop?.() || segmenter.mode !== 'catchup') {
-      throw new SyncInterruptedError(`The catch-up of disk ${segmenter.disk} stopped with ${bitmap.count} blocks left (mode ${segmenter.mode}).`);
+      throw new SyncInterruptedError(
+        `The catch-up of disk ${segmenter.disk} stopped with ${bitmap.count} blocks left (mode ${segmenter.mode}).`,
+      );
     }
     const [block, blocks] = next.value;
     const { offset, length } = bitmap.range(block, blocks);

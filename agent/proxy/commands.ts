@@ -84,7 +84,10 @@ export class TableCommandStore implements CommandStore {
 
   async pending(machine: string): Promise<ServedCommand[]> {
     try {
-      const [quiesce, resync] = await Promise.all([pendingCommands(this.tables, machine), pendingResyncCommands(this.tables, machine)]);
+      const [quiesce, resync] = await Promise.all([
+        pendingCommands(this.tables, machine),
+        pendingResyncCommands(this.tables, machine),
+      ]);
       return [...quiesce, ...resync.map(servedResync)].sort((a, b) => a.createdAt.localeCompare(b.createdAt));
     } catch (err) {
       if (isNotFound(err)) return []; // no command was ever issued here
@@ -278,11 +281,17 @@ function parseProgress(body: Buffer): ResyncProgressReport {
   }
   const unknown = Object.keys(report).filter((k) => k !== 'progress');
   if (unknown.length > 0) {
-    throw new ValidationError(`Unknown field ${unknown[0]}; the progress report has only "progress".`, unknown[0]);
+    throw new ValidationError(
+      `Unknown field ${unknown[0]}; the progress report has only "progress".`,
+      unknown[0],
+    );
   }
   const progress = report.progress;
   if (typeof progress !== 'object' || progress === null || Array.isArray(progress)) {
-    throw new ValidationError('progress must be an object of disk → { comparedBytes, shippedBytes }.', 'progress');
+    throw new ValidationError(
+      'progress must be an object of disk → { comparedBytes, shippedBytes }.',
+      'progress',
+    );
   }
   const entries = Object.entries(progress as Record<string, unknown>);
   if (entries.length === 0 || entries.length > MAX_PROGRESS_DISKS) {
@@ -295,12 +304,18 @@ function parseProgress(body: Buffer): ResyncProgressReport {
     const bytes = (k: string): number => {
       const n = v?.[k];
       if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) {
-        throw new ValidationError(`progress.${disk}.${k} must be a non-negative integer.`, `progress.${disk}.${k}`);
+        throw new ValidationError(
+          `progress.${disk}.${k} must be a non-negative integer.`,
+          `progress.${disk}.${k}`,
+        );
       }
       return n;
     };
     if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-      throw new ValidationError(`progress.${disk} must be an object { comparedBytes, shippedBytes }.`, `progress.${disk}`);
+      throw new ValidationError(
+        `progress.${disk} must be an object { comparedBytes, shippedBytes }.`,
+        `progress.${disk}`,
+      );
     }
     out[disk] = { comparedBytes: bytes('comparedBytes'), shippedBytes: bytes('shippedBytes') };
   }
@@ -325,10 +340,17 @@ export async function reportCommandProgress(
   const command = await deps.commands.read(machine, commandId);
   if (!command) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
   if (command.type !== 'resync') {
-    throw new ValidationError(`Command ${commandId} is a ${command.type} command; only resync commands take progress reports.`, 'command');
+    throw new ValidationError(
+      `Command ${commandId} is a ${command.type} command; only resync commands take progress reports.`,
+      'command',
+    );
   }
   if (command.state !== 'pending') {
-    throw new ConflictError(`Command ${commandId} of machine ${machine} is already ${command.state}; progress is no longer taken.`, 'command', 'CommandClosed');
+    throw new ConflictError(
+      `Command ${commandId} of machine ${machine} is already ${command.state}; progress is no longer taken.`,
+      'command',
+      'CommandClosed',
+    );
   }
   await deps.commands.reportProgress(machine, commandId, progress);
   deps.logger.debug({ machine, command: commandId, progress }, 'resync progress reported');

@@ -198,7 +198,10 @@ export async function startProxy(options: ProxyOptions): Promise<RunningProxy> {
       uploader: up,
     });
   const auth = new MachineAuthenticator(lookup, options.credentialCacheMs);
-  const groups = options.groups === false ? undefined : (options.groups ?? SiteGroups.fromSettings(settings, (a, m) => auth.authorize(a, m), logger));
+  const groups =
+    options.groups === false
+      ? undefined
+      : (options.groups ?? SiteGroups.fromSettings(settings, (a, m) => auth.authorize(a, m), logger));
   groups?.start();
   const handler = createIngestHandler({
     groups,

@@ -32,7 +32,10 @@ export interface IngestServerDeps {
   counters: IngestCounters;
   status(): ProxyStatus;
   /** Replication group barrier routes (/v1/groups/…, agent/group/site.ts): long polls, so outside the request limit. */
-  groups?: { owns(url: string | undefined): boolean; handle(req: IncomingMessage, res: ServerResponse): Promise<void> };
+  groups?: {
+    owns(url: string | undefined): boolean;
+    handle(req: IncomingMessage, res: ServerResponse): Promise<void>;
+  };
 }
 
 class PayloadTooLargeError extends LifeboatError {

@@ -16,7 +16,12 @@ const READ_BYTES = 4 * 1024 * 1024;
 export interface ChangeTracker {
   readonly kind: 'page-range-diff' | 'block-checksums';
   /** The ranges of `blob` that may differ between snapshot `previous` and snapshot `current`. */
-  changedRanges(blob: PageBlobClient, sizeBytes: number, previous: string, current: string): Promise<ByteRange[]>;
+  changedRanges(
+    blob: PageBlobClient,
+    sizeBytes: number,
+    previous: string,
+    current: string,
+  ): Promise<ByteRange[]>;
 }
 
 /** Sorted, merged, cut to whole blocks of `block` bytes within [0, size). */
@@ -36,20 +41,31 @@ export function blockAligned(ranges: ByteRange[], size: number, block = CHANGE_B
 export class PageRangeDiffTracker implements ChangeTracker {
   readonly kind = 'page-range-diff' as const;
 
-  async changedRanges(blob: PageBlobClient, sizeBytes: number, previous: string, current: string): Promise<ByteRange[]> {
+  async changedRanges(
+    blob: PageBlobClient,
+    sizeBytes: number,
+    previous: string,
+    current: string,
+  ): Promise<ByteRange[]> {
     const diff = await blob.withSnapshot(current).getPageRangesDiff(0, sizeBytes, previous);
     const ranges: ByteRange[] = [];
-    for (const r of [...(diff.pageRange ?? []), ...(diff.clearRange ?? [])]) ranges.push([r.offset, r.offset + (r.count ?? 0)]);
+    for (const r of [...(diff.pageRange ?? []), ...(diff.clearRange ?? [])])
+      ranges.push([r.offset, r.offset + (r.count ?? 0)]);
     return blockAligned(ranges, sizeBytes);
   }
 }
 
 /** SHA-256 of each block of a page blob (or snapshot); unwritten ranges hash as zeros unread. */
-export async function pageBlobChecksums(blob: PageBlobClient, sizeBytes: number, block = CHANGE_BLOCK_BYTES): Promise<Buffer[]> {
+export async function pageBlobChecksums(
+  blob: PageBlobClient,
+  sizeBytes: number,
+  block = CHANGE_BLOCK_BYTES,
+): Promise<Buffer[]> {
   const count = Math.ceil(sizeBytes / block);
   const written = new Array<boolean>(count).fill(false);
   for await (const r of blob.listPageRanges(0, sizeBytes)) {
-    for (let i = Math.floor(r.start / block); i <= Math.floor(r.end / block) && i < count; i++) written[i] = true;
+    for (let i = Math.floor(r.start / block); i <= Math.floor(r.end / block) && i < count; i++)
+      written[i] = true;
   }
   const zero = new Map<number, Buffer>();
   const sums: Buffer[] = new Array(count);
@@ -73,7 +89,10 @@ export async function pageBlobChecksums(blob: PageBlobClient, sizeBytes: number,
       const [first, blocks] = reads[next++];
       const start = first * block;
       const data = await readRange(blob, start, Math.min(blocks * block, sizeBytes - start));
-      for (let b = 0; b < blocks; b++) sums[first + b] = createHash('sha256').update(data.subarray(b * block, (b + 1) * block)).digest();
+      for (let b = 0; b < blocks; b++)
+        sums[first + b] = createHash('sha256')
+          .update(data.subarray(b * block, (b + 1) * block))
+          .digest();
     }
   };
   await Promise.all(Array.from({ length: 8 }, worker));
@@ -81,7 +100,12 @@ export async function pageBlobChecksums(blob: PageBlobClient, sizeBytes: number,
 }
 
 /** The blocks whose checksums differ, as merged byte ranges. */
-export function differingRanges(a: Buffer[], b: Buffer[], sizeBytes: number, block = CHANGE_BLOCK_BYTES): ByteRange[] {
+export function differingRanges(
+  a: Buffer[],
+  b: Buffer[],
+  sizeBytes: number,
+  block = CHANGE_BLOCK_BYTES,
+): ByteRange[] {
   const ranges: ByteRange[] = [];
   const count = Math.ceil(sizeBytes / block);
   for (let i = 0; i < count; i++) {
@@ -95,7 +119,12 @@ export function differingRanges(a: Buffer[], b: Buffer[], sizeBytes: number, blo
 export class BlockChecksumTracker implements ChangeTracker {
   readonly kind = 'block-checksums' as const;
 
-  async changedRanges(blob: PageBlobClient, sizeBytes: number, previous: string, current: string): Promise<ByteRange[]> {
+  async changedRanges(
+    blob: PageBlobClient,
+    sizeBytes: number,
+    previous: string,
+    current: string,
+  ): Promise<ByteRange[]> {
     const [before, after] = await Promise.all([
       pageBlobChecksums(blob.withSnapshot(previous), sizeBytes),
       pageBlobChecksums(blob.withSnapshot(current), sizeBytes),

@@ -6,7 +6,14 @@ import {
   releaseMachine as releaseFailover,
   updateRecord,
 } from '../failover';
-import { isPreconditionFailed, readEntity, SeedLease, seedBlob, TABLES, type DiskEntity } from '../replication';
+import {
+  isPreconditionFailed,
+  readEntity,
+  SeedLease,
+  seedBlob,
+  TABLES,
+  type DiskEntity,
+} from '../replication';
 import { pageBlobChecksums } from './changes';
 import type { ProtectionDeps } from './context';
 import { failoverDiskBlob, type PassResult, type ReprotectDisk } from './passes';
@@ -49,13 +56,22 @@ export async function requestFailback(
   const machine = row.partitionKey;
   try {
     await table.updateEntity(
-      { partitionKey: machine, rowKey: REPROTECT_ROW, state: 'failing-back', failbackOperationId: operationId },
+      {
+        partitionKey: machine,
+        rowKey: REPROTECT_ROW,
+        state: 'failing-back',
+        failbackOperationId: operationId,
+      },
       'Merge',
       { etag: row.etag },
     );
   } catch (err) {
     if (!isPreconditionFailed(err)) throw err;
-    throw new ConflictError(`The reprotect of ${machine} changed while this failback was starting; read its state and retry.`, 'machine', 'OperationInProgress');
+    throw new ConflictError(
+      `The reprotect of ${machine} changed while this failback was starting; read its state and retry.`,
+      'machine',
+      'OperationInProgress',
+    );
   }
   const held = await readEntity<ActiveEntity>(table, machine, ACTIVE_ROW);
   if (!held) {
@@ -63,14 +79,23 @@ export async function requestFailback(
     return;
   }
   await table.updateEntity(
-    { partitionKey: machine, rowKey: ACTIVE_ROW, kind: 'failback', operationId, startedAt: deps.now().toISOString() },
+    {
+      partitionKey: machine,
+      rowKey: ACTIVE_ROW,
+      kind: 'failback',
+      operationId,
+      startedAt: deps.now().toISOString(),
+    },
     'Merge',
     { etag: held.etag },
   );
 }
 
 /** Whether the reprotect loop stopped for this failback. */
-export async function handedOver(deps: ProtectionDeps, input: { machine: string; operationId: string }): Promise<boolean> {
+export async function handedOver(
+  deps: ProtectionDeps,
+  input: { machine: string; operationId: string },
+): Promise<boolean> {
   const row = await readEntity<ReprotectEntity>(await deps.tables.get(), input.machine, REPROTECT_ROW);
   return row?.handedOverTo === input.operationId;
 }
@@ -79,8 +104,17 @@ export async function handedOver(deps: ProtectionDeps, input: { machine: string;
  * Stops the failover machine. Locally: `running` false on its target row, which makes its NBD
  * export let its clients go. Azure: deallocating the VM is not built yet (docs/reprotect.md).
  */
-export async function stopFailoverMachine(deps: ProtectionDeps, input: { machine: string; failoverId: string }): Promise<void> {
-  await updateRecord(deps.failover.tables, input.machine, input.failoverId, { state: 'failing-back' }, deps.now());
+export async function stopFailoverMachine(
+  deps: ProtectionDeps,
+  input: { machine: string; failoverId: string },
+): Promise<void> {
+  await updateRecord(
+    deps.failover.tables,
+    input.machine,
+    input.failoverId,
+    { state: 'failing-back' },
+    deps.now(),
+  );
   if (deps.failover.compute.kind !== 'local') {
     throw new Error(
       `Stopping an Azure failover machine is not built yet; deallocate the VM of ${input.machine} yourself, then retry the failback.`,
@@ -89,11 +123,22 @@ export async function stopFailoverMachine(deps: ProtectionDeps, input: { machine
   const table = await deps.failover.tables.get(FAILOVER_TABLES.targets);
   const target = await readLocalTarget(deps.failover.tables, input.machine, input.failoverId);
   if (!target || !target.running) return;
-  await table.updateEntity({ partitionKey: input.machine, rowKey: input.failoverId, running: false, stoppedAt: deps.now().toISOString() }, 'Merge');
+  await table.updateEntity(
+    {
+      partitionKey: input.machine,
+      rowKey: input.failoverId,
+      running: false,
+      stoppedAt: deps.now().toISOString(),
+    },
+    'Merge',
+  );
 }
 
 /** True once no NBD export of the failover machine is serving: every acknowledged write is in the blob. */
-export async function failoverMachineStopped(deps: ProtectionDeps, input: { machine: string; failoverId: string }): Promise<boolean> {
+export async function failoverMachineStopped(
+  deps: ProtectionDeps,
+  input: { machine: string; failoverId: string },
+): Promise<boolean> {
   const row = await readEntity<{ running: boolean; exportState?: string }>(
     await deps.failover.tables.get(FAILOVER_TABLES.targets),
     input.machine,
@@ -124,9 +169,13 @@ export async function verifySite(
       markerId: final.markerId,
     });
     if (!site) return { ready: false, ok: false, disks: [] };
-    const cloud = await pageBlobChecksums(failoverDiskBlob(deps, input.machine, d.id, input.failoverId).withSnapshot(final.snapshot), d.sizeBytes);
+    const cloud = await pageBlobChecksums(
+      failoverDiskBlob(deps, input.machine, d.id, input.failoverId).withSnapshot(final.snapshot),
+      d.sizeBytes,
+    );
     const differing: number[] = [];
-    for (let i = 0; i < Math.max(cloud.length, site.length); i++) if (!cloud[i] || !site[i] || !cloud[i].equals(site[i])) differing.push(i);
+    for (let i = 0; i < Math.max(cloud.length, site.length); i++)
+      if (!cloud[i] || !site[i] || !cloud[i].equals(site[i])) differing.push(i);
     if (differing.length > 0) out.ok = false;
     out.disks.push({ disk: d.id, blocks: cloud.length, differing: differing.slice(0, 20) });
   }
@@ -134,10 +183,26 @@ export async function verifySite(
 }
 
 /** The site holds the machine again: the failover record and the reprotect row say so. */
-export async function markFailedBack(deps: ProtectionDeps, input: { machine: string; failoverId: string; operationId: string }): Promise<void> {
-  await updateRecord(deps.failover.tables, input.machine, input.failoverId, { state: 'failed-back' }, deps.now());
-  await (await deps.tables.get()).updateEntity(
-    { partitionKey: input.machine, rowKey: REPROTECT_ROW, state: 'failed-back', failedBackAt: deps.now().toISOString() },
+export async function markFailedBack(
+  deps: ProtectionDeps,
+  input: { machine: string; failoverId: string; operationId: string },
+): Promise<void> {
+  await updateRecord(
+    deps.failover.tables,
+    input.machine,
+    input.failoverId,
+    { state: 'failed-back' },
+    deps.now(),
+  );
+  await (
+    await deps.tables.get()
+  ).updateEntity(
+    {
+      partitionKey: input.machine,
+      rowKey: REPROTECT_ROW,
+      state: 'failed-back',
+      failedBackAt: deps.now().toISOString(),
+    },
     'Merge',
   );
 }
@@ -154,7 +219,14 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
  */
 export async function resumeForwardProtection(
   deps: ProtectionDeps,
-  input: { machine: string; operationId: string; failoverId: string; disks: ReprotectDisk[]; finals: PassResult[]; waitSeconds: number },
+  input: {
+    machine: string;
+    operationId: string;
+    failoverId: string;
+    disks: ReprotectDisk[];
+    finals: PassResult[];
+    waitSeconds: number;
+  },
 ): Promise<ResyncDiskPlan[]> {
   const table = await deps.tables.get();
   const replication = deps.failover.replication;
@@ -167,9 +239,18 @@ export async function resumeForwardProtection(
     for (const d of input.disks) {
       const disk = await readEntity<DiskEntity>(disksTable, input.machine, d.id);
       const epoch = disk?.epoch ?? 0;
-      plans.push({ disk: d.id, sizeBytes: d.sizeBytes, fromEpoch: epoch, targetEpoch: epoch + 1, baselineAppliedBytes: disk?.appliedBytes ?? 0 });
+      plans.push({
+        disk: d.id,
+        sizeBytes: d.sizeBytes,
+        fromEpoch: epoch,
+        targetEpoch: epoch + 1,
+        baselineAppliedBytes: disk?.appliedBytes ?? 0,
+      });
     }
-    await table.updateEntity({ partitionKey: input.machine, rowKey: REPROTECT_ROW, forwardPlans: JSON.stringify(plans) }, 'Merge');
+    await table.updateEntity(
+      { partitionKey: input.machine, rowKey: REPROTECT_ROW, forwardPlans: JSON.stringify(plans) },
+      'Merge',
+    );
   }
   for (const plan of plans) {
     const disk = await readEntity<DiskEntity>(disksTable, input.machine, plan.disk);
@@ -180,16 +261,26 @@ export async function resumeForwardProtection(
     for (let i = 0; !lease; i++) {
       lease = await SeedLease.acquire(seed, replication.tuning.leaseSeconds);
       if (!lease) {
-        if (i > 4 * replication.tuning.leaseSeconds) throw new Error(`The seed disk of ${input.machine}/${plan.disk} stays leased by an applier; retry later.`);
+        if (i > 4 * replication.tuning.leaseSeconds)
+          throw new Error(
+            `The seed disk of ${input.machine}/${plan.disk} stays leased by an applier; retry later.`,
+          );
         await sleep(500);
       }
     }
     try {
-      const source = failoverDiskBlob(deps, input.machine, plan.disk, input.failoverId).withSnapshot(final.snapshot);
-      const poller = await seed.beginCopyFromURL(source.url, { intervalInMs: 250, conditions: { leaseId: lease.leaseId } });
+      const source = failoverDiskBlob(deps, input.machine, plan.disk, input.failoverId).withSnapshot(
+        final.snapshot,
+      );
+      const poller = await seed.beginCopyFromURL(source.url, {
+        intervalInMs: 250,
+        conditions: { leaseId: lease.leaseId },
+      });
       const copied = await poller.pollUntilDone();
       if (copied.copyStatus !== undefined && copied.copyStatus !== 'success') {
-        throw new Error(`The copy of the final snapshot of ${input.machine}/${plan.disk} to its seed disk ended ${copied.copyStatus}.`);
+        throw new Error(
+          `The copy of the final snapshot of ${input.machine}/${plan.disk} to its seed disk ended ${copied.copyStatus}.`,
+        );
       }
       await disksTable.updateEntity(
         {
@@ -208,7 +299,16 @@ export async function resumeForwardProtection(
       await lease.release();
     }
   }
-  return issueResync(deps, { machine: input.machine, operationId: input.operationId, disks: plans.map((p) => p.disk), waitSeconds: input.waitSeconds }, plans);
+  return issueResync(
+    deps,
+    {
+      machine: input.machine,
+      operationId: input.operationId,
+      disks: plans.map((p) => p.disk),
+      waitSeconds: input.waitSeconds,
+    },
+    plans,
+  );
 }
 
 /**
@@ -233,7 +333,9 @@ export async function cleanUpFailback(
     );
   }
   for (const d of input.disks) {
-    for await (const blob of deps.reprotect.listBlobsFlat({ prefix: `${input.machine}/${d.id}/${input.epoch}/` })) {
+    for await (const blob of deps.reprotect.listBlobsFlat({
+      prefix: `${input.machine}/${d.id}/${input.epoch}/`,
+    })) {
       await deps.reprotect.getBlockBlobClient(blob.name).deleteIfExists();
     }
   }

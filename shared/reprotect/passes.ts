@@ -82,7 +82,12 @@ export interface TargetEntity {
   updatedAt?: string;
 }
 
-export function failoverDiskBlob(deps: ProtectionDeps, machine: string, disk: string, failoverId: string): PageBlobClient {
+export function failoverDiskBlob(
+  deps: ProtectionDeps,
+  machine: string,
+  disk: string,
+  failoverId: string,
+): PageBlobClient {
   return deps.failover.failoverDisks.getPageBlobClient(failoverDiskName(machine, disk, failoverId));
 }
 
@@ -102,7 +107,10 @@ export async function beginReprotect(
   const table = await deps.tables.get();
   const record = await activeFailover(deps.failover.tables, input.machine);
   if (record.failoverId !== input.failoverId) {
-    throw new NotFoundError(`Failover ${input.failoverId} of ${input.machine} is no longer the active one (${record.failoverId} is).`, 'machine');
+    throw new NotFoundError(
+      `Failover ${input.failoverId} of ${input.machine} is no longer the active one (${record.failoverId} is).`,
+      'machine',
+    );
   }
   const disks = failoverDisks(record);
   const row = await readEntity<ReprotectEntity>(table, input.machine, REPROTECT_ROW);
@@ -119,18 +127,28 @@ export async function beginReprotect(
     startedAt: deps.now().toISOString(),
   };
   await table.upsertEntity(entity, 'Replace');
-  await updateRecord(deps.failover.tables, input.machine, input.failoverId, { state: 'reprotecting' }, deps.now());
+  await updateRecord(
+    deps.failover.tables,
+    input.machine,
+    input.failoverId,
+    { state: 'reprotecting' },
+    deps.now(),
+  );
   return { epoch, disks };
 }
 
 export function failoverDisks(record: FailoverRecord): ReprotectDisk[] {
   const disks = record.target?.disks ?? record.point?.disks;
-  if (!disks || disks.length === 0) throw new NotFoundError(`Failover ${record.failoverId} of ${record.machine} has no disks.`, 'machine');
+  if (!disks || disks.length === 0)
+    throw new NotFoundError(`Failover ${record.failoverId} of ${record.machine} has no disks.`, 'machine');
   return disks.map((d) => ({ id: d.id, sizeBytes: d.sizeBytes }));
 }
 
 /** Whether the target uploaded every disk's site checksums for the epoch (the first pass needs them). */
-export async function siteChecksumsReady(deps: ProtectionDeps, input: { machine: string; epoch: number; disks: ReprotectDisk[] }): Promise<boolean> {
+export async function siteChecksumsReady(
+  deps: ProtectionDeps,
+  input: { machine: string; epoch: number; disks: ReprotectDisk[] },
+): Promise<boolean> {
   for (const d of input.disks) {
     const name = `${input.machine}/${d.id}/${input.epoch}/site-checksums.bin`;
     if (!(await deps.reprotect.getBlockBlobClient(name).exists())) return false;
@@ -162,15 +180,33 @@ function toResult(row: PassEntity): PassResult {
 }
 
 /** Ships a recorded pass (its snapshot and first seq are fixed) and records it shipped. */
-async function shipRecorded(deps: ProtectionDeps, machine: string, failoverId: string, disk: ReprotectDisk, row: PassEntity): Promise<PassEntity> {
+async function shipRecorded(
+  deps: ProtectionDeps,
+  machine: string,
+  failoverId: string,
+  disk: ReprotectDisk,
+  row: PassEntity,
+): Promise<PassEntity> {
   const blob = failoverDiskBlob(deps, machine, disk.id, failoverId);
   const source = blob.withSnapshot(row.snapshot);
   let ranges;
   if (row.previousSnapshot) {
-    ranges = await changeTrackerFor(deps.failover.compute.kind).changedRanges(blob, disk.sizeBytes, row.previousSnapshot, row.snapshot);
+    ranges = await changeTrackerFor(deps.failover.compute.kind).changedRanges(
+      blob,
+      disk.sizeBytes,
+      row.previousSnapshot,
+      row.snapshot,
+    );
   } else {
-    const site = await readSiteChecksums(deps.reprotect, deps.failover.replication.keyRing(), { machine, disk: disk.id, epoch: row.epoch });
-    if (!site) throw new Error(`The site checksums of ${machine}/${disk.id} (reprotect epoch ${row.epoch}) are missing; is lifeboat target reprotect running?`);
+    const site = await readSiteChecksums(deps.reprotect, deps.failover.replication.keyRing(), {
+      machine,
+      disk: disk.id,
+      epoch: row.epoch,
+    });
+    if (!site)
+      throw new Error(
+        `The site checksums of ${machine}/${disk.id} (reprotect epoch ${row.epoch}) are missing; is lifeboat target reprotect running?`,
+      );
     ranges = differingRanges(await pageBlobChecksums(source, disk.sizeBytes), site, disk.sizeBytes);
   }
   const shipped = await shipPass(deps.reprotect, deps.failover.replication.keyRing(), {
@@ -202,7 +238,14 @@ async function shipRecorded(deps: ProtectionDeps, machine: string, failoverId: s
  */
 export async function runPass(
   deps: ProtectionDeps,
-  input: { machine: string; failoverId: string; epoch: number; disk: ReprotectDisk; pass: number; markerId: string },
+  input: {
+    machine: string;
+    failoverId: string;
+    epoch: number;
+    disk: ReprotectDisk;
+    pass: number;
+    markerId: string;
+  },
 ): Promise<PassResult> {
   const table = await deps.tables.get();
   const { machine, failoverId, epoch, disk } = input;
@@ -260,25 +303,51 @@ export async function targetProgress(
   return {
     applied: disks.every((d) => d.appliedSeq >= d.targetSeq),
     disks,
-    ...(reprotect?.failbackOperationId && reprotect.epoch === input.epoch ? { failbackOperationId: reprotect.failbackOperationId } : {}),
+    ...(reprotect?.failbackOperationId && reprotect.epoch === input.epoch
+      ? { failbackOperationId: reprotect.failbackOperationId }
+      : {}),
   };
 }
 
 /** After the first pass is applied: the site holds the failover disks; failback may start. */
-export async function markProtecting(deps: ProtectionDeps, input: { machine: string; operationId: string; failoverId: string }): Promise<void> {
+export async function markProtecting(
+  deps: ProtectionDeps,
+  input: { machine: string; operationId: string; failoverId: string },
+): Promise<void> {
   const table = await deps.tables.get();
   const row = await readEntity<ReprotectEntity>(table, input.machine, REPROTECT_ROW);
   if (!row || row.operationId !== input.operationId || row.state !== 'starting') return;
-  await table.updateEntity({ partitionKey: input.machine, rowKey: REPROTECT_ROW, state: 'protecting', protectingSince: deps.now().toISOString() }, 'Merge', {
-    etag: row.etag,
-  });
-  await updateRecord(deps.failover.tables, input.machine, input.failoverId, { state: 'reprotected' }, deps.now());
+  await table.updateEntity(
+    {
+      partitionKey: input.machine,
+      rowKey: REPROTECT_ROW,
+      state: 'protecting',
+      protectingSince: deps.now().toISOString(),
+    },
+    'Merge',
+    {
+      etag: row.etag,
+    },
+  );
+  await updateRecord(
+    deps.failover.tables,
+    input.machine,
+    input.failoverId,
+    { state: 'reprotected' },
+    deps.now(),
+  );
 }
 
 /** The reprotect loop stops for failback: it ships nothing more; failback continues from the pass rows. */
-export async function handOver(deps: ProtectionDeps, input: { machine: string; operationId: string; failbackOperationId: string }): Promise<void> {
+export async function handOver(
+  deps: ProtectionDeps,
+  input: { machine: string; operationId: string; failbackOperationId: string },
+): Promise<void> {
   const table = await deps.tables.get();
   const row = await readEntity<ReprotectEntity>(table, input.machine, REPROTECT_ROW);
   if (!row || row.failbackOperationId !== input.failbackOperationId) return;
-  await table.updateEntity({ partitionKey: input.machine, rowKey: REPROTECT_ROW, handedOverTo: input.failbackOperationId }, 'Merge');
+  await table.updateEntity(
+    { partitionKey: input.machine, rowKey: REPROTECT_ROW, handedOverTo: input.failbackOperationId },
+    'Merge',
+  );
 }

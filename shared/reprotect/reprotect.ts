@@ -53,7 +53,11 @@ export async function committedFailover(deps: ProtectionDeps, machine: string): 
 }
 
 /** POST …/reprotect: 404 (machine), 409 (no committed failover, another operation running). */
-export async function prepareReprotect(deps: ProtectionDeps, machine: string, operationId: string): Promise<FailoverRecord> {
+export async function prepareReprotect(
+  deps: ProtectionDeps,
+  machine: string,
+  operationId: string,
+): Promise<FailoverRecord> {
   await readMachine(deps.failover.replication, machine);
   const record = await committedFailover(deps, machine);
   await claimMachine(deps.tables, machine, 'reprotect', operationId, deps.now());
@@ -61,7 +65,10 @@ export async function prepareReprotect(deps: ProtectionDeps, machine: string, op
 }
 
 /** POST …/failback: 404 (machine), 409 (not reprotected, or another failback running). */
-export async function prepareFailback(deps: ProtectionDeps, machine: string): Promise<ReprotectEntity & { etag: string }> {
+export async function prepareFailback(
+  deps: ProtectionDeps,
+  machine: string,
+): Promise<ReprotectEntity & { etag: string }> {
   await readMachine(deps.failover.replication, machine);
   const row = await readEntity<ReprotectEntity>(await deps.tables.get(), machine, REPROTECT_ROW);
   const active = await activeOperation(deps.tables, machine);

@@ -24,7 +24,12 @@ export const resyncRequestSchema = z.strictObject({
   /** Disks to resync; default: those marked resync-required, or every disk when none is. */
   disks: z.array(z.string()).min(1, { error: 'must name at least one disk' }).optional(),
   /** How long to wait for the agent to finish before failing the operation. */
-  waitSeconds: z.number().int().min(10).max(7 * 86_400).default(86_400),
+  waitSeconds: z
+    .number()
+    .int()
+    .min(10)
+    .max(7 * 86_400)
+    .default(86_400),
 });
 
 export interface ResyncRun {
@@ -125,12 +130,19 @@ export async function readResyncCommand(
   machine: string,
   operationId: string,
 ): Promise<ResyncCommand | undefined> {
-  const row = await readEntity<ResyncCommandEntity>(await tables.get(FAILOVER_TABLES.commands), machine, resyncCommandId(operationId));
+  const row = await readEntity<ResyncCommandEntity>(
+    await tables.get(FAILOVER_TABLES.commands),
+    machine,
+    resyncCommandId(operationId),
+  );
   return row && row.type === 'resync' ? toCommand(row) : undefined;
 }
 
 /** The machine's pending resync commands, oldest first (what the proxy serves the agent). */
-export async function pendingResyncCommands(tables: FailoverTables, machine: string): Promise<ResyncCommand[]> {
+export async function pendingResyncCommands(
+  tables: FailoverTables,
+  machine: string,
+): Promise<ResyncCommand[]> {
   const rows = await listPartition<ResyncCommandEntity>(await tables.get(FAILOVER_TABLES.commands), machine);
   return rows
     .filter((r) => r.type === 'resync' && r.state === 'pending')
@@ -176,7 +188,10 @@ export async function prepareResync(
   operationId: string,
 ): Promise<ResyncRun> {
   if (body !== undefined && (body === null || typeof body !== 'object' || Array.isArray(body))) {
-    throw new ValidationError('The request body must be a JSON object (or empty) with optionally "disks" and "waitSeconds".', 'body');
+    throw new ValidationError(
+      'The request body must be a JSON object (or empty) with optionally "disks" and "waitSeconds".',
+      'body',
+    );
   }
   const request = parseOrThrow(resyncRequestSchema, body ?? {});
   const row = await readMachine(deps.failover.replication, machine);
@@ -185,12 +200,18 @@ export async function prepareResync(
   if (request.disks) {
     for (const d of request.disks) {
       if (!registered.includes(d)) {
-        throw new NotFoundError(`Machine ${machine} has no disk ${JSON.stringify(d)}; its disks are ${registered.join(', ')}.`, 'disks');
+        throw new NotFoundError(
+          `Machine ${machine} has no disk ${JSON.stringify(d)}; its disks are ${registered.join(', ')}.`,
+          'disks',
+        );
       }
     }
     disks = [...new Set(request.disks)];
   } else {
-    const rows = await listPartition<DiskEntity>(await deps.failover.replication.tables.get(TABLES.disks), machine);
+    const rows = await listPartition<DiskEntity>(
+      await deps.failover.replication.tables.get(TABLES.disks),
+      machine,
+    );
     const required = rows.filter((r) => r.state === 'resync-required').map((r) => r.rowKey);
     disks = required.length > 0 ? registered.filter((d) => required.includes(d)) : registered;
   }
@@ -202,10 +223,18 @@ export async function prepareResync(
  * Picks each disk's next epoch (or takes `given`, failback's) and writes the agent's command
  * (idempotent: a rerun reuses it).
  */
-export async function issueResync(deps: ProtectionDeps, run: ResyncRun, given?: ResyncDiskPlan[]): Promise<ResyncDiskPlan[]> {
+export async function issueResync(
+  deps: ProtectionDeps,
+  run: ResyncRun,
+  given?: ResyncDiskPlan[],
+): Promise<ResyncDiskPlan[]> {
   const disksTable = await deps.failover.replication.tables.get(TABLES.disks);
   const commands = await deps.failover.tables.get(FAILOVER_TABLES.commands);
-  const existing = await readEntity<ResyncCommandEntity & { plans?: string }>(commands, run.machine, resyncCommandId(run.operationId));
+  const existing = await readEntity<ResyncCommandEntity & { plans?: string }>(
+    commands,
+    run.machine,
+    resyncCommandId(run.operationId),
+  );
   if (existing?.plans) return JSON.parse(existing.plans) as ResyncDiskPlan[];
   const plans: ResyncDiskPlan[] = given ? [...given] : [];
   for (const disk of given ? [] : run.disks) {
@@ -255,7 +284,8 @@ export async function resyncProgress(
     const state = row?.state ?? 'unknown';
     const done = epoch >= plan.targetEpoch && state === 'protected';
     const reported = command?.progress?.[plan.disk];
-    const applied = epoch >= plan.targetEpoch ? Math.max(0, (row?.appliedBytes ?? 0) - plan.baselineAppliedBytes) : 0;
+    const applied =
+      epoch >= plan.targetEpoch ? Math.max(0, (row?.appliedBytes ?? 0) - plan.baselineAppliedBytes) : 0;
     disks.push({
       disk: plan.disk,
       sizeBytes: plan.sizeBytes,
@@ -273,7 +303,11 @@ export async function resyncProgress(
   const elapsed = Math.max(0.001, (deps.now().getTime() - Date.parse(input.startedAt)) / 1000);
   const rate = bytesCompared / elapsed;
   return {
-    percent: done ? 100 : bytesTotal === 0 ? 0 : Math.min(99.9, Math.round((1000 * bytesCompared) / bytesTotal) / 10),
+    percent: done
+      ? 100
+      : bytesTotal === 0
+        ? 0
+        : Math.min(99.9, Math.round((1000 * bytesCompared) / bytesTotal) / 10),
     bytesTotal,
     bytesCompared,
     bytesShipped: disks.reduce((s, d) => s + d.shippedBytes, 0),

@@ -36,7 +36,11 @@ export interface ShipPassResult {
 }
 
 /** Reads the ranges from the snapshot and uploads them as sealed segments ending with a marker. */
-export async function shipPass(container: ContainerClient, keyRing: KeyRing, input: ShipPassInput): Promise<ShipPassResult> {
+export async function shipPass(
+  container: ContainerClient,
+  keyRing: KeyRing,
+  input: ShipPassInput,
+): Promise<ShipPassResult> {
   await ensureContainer(container);
   let seq = input.firstSeq;
   let records: SegmentRecord[] = [];
@@ -44,10 +48,18 @@ export async function shipPass(container: ContainerClient, keyRing: KeyRing, inp
   let changedBytes = 0;
   let sealedBytes = 0;
   const flush = async (marker: boolean) => {
-    if (marker) records.push({ type: 'marker', id: input.markerId, kind: 'crash', time: Date.now(), tag: 'reprotect' });
+    if (marker)
+      records.push({ type: 'marker', id: input.markerId, kind: 'crash', time: Date.now(), tag: 'reprotect' });
     if (records.length === 0) return;
     const now = Date.now();
-    const header = { machine: input.machine, disk: input.disk, epoch: input.epoch, seq, firstWriteTime: now, lastWriteTime: now };
+    const header = {
+      machine: input.machine,
+      disk: input.disk,
+      epoch: input.epoch,
+      seq,
+      firstWriteTime: now,
+      lastWriteTime: now,
+    };
     const name = changelogBlobName(header);
     const sealed = sealEnvelope(encodeSegment({ header, records }), { name, keyRing });
     await container.getBlockBlobClient(name).uploadData(sealed);
@@ -62,7 +74,8 @@ export async function shipPass(container: ContainerClient, keyRing: KeyRing, inp
       const data = await readRange(input.source, at, n);
       for (let b = 0; b < n; b += CHANGE_BLOCK_BYTES) {
         const block = data.subarray(b, Math.min(n, b + CHANGE_BLOCK_BYTES));
-        if (block.equals(ZERO_BLOCK.subarray(0, block.length))) records.push({ type: 'zero', offset: at + b, length: block.length });
+        if (block.equals(ZERO_BLOCK.subarray(0, block.length)))
+          records.push({ type: 'zero', offset: at + b, length: block.length });
         else {
           records.push({ type: 'write', offset: at + b, data: block });
           pending += block.length;
@@ -96,7 +109,9 @@ export async function uploadSiteChecksums(
   const name = address.markerId
     ? finalChecksumsName(address.machine, address.disk, address.epoch, address.markerId)
     : siteChecksumsName(address.machine, address.disk, address.epoch);
-  await container.getBlockBlobClient(name).uploadData(sealEnvelope(Buffer.concat(sums), { name, keyRing, codec: 'none' }));
+  await container
+    .getBlockBlobClient(name)
+    .uploadData(sealEnvelope(Buffer.concat(sums), { name, keyRing, codec: 'none' }));
 }
 
 /** The site checksums (of the first pass, or after `markerId`), or undefined while the target has not uploaded them. */

@@ -59,7 +59,13 @@ export async function claimMachine(
   now: Date,
 ): Promise<void> {
   const table = await tables.get();
-  const entity: ActiveEntity = { partitionKey: machine, rowKey: ACTIVE_ROW, kind, operationId, startedAt: now.toISOString() };
+  const entity: ActiveEntity = {
+    partitionKey: machine,
+    rowKey: ACTIVE_ROW,
+    kind,
+    operationId,
+    startedAt: now.toISOString(),
+  };
   if (await insertIfAbsent(table, entity)) return;
   const held = await readEntity<ActiveEntity>(table, machine, ACTIVE_ROW);
   if (!held) return claimMachine(tables, machine, kind, operationId, now);
@@ -73,12 +79,19 @@ export async function claimMachine(
 }
 
 /** The running operation of a machine, if any. */
-export async function activeOperation(tables: ProtectionTables, machine: string): Promise<ActiveEntity | undefined> {
+export async function activeOperation(
+  tables: ProtectionTables,
+  machine: string,
+): Promise<ActiveEntity | undefined> {
   return readEntity<ActiveEntity>(await tables.get(), machine, ACTIVE_ROW);
 }
 
 /** Frees the machine if `operationId` still holds it. */
-export async function releaseMachine(tables: ProtectionTables, machine: string, operationId: string): Promise<void> {
+export async function releaseMachine(
+  tables: ProtectionTables,
+  machine: string,
+  operationId: string,
+): Promise<void> {
   const table = await tables.get();
   const held = await readEntity<ActiveEntity>(table, machine, ACTIVE_ROW);
   if (!held || held.operationId !== operationId) return;

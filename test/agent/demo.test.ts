@@ -13,9 +13,20 @@ describe('lifeboat demo --short', () => {
     const stdout = await new Promise<string>((resolve, reject) =>
       execFile(
         process.execPath,
-        [path.join(root, 'dist/agent/cli.js'), 'demo', '--short', '--data', path.join(dir, 'data'), '--json', reportFile],
+        [
+          path.join(root, 'dist/agent/cli.js'),
+          'demo',
+          '--short',
+          '--data',
+          path.join(dir, 'data'),
+          '--json',
+          reportFile,
+        ],
         { timeout: 240_000, maxBuffer: 16 * 1024 * 1024 },
-        (err, out, errOut) => (err ? reject(new Error(`demo failed: ${err.message}\n${out}\n${errOut.slice(-3000)}`)) : resolve(out)),
+        (err, out, errOut) =>
+          err
+            ? reject(new Error(`demo failed: ${err.message}\n${out}\n${errOut.slice(-3000)}`))
+            : resolve(out),
       ),
     );
     expect(stdout).toContain('Lifeboat demo report — all verifications passed');

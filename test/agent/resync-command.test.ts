@@ -39,7 +39,12 @@ describe('the resync command through the real agent and proxy', () => {
   let api: Api;
   let proxy: RunningProxy;
   let agent: MachineAgent;
-  const seed = () => seedBlob(new StorageClients('ReplicaStorage', stack.settings).blobService().getContainerClient(SEED_CONTAINER), machine, 'd0');
+  const seed = () =>
+    seedBlob(
+      new StorageClients('ReplicaStorage', stack.settings).blobService().getContainerClient(SEED_CONTAINER),
+      machine,
+      'd0',
+    );
 
   function randomBytes(n: number): Buffer {
     const b = Buffer.alloc(n);
@@ -47,7 +52,12 @@ describe('the resync command through the real agent and proxy', () => {
     return b;
   }
 
-  const diskRow = async () => ((await api('GET', `machines/${machine}`)).body as { disks: { id: string; epoch: number; state: string; }[] }).disks[0];
+  const diskRow = async () =>
+    (
+      (await api('GET', `machines/${machine}`)).body as {
+        disks: { id: string; epoch: number; state: string }[];
+      }
+    ).disks[0];
 
   /** Cuts a marker and waits until its recovery point exists. */
   async function point(): Promise<string> {
@@ -125,18 +135,27 @@ describe('the resync command through the real agent and proxy', () => {
     const { operationId } = started.body as { operationId: string };
     // Writes while the agent resyncs (into damaged blocks, which differ either way, so the count
     // below does not depend on when they were applied).
-    for (let i = 0; i < 10; i++) await nbd.write(damaged[i % damaged.length] * BLOCK + (i % 8) * 8 * KiB, randomBytes(4 * KiB));
+    for (let i = 0; i < 10; i++)
+      await nbd.write(damaged[i % damaged.length] * BLOCK + (i % 8) * 8 * KiB, randomBytes(4 * KiB));
     const op = await waitForOperation(api, operationId, undefined, 45_000);
     expect(op.status, op.error ?? JSON.stringify(op.progress)).toBe('Completed');
     expect(op.progress).toMatchObject({ percent: 100, bytesCompared: SIZE });
 
     // The command, answered through the proxy with the agent's progress.
-    const command = await readResyncCommand(new FailoverTables(new StorageClients('ReplicaStorage', stack.settings)), machine, operationId);
+    const command = await readResyncCommand(
+      new FailoverTables(new StorageClients('ReplicaStorage', stack.settings)),
+      machine,
+      operationId,
+    );
     expect(command?.state).toBe('done');
     expect(command?.disks).toEqual([{ disk: 'd0', epoch: 1 }]);
     // Shipped: exactly the damaged blocks (the writes since were replicated as ordinary writes).
     expect(command?.progress?.d0).toEqual({ comparedBytes: SIZE, shippedBytes: damaged.length * BLOCK });
-    expect(agent.status().lastCommand).toMatchObject({ id: command!.id, type: 'resync', result: { state: 'done' } });
+    expect(agent.status().lastCommand).toMatchObject({
+      id: command!.id,
+      type: 'resync',
+      result: { state: 'done' },
+    });
     const status = agent.status().disks[0];
     expect([status.epoch, status.mode]).toEqual([1, 'data']);
 

@@ -12,10 +12,29 @@ const cli = path.join(root, 'dist/agent/cli.js');
 async function up(dataDir: string) {
   const env = { ...process.env };
   delete env.LIFEBOAT_LOCAL_KEY;
-  const child = spawn(process.execPath, [cli, 'up', '--data', dataDir, '--port', '0', '--blob-port', '0', '--queue-port', '0', '--table-port', '0', '--proxy-port', '0'], {
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const child = spawn(
+    process.execPath,
+    [
+      cli,
+      'up',
+      '--data',
+      dataDir,
+      '--port',
+      '0',
+      '--blob-port',
+      '0',
+      '--queue-port',
+      '0',
+      '--table-port',
+      '0',
+      '--proxy-port',
+      '0',
+    ],
+    {
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
   const output: string[] = [];
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   let stderr = '';
@@ -49,7 +68,9 @@ describe('lifeboat up', () => {
     expect(health.status).toBe(200);
     expect(report.status).toBe('healthy');
     expect(Object.values(report.checks).every((c) => (c as { ok: boolean }).ok)).toBe(true);
-    expect(report.versions.lifeboat).toBe(JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')).version);
+    expect(report.versions.lifeboat).toBe(
+      JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')).version,
+    );
     first.child.kill('SIGTERM');
     expect(await first.exited).toBe(0);
     expect(first.output.at(-1)).toBe('Stopped.');

@@ -103,7 +103,9 @@ export class FileAppender {
   /** Resolves once everything appended before the call is durable (written, then fdatasync). */
   async sync(): Promise<void> {
     await this.waitWritten();
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await new Promise<void>((resolve, reject) =>
+      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+    );
   }
 
   private async writeLoop(): Promise<void> {

@@ -53,7 +53,12 @@ class DiskLog {
 function records(image: Buffer): { chain: number; step: number; index: number }[] {
   const out = [];
   for (let o = 0; o < image.length; o += BLOCK) {
-    if (image.readUInt32LE(o) === MAGIC) out.push({ chain: image.readUInt32LE(o + 4), step: image.readUInt32LE(o + 8), index: image.readUInt32LE(o + 12) });
+    if (image.readUInt32LE(o) === MAGIC)
+      out.push({
+        chain: image.readUInt32LE(o + 4),
+        step: image.readUInt32LE(o + 8),
+        index: image.readUInt32LE(o + 12),
+      });
   }
   return out;
 }
@@ -91,7 +96,10 @@ describe('group markers keep causality across machines', () => {
       agents.set(m, agent);
       participants.set(m, new GroupParticipant(agent, { logger: silent }));
       for (const d of DISKS[m]) {
-        logs.set(`${m}/${d}`, new DiskLog({ machine: m, disk: d }, await GroupNbdClient.connect(agent.nbd!.port, d)));
+        logs.set(
+          `${m}/${d}`,
+          new DiskLog({ machine: m, disk: d }, await GroupNbdClient.connect(agent.nbd!.port, d)),
+        );
       }
     }
   }, 60_000);
@@ -106,10 +114,28 @@ describe('group markers keep causality across machines', () => {
   it('over HTTP: thousands of chained records, every committed cut is a prefix of every chain and equals the model', async () => {
     const hub = site.hub('app');
     const outcomes = new Set<string>();
-    hub.on('outcome', (o: { machine: string; markerId: string; cut: boolean }) => o.cut && outcomes.add(`${o.markerId}/${o.machine}`));
-    const clients = MACHINES.map((m) => new GroupMemberClient(participants.get(m)!, { url: site.url, group: 'app', credential: credentialOf(m), pollMs: 2_000, logger: silent }));
+    hub.on(
+      'outcome',
+      (o: { machine: string; markerId: string; cut: boolean }) =>
+        o.cut && outcomes.add(`${o.markerId}/${o.machine}`),
+    );
+    const clients = MACHINES.map(
+      (m) =>
+        new GroupMemberClient(participants.get(m)!, {
+          url: site.url,
+          group: 'app',
+          credential: credentialOf(m),
+          pollMs: 2_000,
+          logger: silent,
+        }),
+    );
     for (const c of clients) c.start();
-    const coordinator = new GroupCoordinator({ group: 'app', members: MACHINES.map((m) => hub.link(m)), prepareTimeoutMs: 3_000, logger: silent });
+    const coordinator = new GroupCoordinator({
+      group: 'app',
+      members: MACHINES.map((m) => hub.link(m)),
+      prepareTimeoutMs: 3_000,
+      logger: silent,
+    });
 
     let writing = true;
     const chains = Array.from({ length: CHAINS }, async (_, chain) => {
@@ -131,7 +157,8 @@ describe('group markers keep causality across machines', () => {
     await markers;
     // A commit is a decision; each member reports its cut afterwards.
     const last = results[results.length - 1];
-    if (last.decision === 'commit') await waitUntil(() => MACHINES.every((m) => outcomes.has(`${last.markerId}/${m}`)));
+    if (last.decision === 'commit')
+      await waitUntil(() => MACHINES.every((m) => outcomes.has(`${last.markerId}/${m}`)));
     for (const c of clients) await c.stop();
     for (const a of agents.values()) await a.cutAll();
     for (const a of agents.values()) await a.settled(30_000);
@@ -149,12 +176,18 @@ describe('group markers keep causality across machines', () => {
           const recs = records(image);
           const log = logs.get(`${m}/${d}`)!;
           const prefix = recs.length === 0 ? 0 : Math.max(...recs.map((x) => x.index)) + 1;
-          expect(image.equals(log.model(prefix)), `${m}/${d} at ${r.markerId} equals the model of its first ${prefix} writes`).toBe(true);
+          expect(
+            image.equals(log.model(prefix)),
+            `${m}/${d} at ${r.markerId} equals the model of its first ${prefix} writes`,
+          ).toBe(true);
           for (const x of recs) latest.set(`${x.chain}/${m}/${d}`, x.step);
         }
       }
       for (let chain = 0; chain < CHAINS; chain++) {
-        const top = Math.max(-1, ...MACHINES.flatMap((m) => DISKS[m].map((d) => latest.get(`${chain}/${m}/${d}`) ?? -1)));
+        const top = Math.max(
+          -1,
+          ...MACHINES.flatMap((m) => DISKS[m].map((d) => latest.get(`${chain}/${m}/${d}`) ?? -1)),
+        );
         if (top > 0 && top < STEPS - 1) midway++;
         // Every step before `top` happened before it, so each slot must show its last step ≤ top.
         for (let step = Math.max(0, top - 6); step < top; step++) {
@@ -168,16 +201,22 @@ describe('group markers keep causality across machines', () => {
               break;
             }
           }
-          expect(shown, `chain ${chain} at ${r.markerId}: ${p.machine}/${p.disk} shows step ${shown}, needs ${expected} (top ${top})`).toBe(expected);
+          expect(
+            shown,
+            `chain ${chain} at ${r.markerId}: ${p.machine}/${p.disk} shows step ${shown}, needs ${expected} (top ${top})`,
+          ).toBe(expected);
         }
       }
     }
     expect(midway).toBeGreaterThan(0);
     // Aborted markers are never cut anywhere.
     const aborted = new Set(results.filter((r) => r.decision === 'abort').map((r) => r.markerId));
-    for (const m of MACHINES) for (const d of DISKS[m]) for (const id of site.markers(m, d)) expect(aborted.has(id)).toBe(false);
+    for (const m of MACHINES)
+      for (const d of DISKS[m]) for (const id of site.markers(m, d)) expect(aborted.has(id)).toBe(false);
     // Every committed marker is on every disk of every member.
-    for (const m of MACHINES) for (const d of DISKS[m]) expect(site.markers(m, d)).toEqual(expect.arrayContaining(committed.map((r) => r.markerId)));
+    for (const m of MACHINES)
+      for (const d of DISKS[m])
+        expect(site.markers(m, d)).toEqual(expect.arrayContaining(committed.map((r) => r.markerId)));
   }, 90_000);
 
   it('in process: app-consistent markers freeze every member inside the barrier; one failed freeze makes the point crash-consistent', async () => {
@@ -186,11 +225,18 @@ describe('group markers keep causality across machines', () => {
       (m) =>
         new GroupParticipant(agents.get(m)!, {
           logger: silent,
-          freezeCommand: m === 'app-c' ? `echo freeze-$LIFEBOAT_MACHINE >> ${hooks}; test -e ${dir}/c-ok` : `echo freeze-$LIFEBOAT_MACHINE >> ${hooks}`,
+          freezeCommand:
+            m === 'app-c'
+              ? `echo freeze-$LIFEBOAT_MACHINE >> ${hooks}; test -e ${dir}/c-ok`
+              : `echo freeze-$LIFEBOAT_MACHINE >> ${hooks}`,
           thawCommand: `echo thaw-$LIFEBOAT_MACHINE >> ${hooks}`,
         }),
     );
-    const coordinator = new GroupCoordinator({ group: 'app', members: members.map(localLink), logger: silent });
+    const coordinator = new GroupCoordinator({
+      group: 'app',
+      members: members.map(localLink),
+      logger: silent,
+    });
     const first = await coordinator.runMarker('app');
     expect(first.decision).toBe('commit');
     expect(first.consistency).toBe('crash');
@@ -204,7 +250,15 @@ describe('group markers keep causality across machines', () => {
       expect(lines.filter((l) => l === `thaw-${m}`)).toHaveLength(2);
     }
     for (const a of agents.values()) await a.settled(30_000);
-    const tags = site.decoded('app-b', 'd0').flatMap((s) => s.records.flatMap((r) => (r.type === 'marker' && (r.id === first.markerId || r.id === second.markerId) ? [[r.id, r.kind, r.tag]] : [])));
+    const tags = site
+      .decoded('app-b', 'd0')
+      .flatMap((s) =>
+        s.records.flatMap((r) =>
+          r.type === 'marker' && (r.id === first.markerId || r.id === second.markerId)
+            ? [[r.id, r.kind, r.tag]]
+            : [],
+        ),
+      );
     expect(tags).toEqual([
       [first.markerId, 'group', 'group=app;consistency=crash'],
       [second.markerId, 'group', 'group=app;consistency=app'],

@@ -23,7 +23,10 @@ import {
 export class GroupNbdClient {
   private buffered: Buffer = Buffer.alloc(0);
   private handle = 0n;
-  private readonly waiting = new Map<bigint, { length: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }>();
+  private readonly waiting = new Map<
+    bigint,
+    { length: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }
+  >();
   private handshake: { need: number; resolve: (b: Buffer) => void } | undefined;
   private failure: Error | undefined;
   private closed = false;
@@ -97,7 +100,10 @@ export class GroupNbdClient {
       }
       if (this.negotiating) return;
       if (this.buffered.length < 16) return;
-      if (this.buffered.readUInt32BE(0) !== NBD_SIMPLE_REPLY_MAGIC) throw new Error(`bad reply magic: ${this.buffered.subarray(0, 32).toString('hex')} (${this.buffered.length} bytes)`);
+      if (this.buffered.readUInt32BE(0) !== NBD_SIMPLE_REPLY_MAGIC)
+        throw new Error(
+          `bad reply magic: ${this.buffered.subarray(0, 32).toString('hex')} (${this.buffered.length} bytes)`,
+        );
       const handle = this.buffered.readBigUInt64BE(8);
       const w = this.waiting.get(handle);
       if (!w) throw new Error(`reply for unknown handle ${handle}`);
@@ -120,7 +126,9 @@ export class GroupNbdClient {
     header.writeBigUInt64BE(h, 8);
     header.writeBigUInt64BE(BigInt(offset), 16);
     header.writeUInt32BE(length, 24);
-    const p = new Promise<Buffer>((resolve, reject) => this.waiting.set(h, { length: type === NBD_CMD_READ ? length : 0, resolve, reject }));
+    const p = new Promise<Buffer>((resolve, reject) =>
+      this.waiting.set(h, { length: type === NBD_CMD_READ ? length : 0, resolve, reject }),
+    );
     this.socket.write(payload ? Buffer.concat([header, payload]) : header);
     return p;
   }

@@ -37,13 +37,29 @@ describe('the proxy coordinates the groups of the groups table', () => {
   let proxy: RunningProxy;
 
   const member = (m: string) =>
-    new GroupMemberClient(participants.get(m)!, { url: proxy.url, group, credential: tokens.get(m)!, pollMs: 1_000, logger: silent });
+    new GroupMemberClient(participants.get(m)!, {
+      url: proxy.url,
+      group,
+      credential: tokens.get(m)!,
+      pollMs: 1_000,
+      logger: silent,
+    });
 
   beforeAll(async () => {
     for (const m of machines) tokens.set(m, await registerMachine(connection, m));
     const store = GroupStore.fromSettings(tables, settings);
-    await putGroup(store, group, { members: machines, policy: { crashConsistentIntervalSeconds: 1, prepareTimeoutMs: 500 } });
-    proxy = await startProxy({ spoolDir: path.join(dir, 'spool'), host: '127.0.0.1', port: 0, tls: 'none', settings, logger: quietLogger });
+    await putGroup(store, group, {
+      members: machines,
+      policy: { crashConsistentIntervalSeconds: 1, prepareTimeoutMs: 500 },
+    });
+    proxy = await startProxy({
+      spoolDir: path.join(dir, 'spool'),
+      host: '127.0.0.1',
+      port: 0,
+      tls: 'none',
+      settings,
+      logger: quietLogger,
+    });
     for (const m of machines) {
       const file = path.join(dir, `${m}.img`);
       fs.writeFileSync(file, Buffer.alloc(SIZE));
@@ -87,35 +103,56 @@ describe('the proxy coordinates the groups of the groups table', () => {
     const base = `${proxy.url}/v1/groups`;
     const noCredential = await fetch(`${base}/${group}/members/${machines[0]}/commands?waitMs=0`);
     expect(noCredential.status).toBe(401);
-    const otherMachine = await fetch(`${base}/${group}/members/${machines[0]}/commands?waitMs=0`, { headers: { authorization: `Bearer ${tokens.get(machines[1])}` } });
+    const otherMachine = await fetch(`${base}/${group}/members/${machines[0]}/commands?waitMs=0`, {
+      headers: { authorization: `Bearer ${tokens.get(machines[1])}` },
+    });
     expect(otherMachine.status).toBe(403);
-    const ok = await fetch(`${base}/${group}/members/${machines[0]}/commands?waitMs=0`, { headers: { authorization: `Bearer ${tokens.get(machines[0])}` } });
+    const ok = await fetch(`${base}/${group}/members/${machines[0]}/commands?waitMs=0`, {
+      headers: { authorization: `Bearer ${tokens.get(machines[0])}` },
+    });
     expect(ok.status === 204 || ok.status === 200).toBe(true);
     await ok.arrayBuffer();
-    const unknown = await fetch(`${base}/no-such-group/members/${machines[0]}/commands?waitMs=0`, { headers: { authorization: `Bearer ${tokens.get(machines[0])}` } });
+    const unknown = await fetch(`${base}/no-such-group/members/${machines[0]}/commands?waitMs=0`, {
+      headers: { authorization: `Bearer ${tokens.get(machines[0])}` },
+    });
     expect(unknown.status).toBe(404);
-    expect(((await unknown.json()) as { error: { message: string } }).error.message).toMatch(/no replication group/);
+    expect(((await unknown.json()) as { error: { message: string } }).error.message).toMatch(
+      /no replication group/,
+    );
   });
 
   it('cuts markers on the policy interval; a silent member aborts them with an event naming it; it commits again once back', async () => {
     for (const c of clients.values()) c.start();
-    await waitFor(async () => (committedOnAll().length >= 2 ? true : undefined), 'two committed markers', 20_000);
+    await waitFor(
+      async () => (committedOnAll().length >= 2 ? true : undefined),
+      'two committed markers',
+      20_000,
+    );
 
     // db stops answering: its agent keeps running, its group client is gone.
     const db = machines[2];
     await clients.get(db)!.stop();
-    const event = await waitFor(async () => (await listEvents(tables, { machine: db, type: GROUP_MARKER_ABORTED })).value[0], 'the abort event', 20_000);
+    const event = await waitFor(
+      async () => (await listEvents(tables, { machine: db, type: GROUP_MARKER_ABORTED })).value[0],
+      'the abort event',
+      20_000,
+    );
     expect(event).toMatchObject({ type: GROUP_MARKER_ABORTED, severity: 'warning', machine: db });
     expect(event.message).toContain(`${db} did not answer prepare`);
     expect(event.details).toMatchObject({ group, members: [db] });
     // The aborted marker was cut nowhere.
     expect(cuts.get(event.details!.markerId as string)).toBeUndefined();
     // The others are not blamed.
-    for (const m of machines.slice(0, 2)) expect((await listEvents(tables, { machine: m, type: GROUP_MARKER_ABORTED })).value).toEqual([]);
+    for (const m of machines.slice(0, 2))
+      expect((await listEvents(tables, { machine: m, type: GROUP_MARKER_ABORTED })).value).toEqual([]);
 
     const before = new Set(cuts.keys());
     clients.set(db, member(db));
     clients.get(db)!.start();
-    await waitFor(async () => (committedOnAll(before).length >= 1 ? true : undefined), 'a marker committed after db is back', 20_000);
+    await waitFor(
+      async () => (committedOnAll(before).length >= 1 ? true : undefined),
+      'a marker committed after db is back',
+      20_000,
+    );
   }, 60_000);
 });

@@ -44,7 +44,8 @@ export class TestSite {
         (h = new BarrierHub(
           group,
           async (authorization, machine) => {
-            if (authorization !== `Bearer ${credentialOf(machine)}`) throw new UnauthorizedError('bad credential');
+            if (authorization !== `Bearer ${credentialOf(machine)}`)
+              throw new UnauthorizedError('bad credential');
           },
           silent,
         )),
@@ -62,7 +63,9 @@ export class TestSite {
   }
 
   markers(machine: string, disk: string): string[] {
-    return this.decoded(machine, disk).flatMap((s) => s.records.flatMap((r) => (r.type === 'marker' ? [r.id] : [])));
+    return this.decoded(machine, disk).flatMap((s) =>
+      s.records.flatMap((r) => (r.type === 'marker' ? [r.id] : [])),
+    );
   }
 
   /** The disk replayed with the reference model up to and including `marker`. */
@@ -87,13 +90,19 @@ export class TestSite {
       res.end(JSON.stringify(body));
     };
     const machine = parts[2];
-    if (req.headers.authorization !== `Bearer ${credentialOf(machine)}`) return send(401, { error: { message: 'bad credential' } });
+    if (req.headers.authorization !== `Bearer ${credentialOf(machine)}`)
+      return send(401, { error: { message: 'bad credential' } });
     const key = `${machine}/${parts[4]}`;
     let m = this.segments.get(key);
     if (!m) this.segments.set(key, (m = new Map()));
     if (req.method === 'GET' && parts.length === 5) {
       const seqs = [...m.keys()];
-      return send(200, { machine, disk: parts[4], epoch: seqs.length ? 0 : null, seq: seqs.length ? Math.max(...seqs) : null });
+      return send(200, {
+        machine,
+        disk: parts[4],
+        epoch: seqs.length ? 0 : null,
+        seq: seqs.length ? Math.max(...seqs) : null,
+      });
     }
     if (req.method === 'PUT' && parts[5] === 'segments') {
       const chunks: Buffer[] = [];
@@ -101,7 +110,10 @@ export class TestSite {
       const body = Buffer.concat(chunks);
       const seq = Number(parts[7]);
       const existing = m.get(seq);
-      if (existing) return existing.equals(body) ? send(200, { result: 'duplicate' }) : send(409, { error: { message: 'other bytes' } });
+      if (existing)
+        return existing.equals(body)
+          ? send(200, { result: 'duplicate' })
+          : send(409, { error: { message: 'other bytes' } });
       m.set(seq, body);
       return send(201, { result: 'created' });
     }
@@ -114,7 +126,13 @@ export function tempDir(prefix: string): string {
 }
 
 /** A started agent for `machine` with `disks` zero-filled images of `size` bytes, in data mode. */
-export async function startAgent(site: TestSite, dir: string, machine: string, disks: string[], size: number): Promise<MachineAgent> {
+export async function startAgent(
+  site: TestSite,
+  dir: string,
+  machine: string,
+  disks: string[],
+  size: number,
+): Promise<MachineAgent> {
   const agentDisks = disks.map((id) => {
     const file = path.join(dir, `${machine}-${id}.img`);
     fs.writeFileSync(file, Buffer.alloc(size));

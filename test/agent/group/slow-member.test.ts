@@ -27,7 +27,16 @@ describe('a slow member aborts the group marker without stalling writes', () => 
     for (const m of MACHINES) {
       const agent = await startAgent(site, dir, m, ['d0'], SIZE);
       agents.set(m, agent);
-      clients.set(m, new GroupMemberClient(new GroupParticipant(agent, { logger: silent }), { url: site.url, group: 'shop', credential: credentialOf(m), pollMs: 1_000, logger: silent }));
+      clients.set(
+        m,
+        new GroupMemberClient(new GroupParticipant(agent, { logger: silent }), {
+          url: site.url,
+          group: 'shop',
+          credential: credentialOf(m),
+          pollMs: 1_000,
+          logger: silent,
+        }),
+      );
       nbd.set(m, await GroupNbdClient.connect(agent.nbd!.port, 'd0'));
     }
   }, 60_000);
@@ -42,7 +51,12 @@ describe('a slow member aborts the group marker without stalling writes', () => 
 
   it('aborts, names db, keeps writing, and commits the next marker once db polls again', async () => {
     const hub = site.hub('shop');
-    const coordinator = new GroupCoordinator({ group: 'shop', members: MACHINES.map((m) => hub.link(m)), prepareTimeoutMs: 400, logger: silent });
+    const coordinator = new GroupCoordinator({
+      group: 'shop',
+      members: MACHINES.map((m) => hub.link(m)),
+      prepareTimeoutMs: 400,
+      logger: silent,
+    });
     const aborted: (GroupMarkerResult & { message: string })[] = [];
     coordinator.on('aborted', (e: GroupMarkerResult & { message: string }) => aborted.push(e));
     clients.get('web')!.start();

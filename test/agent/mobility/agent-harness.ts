@@ -48,7 +48,8 @@ export class TestProxy {
     const m = this.disk(disk);
     const seqs = [...m.keys()].sort((a, b) => a - b);
     seqs.forEach((s, i) => {
-      if (i > 0 && s !== seqs[i - 1] + 1) throw new Error(`disk ${disk}: gap between seq ${seqs[i - 1]} and ${s}`);
+      if (i > 0 && s !== seqs[i - 1] + 1)
+        throw new Error(`disk ${disk}: gap between seq ${seqs[i - 1]} and ${s}`);
     });
     return seqs.map((s) => decodeSegment(m.get(s) as Buffer));
   }
@@ -82,12 +83,18 @@ export class TestProxy {
       res.writeHead(status, { 'content-type': 'application/json', ...headers });
       res.end(JSON.stringify(body));
     };
-    if (req.headers.authorization !== `Bearer ${CREDENTIAL}`) return send(401, { error: { code: 'Unauthorized', message: 'bad credential' } });
+    if (req.headers.authorization !== `Bearer ${CREDENTIAL}`)
+      return send(401, { error: { code: 'Unauthorized', message: 'bad credential' } });
     const parts = (req.url ?? '').split('/').slice(1);
     if (req.method === 'GET' && parts.length === 5 && parts[0] === 'v1') {
       const m = this.disk(parts[4]);
       const seqs = [...m.keys()];
-      return send(200, { machine: parts[2], disk: parts[4], epoch: seqs.length ? 0 : null, seq: seqs.length ? Math.max(...seqs) : null });
+      return send(200, {
+        machine: parts[2],
+        disk: parts[4],
+        epoch: seqs.length ? 0 : null,
+        seq: seqs.length ? Math.max(...seqs) : null,
+      });
     }
     if (req.method === 'PUT' && parts.length === 8 && parts[5] === 'segments') {
       const chunks: Buffer[] = [];
@@ -95,7 +102,11 @@ export class TestProxy {
       req.on('end', () => {
         if (this.behaviour === 'throttle') {
           this.answers.throttled++;
-          return send(429, { error: { code: 'TooManyRequests', message: 'slow down' } }, { 'retry-after': String(this.retryAfterSeconds) });
+          return send(
+            429,
+            { error: { code: 'TooManyRequests', message: 'slow down' } },
+            { 'retry-after': String(this.retryAfterSeconds) },
+          );
         }
         const body = Buffer.concat(chunks);
         let header;
@@ -105,7 +116,8 @@ export class TestProxy {
           return send(400, { error: { code: 'InvalidSegment', message: (err as Error).message } });
         }
         const seq = Number(parts[7]);
-        if (header.seq !== seq || header.disk !== parts[4] || header.machine !== parts[2]) return send(400, { error: { message: 'header mismatch' } });
+        if (header.seq !== seq || header.disk !== parts[4] || header.machine !== parts[2])
+          return send(400, { error: { message: 'header mismatch' } });
         const m = this.disk(parts[4]);
         const existing = m.get(seq);
         if (existing) {
@@ -140,7 +152,10 @@ export function makeImage(dir: string, name: string, size: number, fill?: (b: Bu
 
 export const silentLogger = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
 
-export function newAgent(proxy: TestProxy, options: Partial<MachineAgentOptions> & Pick<MachineAgentOptions, 'disks' | 'journalDir'>): MachineAgent {
+export function newAgent(
+  proxy: TestProxy,
+  options: Partial<MachineAgentOptions> & Pick<MachineAgentOptions, 'disks' | 'journalDir'>,
+): MachineAgent {
   return new MachineAgent({
     machine: 'm1',
     proxy: { url: proxy.url, credential: CREDENTIAL },

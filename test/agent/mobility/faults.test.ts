@@ -42,9 +42,14 @@ h.flush()
 `;
 
 function workload(uri: string, seed: number, ops: number, maxSectors = 64): Promise<void> {
-  const script = AIO.replace('SEED', String(seed)).replace('OPS', String(ops)).replace('MAXSECT', String(maxSectors));
+  const script = AIO.replace('SEED', String(seed))
+    .replace('OPS', String(ops))
+    .replace('MAXSECT', String(maxSectors));
   return new Promise((resolve, reject) => {
-    const child = spawn('nbdsh', ['-u', uri, '-c', script], { env: TOOL_ENV, stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('nbdsh', ['-u', uri, '-c', script], {
+      env: TOOL_ENV,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let err = '';
     child.stderr.on('data', (c: Buffer) => (err += c.toString()));
     child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`nbdsh exited ${code}: ${err}`))));
@@ -62,7 +67,8 @@ class ProxyReplayChecksums implements RemoteChecksums {
   async checksums(range: { offset: number; length: number }): Promise<Buffer[]> {
     const image = this.proxy.replay(this.disk, this.size);
     const out: Buffer[] = [];
-    for (let at = range.offset; at < range.offset + range.length; at += this.blockSize) out.push(blockChecksum(image.subarray(at, Math.min(range.offset + range.length, at + this.blockSize))));
+    for (let at = range.offset; at < range.offset + range.length; at += this.blockSize)
+      out.push(blockChecksum(image.subarray(at, Math.min(range.offset + range.length, at + this.blockSize))));
     return out;
   }
 }
@@ -89,7 +95,9 @@ describe('agent under proxy faults', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  function start(extra: Parameters<typeof newAgent>[1] extends infer T ? Partial<T> : never = {}): Promise<void> {
+  function start(
+    extra: Parameters<typeof newAgent>[1] extends infer T ? Partial<T> : never = {},
+  ): Promise<void> {
     agent = newAgent(proxy, {
       disks: [{ id: 'd0', path: image }],
       journalDir: path.join(dir, 'journal'),
@@ -101,7 +109,8 @@ describe('agent under proxy faults', () => {
 
   function checkMarkers(markers: string[]): void {
     expect(proxy.markers('d0')).toEqual(markers);
-    for (const id of markers) assertSameBytes(proxy.replay('d0', size, id), snapshots.get(id) as Buffer, `disk at marker ${id}`);
+    for (const id of markers)
+      assertSameBytes(proxy.replay('d0', size, id), snapshots.get(id) as Buffer, `disk at marker ${id}`);
     assertSameBytes(proxy.replay('d0', size), fs.readFileSync(image), 'final disk');
   }
 
@@ -116,7 +125,10 @@ describe('agent under proxy faults', () => {
       markers.push((await agent!.cutMarker('crash'))!.id);
     }
     await agent!.cutAll();
-    await waitFor(() => agent!.status().disks[0].shipper.reachable === false, 'the shipper to notice the outage');
+    await waitFor(
+      () => agent!.status().disks[0].shipper.reachable === false,
+      'the shipper to notice the outage',
+    );
     const during = agent!.status().disks[0];
     expect(during.mode).toBe('data');
     expect(during.backlogSegments).toBeGreaterThan(3);
@@ -205,7 +217,11 @@ describe('agent under proxy faults', () => {
     const m = (await agent!.cutMarker('crash'))!.id;
     await agent!.settled();
     expect(modes[0]).toBe('resync');
-    assertSameBytes(proxy.replay('d0', size, m), snapshots.get(m) as Buffer, 'disk at the marker after the resync');
+    assertSameBytes(
+      proxy.replay('d0', size, m),
+      snapshots.get(m) as Buffer,
+      'disk at the marker after the resync',
+    );
     assertSameBytes(proxy.replay('d0', size), fs.readFileSync(image), 'final disk');
   });
 });

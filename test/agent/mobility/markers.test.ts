@@ -80,7 +80,10 @@ function runNbdsh(args: string[]): { done: Promise<string>; finished: () => bool
 }
 
 function aio(uri: string, seed: number, ops: number, lo: number, hi: number) {
-  const script = AIO.replace('SEED', String(seed)).replace('OPS', String(ops)).replace('LO', String(lo)).replace('HI', String(hi));
+  const script = AIO.replace('SEED', String(seed))
+    .replace('OPS', String(ops))
+    .replace('LO', String(lo))
+    .replace('HI', String(hi));
   return runNbdsh(['-u', uri, '-c', script]);
 }
 
@@ -146,7 +149,8 @@ describe('markers over NBD', () => {
         { id: 'd1', path: images.d1 },
       ],
       journalDir: path.join(dir, 'journal'),
-      whilePaused: (m) => void snapshots.set(m.id, { d0: fs.readFileSync(images.d0), d1: fs.readFileSync(images.d1) }),
+      whilePaused: (m) =>
+        void snapshots.set(m.id, { d0: fs.readFileSync(images.d0), d1: fs.readFileSync(images.d1) }),
     });
     await agent.start();
     await agent.settled();
@@ -160,7 +164,10 @@ describe('markers over NBD', () => {
         .replaceAll('GENS', '1500')
         .replace('BLOCKS', String(blocks)),
     ]);
-    const noise = [aio(`nbd://127.0.0.1:${port}/d0`, 21, 1500, MiB, size), aio(`nbd://127.0.0.1:${port}/d1`, 22, 1500, MiB, size)];
+    const noise = [
+      aio(`nbd://127.0.0.1:${port}/d0`, 21, 1500, MiB, size),
+      aio(`nbd://127.0.0.1:${port}/d1`, 22, 1500, MiB, size),
+    ];
     const markers: string[] = [];
     while (!chain.finished() || noise.some((n) => !n.finished())) {
       const m = await agent.cutMarker('crash');

@@ -10,7 +10,16 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { AgentStatus } from '../../../agent/mobility/agent';
-import { CREDENTIAL, MiB, TestProxy, assertSameBytes, makeImage, runTool, tempDir, waitFor } from './agent-harness';
+import {
+  CREDENTIAL,
+  MiB,
+  TestProxy,
+  assertSameBytes,
+  makeImage,
+  runTool,
+  tempDir,
+  waitFor,
+} from './agent-harness';
 
 const ROOT = path.resolve(__dirname, '../../..');
 const COMMAND = path.join(ROOT, 'agent/mobility/command.ts');
@@ -50,12 +59,37 @@ describe('agent process: kill, stop, restart', () => {
   function spawnAgent(remoteImage: string): AgentProcess {
     fs.rmSync(path.join(journalDir, 'status.json'), { force: true });
     const args = [
-      '--import', 'tsx', COMMAND, 'protect',
-      '--machine', 'm1', '--disk', `d0=${image}`, '--proxy', proxy.url, '--credential-file', credFile,
-      '--nbd-port', '0', '--journal-dir', journalDir, '--crash-interval', '0', '--segment-age', '1',
-      '--segment-max', '256KiB', '--remote-image', `d0=${remoteImage}`, '--no-progress',
+      '--import',
+      'tsx',
+      COMMAND,
+      'protect',
+      '--machine',
+      'm1',
+      '--disk',
+      `d0=${image}`,
+      '--proxy',
+      proxy.url,
+      '--credential-file',
+      credFile,
+      '--nbd-port',
+      '0',
+      '--journal-dir',
+      journalDir,
+      '--crash-interval',
+      '0',
+      '--segment-age',
+      '1',
+      '--segment-max',
+      '256KiB',
+      '--remote-image',
+      `d0=${remoteImage}`,
+      '--no-progress',
     ];
-    const child = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, LIFEBOAT_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, args, {
+      cwd: ROOT,
+      env: { ...process.env, LIFEBOAT_LOG_LEVEL: 'info' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let log = '';
     child.stdout!.on('data', (c: Buffer) => (log += c.toString()));
     child.stderr!.on('data', (c: Buffer) => (log += c.toString()));
@@ -88,7 +122,11 @@ describe('agent process: kill, stop, restart', () => {
   }
 
   /** Writes `data` at `offset` with nbdsh; with flush the call returns only after the FLUSH was acknowledged. */
-  async function nbdWrite(uri: string, writes: { offset: number; data: Buffer }[], flush: boolean): Promise<void> {
+  async function nbdWrite(
+    uri: string,
+    writes: { offset: number; data: Buffer }[],
+    flush: boolean,
+  ): Promise<void> {
     const file = path.join(dir, `w-${Date.now()}-${Math.random()}.bin`);
     fs.writeFileSync(file, Buffer.concat(writes.map((w) => w.data)));
     const plan = writes.map((w) => [w.offset, w.data.length]);
@@ -109,7 +147,10 @@ h.shutdown()
     const out: { offset: number; data: Buffer }[] = [];
     for (let i = 0; i < count; i++) {
       const n = (1 + Math.floor(Math.random() * 32)) * 512;
-      out.push({ offset: lo + Math.floor(Math.random() * ((hi - lo - n) / 512)) * 512, data: randomBytes(n) });
+      out.push({
+        offset: lo + Math.floor(Math.random() * ((hi - lo - n) / 512)) * 512,
+        data: randomBytes(n),
+      });
     }
     return out;
   }

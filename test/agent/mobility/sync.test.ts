@@ -9,7 +9,16 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { MachineAgent } from '../../../agent/mobility/agent';
 import { ImageFileChecksums, type SyncProgress } from '../../../agent/mobility/sync';
-import { MiB, TestProxy, assertSameBytes, makeImage, newAgent, runTool, tempDir, waitFor } from './agent-harness';
+import {
+  MiB,
+  TestProxy,
+  assertSameBytes,
+  makeImage,
+  newAgent,
+  runTool,
+  tempDir,
+  waitFor,
+} from './agent-harness';
 
 const BLOCK = 64 * 1024;
 
@@ -59,7 +68,11 @@ describe('initial replication and scanning', () => {
     // They land only in blocks that differ anyway and are not zero, so whichever comes first — the
     // write or the sync's comparison — the sync ships exactly the differing blocks.
     const uri = `nbd://127.0.0.1:${agent.nbd?.port}/d0`;
-    const writes = runTool('nbdsh', ['-u', uri, '-c', `
+    const writes = runTool('nbdsh', [
+      '-u',
+      uri,
+      '-c',
+      `
 import os, random
 random.seed(5)
 blocks = [b for b in range(0, ${blocks}, 7) if b % 5 != 0]
@@ -68,7 +81,8 @@ for i in range(300):
     b = random.choice(blocks)
     h.pwrite(os.urandom(n), b * ${BLOCK} + random.randrange(0, (${BLOCK} - n) // 512 + 1) * 512)
 h.flush()
-`]);
+`,
+    ]);
     let marker: string | undefined;
     while (!marker) {
       const m = await agent.cutMarker('crash');
@@ -93,10 +107,16 @@ h.flush()
     expect(final.shippedBytes).toBe(differing.size * BLOCK);
     const zeroDiffering = [...differing].filter((b) => b % 5 === 0).length;
     expect(final.zeroBytes).toBe(zeroDiffering * BLOCK);
-    const zeroRecords = segs.slice(0, firstMarkerSeg + 1).flatMap((s) => s.records.filter((r) => r.type === 'zero'));
+    const zeroRecords = segs
+      .slice(0, firstMarkerSeg + 1)
+      .flatMap((s) => s.records.filter((r) => r.type === 'zero'));
     expect(zeroRecords.length).toBeGreaterThan(0);
     // Replayed onto the cloud copy, the stream reproduces the disk.
-    assertSameBytes(proxy.replay('d0', size, last, cloud), fs.readFileSync(image), 'cloud copy after sync and writes');
+    assertSameBytes(
+      proxy.replay('d0', size, last, cloud),
+      fs.readFileSync(image),
+      'cloud copy after sync and writes',
+    );
   });
 
   it('scan source: ships changed blocks between scans, zeroed blocks as zero records, inside freeze/thaw hooks', async () => {
@@ -126,11 +146,26 @@ h.flush()
     const before = proxy.decoded('d0').length;
     const m2 = (await agent.scanCycle())!;
     await agent.settled();
-    const fresh = proxy.decoded('d0').slice(before).flatMap((s) => s.records);
-    expect(fresh.filter((r) => r.type === 'write').map((r) => (r.type === 'write' ? r.offset : -1))).toEqual([3 * BLOCK, 20 * BLOCK]);
-    expect(fresh.filter((r) => r.type === 'zero').map((r) => (r.type === 'zero' ? r.offset : -1))).toEqual([5 * BLOCK]);
+    const fresh = proxy
+      .decoded('d0')
+      .slice(before)
+      .flatMap((s) => s.records);
+    expect(fresh.filter((r) => r.type === 'write').map((r) => (r.type === 'write' ? r.offset : -1))).toEqual([
+      3 * BLOCK,
+      20 * BLOCK,
+    ]);
+    expect(fresh.filter((r) => r.type === 'zero').map((r) => (r.type === 'zero' ? r.offset : -1))).toEqual([
+      5 * BLOCK,
+    ]);
     assertSameBytes(proxy.replay('d0', size, m2.id), fs.readFileSync(image), 'after the third scan');
-    expect(fs.readFileSync(hookLog, 'utf8').trim().split('\n')).toEqual(['freeze', 'thaw', 'freeze', 'thaw', 'freeze', 'thaw']);
+    expect(fs.readFileSync(hookLog, 'utf8').trim().split('\n')).toEqual([
+      'freeze',
+      'thaw',
+      'freeze',
+      'thaw',
+      'freeze',
+      'thaw',
+    ]);
   });
 
   it('a failed freeze hook is reported, thaw still runs, and the marker is crash-consistent', async () => {

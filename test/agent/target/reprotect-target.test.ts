@@ -34,7 +34,9 @@ const BLOCK = CHANGE_BLOCK_BYTES;
 describe('reprotect passes and the target role', () => {
   const settings = testSettings(connection, 'unused');
   const deps = protectionDepsFromSettings(settings);
-  const failoverDisks = new StorageClients(SETTING.replicaStorage, settings).blobService().getContainerClient('failover-disks');
+  const failoverDisks = new StorageClients(SETTING.replicaStorage, settings)
+    .blobService()
+    .getContainerClient('failover-disks');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-reprotect-'));
   afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
@@ -53,7 +55,16 @@ describe('reprotect passes and the target role', () => {
     const sitePath = path.join(dir, `${machine}-d0.img`);
     fs.writeFileSync(sitePath, site);
 
-    const options = { container: deps.reprotect, keyRing: ring, tables: deps.tables, machine, epoch: 1, disks: [{ id: 'd0', path: sitePath }], stateDir: path.join(dir, machine), logger: quietLogger() };
+    const options = {
+      container: deps.reprotect,
+      keyRing: ring,
+      tables: deps.tables,
+      machine,
+      epoch: 1,
+      disks: [{ id: 'd0', path: sitePath }],
+      stateDir: path.join(dir, machine),
+      logger: quietLogger(),
+    };
     let target = new ReprotectTarget(options);
     await target.uploadChecksums();
 
@@ -61,16 +72,30 @@ describe('reprotect passes and the target role', () => {
     const s1 = (await blob.createSnapshot()).snapshot!;
     const siteSums = await readSiteChecksums(deps.reprotect, ring, { machine, disk: 'd0', epoch: 1 });
     const ranges1 = differingRanges(await pageBlobChecksums(blob.withSnapshot(s1), SIZE), siteSums!, SIZE);
-    const pass1 = await shipPass(deps.reprotect, ring, { machine, disk: 'd0', epoch: 1, firstSeq: 1, source: blob.withSnapshot(s1), ranges: ranges1, markerId: 'pass-1' });
+    const pass1 = await shipPass(deps.reprotect, ring, {
+      machine,
+      disk: 'd0',
+      epoch: 1,
+      firstSeq: 1,
+      source: blob.withSnapshot(s1),
+      ranges: ranges1,
+      markerId: 'pass-1',
+    });
     expect(pass1.changedBytes).toBe(stale.length * BLOCK);
     const applied1 = await target.applyAvailable(options.disks[0]);
     expect(applied1).toMatchObject({ appliedSeq: pass1.nextSeq - 1, lastMarkerId: 'pass-1' });
     expect(fs.readFileSync(sitePath).equals(failover)).toBe(true);
-    const row = await (await deps.tables.get()).getEntity<{ appliedSeq: number; lastMarkerId: string }>(machine, targetRow('d0'));
+    const row = await (
+      await deps.tables.get()
+    ).getEntity<{ appliedSeq: number; lastMarkerId: string }>(machine, targetRow('d0'));
     expect([row.appliedSeq, row.lastMarkerId]).toEqual([pass1.nextSeq - 1, 'pass-1']);
 
     // Writes in the failed-over machine (and a cleared range), then pass 2 from the snapshot diff.
-    const writes: [number, number][] = [[512, 4096], [3 * BLOCK + 100 * 512, 70 * 1024], [SIZE - 1024, 1024]];
+    const writes: [number, number][] = [
+      [512, 4096],
+      [3 * BLOCK + 100 * 512, 70 * 1024],
+      [SIZE - 1024, 1024],
+    ];
     for (const [off, n] of writes) {
       const data = randomBytes(n);
       data.copy(failover, off);
@@ -85,7 +110,15 @@ describe('reprotect passes and the target role', () => {
       for (let b = Math.floor(off / BLOCK); b <= Math.floor((off + n - 1) / BLOCK); b++) changedBlocks.add(b);
     }
     expect(ranges2.reduce((s, [a, b]) => s + b - a, 0)).toBe(changedBlocks.size * BLOCK);
-    const pass2 = await shipPass(deps.reprotect, ring, { machine, disk: 'd0', epoch: 1, firstSeq: pass1.nextSeq, source: blob.withSnapshot(s2), ranges: ranges2, markerId: 'pass-2' });
+    const pass2 = await shipPass(deps.reprotect, ring, {
+      machine,
+      disk: 'd0',
+      epoch: 1,
+      firstSeq: pass1.nextSeq,
+      source: blob.withSnapshot(s2),
+      ranges: ranges2,
+      markerId: 'pass-2',
+    });
     expect(pass2.changedBytes).toBe(changedBlocks.size * BLOCK);
 
     // The link drops one change log: the target applies up to the gap and waits there.
