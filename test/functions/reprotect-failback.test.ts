@@ -14,7 +14,7 @@ import {
   readRecord,
 } from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
-import { pendingResyncCommands, protectionDepsFromSettings } from '../../shared/reprotect';
+import { pendingResyncCommands } from '../../shared/reprotect';
 import { readEntity, readRange, seedBlob, TABLES, type DiskEntity } from '../../shared/replication';
 import { waitFor } from '../helpers/host';
 import { runTool } from '../agent/mobility/nbd-harness';
@@ -119,7 +119,6 @@ describe('reprotect and failback through the local host', () => {
   const stack = testStack(connection, 'reprotect');
   const replication = testDeps(connection);
   const failover = failoverDepsFromSettings(stack.settings, { replication, log: quietLogger() });
-  const protection = protectionDepsFromSettings(stack.settings, { failover, log: quietLogger() });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-rpfb-'));
   let host: HostProcess;
   let api: Api;
