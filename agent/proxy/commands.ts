@@ -232,6 +232,25 @@ export async function getCommands(
 }
 
 /**
+ * What an agent's answer about one command needs first: its credential checked for the machine,
+ * the command id and the small body validated, and the command found (404 otherwise).
+ */
+async function commandRequest<T>(
+  deps: CommandRouteDeps,
+  req: IncomingMessage,
+  m: string,
+  id: string,
+  parse: (body: Buffer) => T,
+) {
+  const machine = await authorize(deps, req, m);
+  const commandId = validateCommandId(id);
+  const body = parse(await readSmallBody(req, MAX_ACK_BYTES));
+  const command = await deps.commands.read(machine, commandId);
+  if (!command) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+  return { machine, commandId, body, command };
+}
+
+/**
  * POST /v1/machines/{m}/commands/{id}/ack. Repeating the same answer is harmless (204); a
  * command already closed otherwise (the cloud superseded it, or another answer came first) is 409.
  */
@@ -242,11 +261,7 @@ export async function ackCommand(
   m: string,
   id: string,
 ): Promise<void> {
-  const machine = await authorize(deps, req, m);
-  const commandId = validateCommandId(id);
-  const ack = parseAck(await readSmallBody(req, MAX_ACK_BYTES));
-  const command = await deps.commands.read(machine, commandId);
-  if (!command) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+  const { machine, commandId, body: ack, command } = await commandRequest(deps, req, m, id, parseAck);
   if (command.state !== 'pending' && command.state !== ack.state) {
     throw new ConflictError(
       `Command ${commandId} of machine ${machine} is already ${command.state}${command.message ? ` (${command.message})` : ''}; it cannot become ${ack.state}.`,
@@ -334,11 +349,12 @@ export async function reportCommandProgress(
   m: string,
   id: string,
 ): Promise<void> {
-  const machine = await authorize(deps, req, m);
-  const commandId = validateCommandId(id);
-  const progress = parseProgress(await readSmallBody(req, MAX_ACK_BYTES));
-  const command = await deps.commands.read(machine, commandId);
-  if (!command) throw new NotFoundError(`Machine ${machine} has no command ${commandId}.`, 'command');
+  const {
+    machine,
+    commandId,
+    body: progress,
+    command,
+  } = await commandRequest(deps, req, m, id, parseProgress);
   if (command.type !== 'resync') {
     throw new ValidationError(
       `Command ${commandId} is a ${command.type} command; only resync commands take progress reports.`,
