@@ -14,6 +14,7 @@ import {
   type Segment,
   type SegmentRecord,
 } from '../../shared/segment';
+import { prng } from '../helpers/random';
 
 // Fuzzes the decoder with mutated and random inputs. The decoding runs in a worker thread so a
 // hang shows up as a failed test (a deadline on each batch) rather than a stuck run; the worker
@@ -83,18 +84,6 @@ parentPort.on('message', ({ id, cases }) => {
   parentPort.postMessage({ id, outcomes });
 });
 `;
-
-/** mulberry32: small, fast, seeded. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const random = prng(SEED);
 const int = (n: number): number => Math.floor(random() * n);

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { NbdExport, NbdServer, type WriteChange, type WriteJournal } from '../../../agent/mobility/nbd';
+import { prng } from '../../helpers/random';
 
 /** Records every change in the order the server appends it; data is copied to be safe. */
 export class RecordingJournal implements WriteJournal {
@@ -62,17 +63,7 @@ export function firstDifference(a: Buffer, b: Buffer): number {
   return -1;
 }
 
-/** A deterministic PRNG (mulberry32) so every failing workload can be replayed. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng };
 
 export interface DiskSpec {
   name: string;

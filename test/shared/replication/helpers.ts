@@ -18,6 +18,7 @@ import {
   type ChangelogReady,
   type ReplicationDeps,
 } from '../../../shared/replication';
+import { prng } from '../../helpers/random';
 
 export const KEYS = generateEncryptionKey('test1');
 
@@ -89,17 +90,7 @@ export async function readWhole(blob: PageBlobClient, size: number): Promise<Buf
 
 // ---- a seeded random workload and its independent model ----
 
-/** mulberry32: small, seeded, good enough for workloads. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export const rng = prng;
 
 export interface WorkloadDisk {
   id: string;
