@@ -8,7 +8,6 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { HostProcess } from '../../infra/local/host-process';
-import { applyRecordsToImage } from '../../shared/disk-model';
 import {
   failoverDepsFromSettings,
   failoverDiskName,
@@ -17,92 +16,32 @@ import {
 } from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
 import { odataString, readRange, TABLES } from '../../shared/replication';
-import type { Segment, SegmentRecord } from '../../shared/segment';
 import { waitFor } from '../helpers/host';
 import {
   apiClient,
   queueSender,
   ship,
+  SourceMachine,
   testStack,
   waitForOperation,
   type Api,
 } from '../shared/failover/helpers';
-import { quietLogger, rng, testDeps } from '../shared/replication/helpers';
+import { quietLogger, testDeps } from '../shared/replication/helpers';
 
 const connection = inject('azuriteConnectionString');
 const KiB = 1024;
 const suffix = randomUUID().slice(0, 6);
 
 /** One member's write stream and its independent model; group markers cut every disk at once. */
-class Member {
-  readonly images: Map<string, Buffer>;
+class Member extends SourceMachine {
   readonly cuts = new Map<string, Map<string, Buffer>>();
-  private readonly seq = new Map<string, number>();
-  private readonly pending = new Map<string, SegmentRecord[]>();
-  private readonly random: () => number;
-
-  constructor(
-    readonly machine: string,
-    readonly disks: { id: string; sizeBytes: number }[],
-    seed: number,
-  ) {
-    this.images = new Map(disks.map((d) => [d.id, Buffer.alloc(d.sizeBytes)]));
-    for (const d of disks) {
-      this.seq.set(d.id, 0);
-      this.pending.set(d.id, []);
-    }
-    this.random = rng(seed);
-  }
-
-  private add(disk: string, record: SegmentRecord): void {
-    this.pending.get(disk)!.push(record);
-    applyRecordsToImage(this.images.get(disk)!, [record]);
-  }
-
-  randomWrites(count: number): void {
-    for (let i = 0; i < count; i++) {
-      const disk = this.disks[Math.floor(this.random() * this.disks.length)];
-      const sectors = disk.sizeBytes / 512;
-      const len = 1 + Math.floor(this.random() * 16);
-      const offset = Math.floor(this.random() * (sectors - len + 1)) * 512;
-      if (this.random() < 0.85) {
-        const data = Buffer.alloc(len * 512);
-        for (let j = 0; j < data.length; j += 4) data.writeUInt32LE((this.random() * 2 ** 32) >>> 0, j);
-        this.add(disk.id, { type: 'write', offset, data });
-      } else {
-        this.add(disk.id, { type: 'zero', offset, length: len * 512 });
-      }
-    }
-  }
 
   /** The group marker record the barrier's commit cuts: same id, time and tag on every disk. */
   groupMarker(group: string, id: string, time: number, consistency: 'crash' | 'app'): void {
+    this.time = Math.max(this.time, time);
     const tag = `group=${group};consistency=${consistency}`;
     for (const d of this.disks) this.add(d.id, { type: 'marker', id, kind: 'group', time, tag });
     this.cuts.set(id, new Map([...this.images].map(([k, v]) => [k, Buffer.from(v)])));
-  }
-
-  cut(): Segment[] {
-    const out: Segment[] = [];
-    for (const d of this.disks) {
-      const records = this.pending.get(d.id)!;
-      if (records.length === 0) continue;
-      const seq = this.seq.get(d.id)! + 1;
-      this.seq.set(d.id, seq);
-      out.push({
-        header: {
-          machine: this.machine,
-          disk: d.id,
-          epoch: 1,
-          seq,
-          firstWriteTime: Date.now() - 1,
-          lastWriteTime: Date.now(),
-        },
-        records,
-      });
-      this.pending.set(d.id, []);
-    }
-    return out;
   }
 }
 

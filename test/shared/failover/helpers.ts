@@ -144,7 +144,7 @@ export class SourceMachine {
     this.time = Date.UTC(2026, 0, 1);
   }
 
-  private add(disk: string, record: SegmentRecord): void {
+  protected add(disk: string, record: SegmentRecord): void {
     this.pending.get(disk)!.push(record);
     applyRecordsToImage(this.images.get(disk)!, [record]);
   }
