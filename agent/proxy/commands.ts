@@ -150,20 +150,27 @@ function validateCommandId(value: string): string {
   return value;
 }
 
-function parseAck(body: Buffer): CommandAck {
+/** An agent's small JSON body, which must be an object; the errors name what was expected. */
+function jsonObjectBody(body: Buffer, what: string, example: string, shape: string): Record<string, unknown> {
   let parsed: unknown;
   try {
     parsed = JSON.parse(body.toString('utf8'));
   } catch {
-    throw new ValidationError(
-      'The acknowledgement is not JSON; send { "state": "done" | "failed", "message"? }.',
-      'body',
-    );
+    throw new ValidationError(`The ${what} is not JSON; send ${example}.`, 'body');
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
-    throw new ValidationError('The acknowledgement must be a JSON object { "state", "message"? }.', 'body');
+    throw new ValidationError(`The ${what} must be a JSON object ${shape}.`, 'body');
   }
-  const { state, message, ...rest } = parsed as Record<string, unknown>;
+  return parsed as Record<string, unknown>;
+}
+
+function parseAck(body: Buffer): CommandAck {
+  const { state, message, ...rest } = jsonObjectBody(
+    body,
+    'acknowledgement',
+    '{ "state": "done" | "failed", "message"? }',
+    '{ "state", "message"? }',
+  );
   if (state !== 'done' && state !== 'failed') {
     throw new ValidationError(`state must be "done" or "failed"; got ${JSON.stringify(state)}.`, 'state');
   }
@@ -281,19 +288,12 @@ export async function ackCommand(
 const MAX_PROGRESS_DISKS = 64;
 
 function parseProgress(body: Buffer): ResyncProgressReport {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(body.toString('utf8'));
-  } catch {
-    throw new ValidationError(
-      'The progress report is not JSON; send { "progress": { "<disk>": { "comparedBytes", "shippedBytes" } } }.',
-      'body',
-    );
-  }
-  const report = parsed as { progress?: unknown } | null;
-  if (typeof report !== 'object' || report === null || Array.isArray(report)) {
-    throw new ValidationError('The progress report must be a JSON object { "progress": { … } }.', 'body');
-  }
+  const report: { progress?: unknown } = jsonObjectBody(
+    body,
+    'progress report',
+    '{ "progress": { "<disk>": { "comparedBytes", "shippedBytes" } } }',
+    '{ "progress": { … } }',
+  );
   const unknown = Object.keys(report).filter((k) => k !== 'progress');
   if (unknown.length > 0) {
     throw new ValidationError(
