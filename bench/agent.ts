@@ -18,7 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { MachineAgent } from '../agent/mobility/agent';
-import { exec, median, startNbdkit as startReferenceNbdkit } from './tools';
+import { exec, fioWrite, median, startNbdkit as startReferenceNbdkit } from './tools';
 import type { BenchResult } from './types';
 
 const MiB = 1024 * 1024;
@@ -146,23 +146,12 @@ async function startNbdkit(image: string): Promise<Target> {
 
 async function fio(target: Target, workload: Workload, seconds: number, size: number): Promise<Sample> {
   const shippedBefore = await target.shippedMiB?.();
-  const out = await exec('fio', [
-    '--name=bench',
-    '--ioengine=nbd',
-    `--uri=${target.uri}`,
-    `--size=${size}`,
-    '--time_based',
-    `--runtime=${seconds}`,
-    '--output-format=json',
-    ...workload.args,
-  ]);
-  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
-  if (job.error) throw new Error(`fio reported error ${job.error}`);
+  const job = await fioWrite(target.uri, workload.args, seconds, size);
   const shippedAfter = await target.shippedMiB?.();
-  const writtenMiBps = job.write.bw_bytes / MiB;
-  const runSeconds = job.write.runtime / 1000;
+  const writtenMiBps = job.bytesPerSecond / MiB;
+  const runSeconds = job.runtimeSeconds;
   return {
-    rate: workload.unit === 'IOPS' ? job.write.iops : writtenMiBps,
+    rate: workload.unit === 'IOPS' ? job.iops : writtenMiBps,
     writtenMiBps,
     shippedMiBps:
       shippedBefore !== undefined && shippedAfter !== undefined

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { AppendFileJournal, NbdExport, NbdServer } from '../agent/mobility/nbd';
-import { exec, median, preallocatedImage, startNbdkit } from './tools';
+import { exec, fioWrite, median, preallocatedImage, startNbdkit } from './tools';
 import type { BenchResult } from './types';
 
 const MiB = 1024 * 1024;
@@ -57,23 +57,11 @@ async function startLifeboat(image: string, journalFile: string | undefined): Pr
 
 async function fio(target: Target, workload: Workload, seconds: number, size: number): Promise<Sample> {
   const cpuBefore = target.cpuSeconds();
-  const uri = target.uri;
-  const out = await exec('fio', [
-    '--name=bench',
-    '--ioengine=nbd',
-    `--uri=${uri}`,
-    `--size=${size}`,
-    '--time_based',
-    `--runtime=${seconds}`,
-    '--output-format=json',
-    ...workload.args,
-  ]);
-  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
-  if (job.error) throw new Error(`fio reported error ${job.error}`);
+  const job = await fioWrite(target.uri, workload.args, seconds, size);
   const cpu = target.cpuSeconds() - cpuBefore;
   return {
-    rate: workload.unit === 'IOPS' ? job.write.iops : job.write.bw_bytes / MiB,
-    cpuPerGiB: cpu / (job.write.io_bytes / (1024 * MiB)),
+    rate: workload.unit === 'IOPS' ? job.iops : job.bytesPerSecond / MiB,
+    cpuPerGiB: cpu / (job.ioBytes / (1024 * MiB)),
   };
 }
 

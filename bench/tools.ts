@@ -80,3 +80,38 @@ export async function startNbdkit(image: string): Promise<Nbdkit> {
     },
   };
 }
+
+/** What one fio write job through an NBD URI reports (the fields the benchmarks read). */
+export interface FioWrite {
+  iops: number;
+  bytesPerSecond: number;
+  ioBytes: number;
+  runtimeSeconds: number;
+}
+
+/** Runs a time-based fio job with the nbd engine against `uri` and returns its write figures. */
+export async function fioWrite(
+  uri: string,
+  args: string[],
+  seconds: number,
+  size: number,
+): Promise<FioWrite> {
+  const out = await exec('fio', [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--size=${size}`,
+    '--time_based',
+    `--runtime=${seconds}`,
+    '--output-format=json',
+    ...args,
+  ]);
+  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  if (job.error) throw new Error(`fio reported error ${job.error}`);
+  return {
+    iops: job.write.iops,
+    bytesPerSecond: job.write.bw_bytes,
+    ioBytes: job.write.io_bytes,
+    runtimeSeconds: job.write.runtime / 1000,
+  };
+}
