@@ -10,7 +10,9 @@ import {
   prepareResync,
   releaseMachine,
   requestFailback,
+  type ClaimHolderEnded,
   type FailbackRun,
+  type ProtectionDeps,
   type ReprotectDisk,
   type ReprotectRun,
 } from '../../shared/reprotect';
@@ -25,7 +27,7 @@ import { withErrors } from './respond';
 
 // POST /api/machines/{m}/resync, /reprotect, /failback → 202 + operation (docs/reprotect.md).
 
-const operationId = () => `op-${randomUUID().replace(/-/g, '').slice(0, 16)}`;
+export const operationId = () => `op-${randomUUID().replace(/-/g, '').slice(0, 16)}`;
 
 /** An optional JSON body: undefined when empty. */
 async function optionalBody(request: HttpRequest): Promise<unknown> {
@@ -46,7 +48,13 @@ app.http('machines-resync', {
   handler: withErrors(async (request, context) => {
     const deps = defaultProtectionDeps();
     const id = operationId();
-    const run = await prepareResync(deps, request.params.machine, await optionalBody(request), id);
+    const run = await prepareResync(
+      deps,
+      request.params.machine,
+      await optionalBody(request),
+      id,
+      claimHolderEnded(df.getClient(context), deps.now),
+    );
     return startOperation(
       request,
       context,
@@ -94,6 +102,52 @@ const RUNNING = new Set<string>([
   df.OrchestrationRuntimeStatus.Pending,
   df.OrchestrationRuntimeStatus.ContinuedAsNew,
 ]);
+const ENDED = new Set<string>([
+  df.OrchestrationRuntimeStatus.Completed,
+  df.OrchestrationRuntimeStatus.Failed,
+  df.OrchestrationRuntimeStatus.Terminated,
+  df.OrchestrationRuntimeStatus.Canceled,
+]);
+/** A claim with no orchestration behind it is left alone this long (its starter may be starting it). */
+const START_GRACE_MS = 60_000;
+
+/**
+ * Whether a claim's holder ended without releasing the machine: its orchestration terminated,
+ * failed or completed, or never started (the starter died between the claim and the start).
+ */
+export function claimHolderEnded(client: df.DurableClient, now: () => Date): ClaimHolderEnded {
+  return async (held) => {
+    let status: df.DurableOrchestrationStatus;
+    try {
+      status = await client.getStatus(held.operationId);
+    } catch (err) {
+      if (!/\b404\b/.test((err as Error).message)) throw err;
+      return now().getTime() - Date.parse(held.startedAt) > START_GRACE_MS;
+    }
+    return ENDED.has(status.runtimeStatus);
+  };
+}
+
+/** The machine's reprotect operation, when it holds the machine and its orchestration runs. */
+export async function runningReprotect(
+  deps: ProtectionDeps,
+  client: df.DurableClient,
+  machine: string,
+): Promise<string | undefined> {
+  const active = await activeOperation(deps.tables, machine);
+  if (active?.kind !== 'reprotect') return undefined;
+  const status = await client.getStatus(active.operationId).catch(() => undefined);
+  return status !== undefined && RUNNING.has(status.runtimeStatus) ? active.operationId : undefined;
+}
+
+/** Wakes a reprotect from its interval; the row flag (requestFailback) is what it obeys. */
+export async function wakeReprotect(
+  client: df.DurableClient,
+  reprotectId: string,
+  failbackId: string,
+): Promise<void> {
+  await client.raiseEvent(reprotectId, FAILBACK_EVENT, { operationId: failbackId }).catch(() => undefined);
+}
 
 app.http('machines-reprotect', {
   route: 'machines/{machine}/reprotect',
@@ -105,7 +159,12 @@ app.http('machines-reprotect', {
     const machine = request.params.machine;
     const body = parseBody(reprotectRequestSchema, await optionalBody(request), '"intervalSeconds"');
     const id = operationId();
-    const record = await prepareReprotect(deps, machine, id);
+    const record = await prepareReprotect(
+      deps,
+      machine,
+      id,
+      claimHolderEnded(df.getClient(context), deps.now),
+    );
     const run: ReprotectRun = {
       machine,
       operationId: id,
@@ -138,21 +197,13 @@ app.http('machines-failback', {
     const deps = defaultProtectionDeps();
     const machine = request.params.machine;
     const body = parseBody(failbackRequestSchema, await optionalBody(request), '"cleanup" and "waitSeconds"');
-    const row = await prepareFailback(deps, machine);
-    const id = operationId();
     const client = df.getClient(context);
-    const active = await activeOperation(deps.tables, machine);
-    let reprotectRunning = false;
-    if (active?.kind === 'reprotect') {
-      const status = await client.getStatus(active.operationId).catch(() => undefined);
-      reprotectRunning = status !== undefined && RUNNING.has(status.runtimeStatus);
-    }
+    const row = await prepareFailback(deps, machine, claimHolderEnded(client, deps.now));
+    const id = operationId();
+    const reprotect = await runningReprotect(deps, client, machine);
     await requestFailback(deps, row, id);
-    // The row flag is what the reprotect loop obeys; the event only wakes it from its interval.
-    if (reprotectRunning)
-      await client
-        .raiseEvent(active!.operationId, FAILBACK_EVENT, { operationId: id })
-        .catch(() => undefined);
+    if (reprotect) await wakeReprotect(client, reprotect, id);
+    const reprotectRunning = reprotect !== undefined;
     const run: FailbackRun = {
       machine,
       operationId: id,

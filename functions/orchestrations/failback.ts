@@ -1,6 +1,7 @@
 import * as df from 'durable-functions';
 import type { OrchestrationContext, Task } from 'durable-functions';
 import type {
+  FailbackOutcome,
   FailbackRun,
   PassResult,
   ResyncDiskPlan,
@@ -161,7 +162,7 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
     const epochs = Object.fromEntries(plans.map((p) => [p.disk, p.targetEpoch]));
     status('resuming-protection', { epochs, deleted });
     const startedAt = context.df.currentUtcDateTime.toISOString();
-    const deadline = now() + run.waitSeconds * 1000;
+    const deadline = now() + (run.forwardWaitSeconds ?? run.waitSeconds) * 1000;
     let resync: ResyncStatus;
     let delay = 1000;
     for (;;) {
@@ -192,15 +193,19 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
     const forwardProtection = resync.done ? 'protected' : 'waiting-for-agent';
     status('completed', { epochs, deleted, forwardProtection, forward: resync });
     return {
+      ok: true,
       machine: run.machine,
+      operationId: run.operationId,
       failoverId: run.failoverId,
       state: 'failed-back',
-      siteReady,
+      siteReady: true,
       forwardProtection,
       epochs,
+      forwardPlans: plans,
+      forwardStartedAt: startedAt,
       deleted,
       finalPass: finalView,
-    };
+    } satisfies FailbackOutcome & { finalPass: unknown };
   } catch (err) {
     const message = failureMessage(err);
     yield context.df.callActivity(PROTECTION_ACTIVITY.releaseMachine, {
@@ -208,6 +213,16 @@ export function* failbackOrchestrator(context: OrchestrationContext): Generator<
       operationId: run.operationId,
     });
     status('failed', { error: message });
+    if (run.planRun)
+      return {
+        ok: false,
+        machine: run.machine,
+        operationId: run.operationId,
+        failoverId: run.failoverId,
+        step,
+        message,
+        siteReady,
+      } satisfies FailbackOutcome;
     throw new Error(`The failback of ${run.machine} failed while ${step}: ${message}`);
   }
 }

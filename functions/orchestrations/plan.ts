@@ -72,6 +72,76 @@ class StepFailed extends Error {
   }
 }
 
+/** What a plan action knows of its run (a webhook's default body; `operation` only for a failback). */
+export interface ActionContext {
+  plan: string;
+  run: string;
+  group: string;
+  test: boolean;
+  operation?: 'failback';
+}
+
+/**
+ * Runs one plan action: a webhook (retried by the Durable retry policy), a wait (a durable
+ * timer), or a manual step (waits for POST /api/operations/{id}/approve; `onWait` is told what
+ * it waits for, then undefined when the wait ends). A failure throws with a sentence saying why.
+ */
+export function* runPlanAction(
+  context: OrchestrationContext,
+  action: PlanAction,
+  ctx: ActionContext,
+  attempt: number,
+  onWait: (wait: PlanWait | undefined) => void,
+): Generator<Task, void, unknown> {
+  switch (action.type) {
+    case 'webhook': {
+      const retry = new df.RetryOptions(action.retryIntervalSeconds * 1000, action.retries + 1);
+      try {
+        yield context.df.callActivityWithRetry(ACTIVITY.callWebhook, retry, {
+          action,
+          context: { ...ctx, step: action.name },
+        });
+      } catch (err) {
+        throw new StepFailed(`${failureMessage(err)} (${action.retries + 1} attempts)`);
+      }
+      return;
+    }
+    case 'wait': {
+      const at = context.df.currentUtcDateTime.getTime() + action.seconds * 1000;
+      yield context.df.createTimer(new Date(at));
+      return;
+    }
+    case 'manual': {
+      const wait: PlanWait = {
+        type: 'manual',
+        event: `approve-${ctx.group}-${action.name}-${attempt}`,
+        group: ctx.group,
+        step: action.name,
+        instructions: action.instructions,
+        ...(action.timeoutSeconds ? { timeoutSeconds: action.timeoutSeconds } : {}),
+      };
+      onWait(wait);
+      const approval = context.df.waitForExternalEvent(wait.event);
+      if (action.timeoutSeconds) {
+        const timer = context.df.createTimer(
+          new Date(context.df.currentUtcDateTime.getTime() + action.timeoutSeconds * 1000),
+        );
+        const winner = yield context.df.Task.any([approval, timer]);
+        onWait(undefined);
+        if (winner === timer)
+          throw new StepFailed(
+            `manual step ${action.name} was not approved within ${action.timeoutSeconds} s`,
+          );
+        timer.cancel();
+      } else {
+        yield approval;
+        onWait(undefined);
+      }
+      return;
+    }
+  }
+}
+
 export function* planOrchestrator(context: OrchestrationContext): Generator<Task, unknown, unknown> {
   const input = context.df.getInput() as PlanRunInput;
   const { plan } = input;
@@ -184,58 +254,20 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
     action: PlanAction,
     attempt: number,
   ): Generator<Task, void, unknown> {
-    switch (action.type) {
-      case 'webhook': {
-        const retry = new df.RetryOptions(action.retryIntervalSeconds * 1000, action.retries + 1);
-        try {
-          yield context.df.callActivityWithRetry(ACTIVITY.callWebhook, retry, {
-            action,
-            context: { plan: plan.name, run: runId, group: group.name, step: action.name, test: input.test },
-          });
-        } catch (err) {
-          throw new StepFailed(`${failureMessage(err)} (${action.retries + 1} attempts)`);
-        }
-        return;
-      }
-      case 'wait': {
-        const at = context.df.currentUtcDateTime.getTime() + action.seconds * 1000;
-        yield context.df.createTimer(new Date(at));
-        return;
-      }
-      case 'manual': {
-        state = 'waiting-for-approval';
-        waitingFor = {
-          type: 'manual',
-          event: `approve-${group.name}-${action.name}-${attempt}`,
-          group: group.name,
-          step: action.name,
-          instructions: action.instructions,
-          ...(action.timeoutSeconds ? { timeoutSeconds: action.timeoutSeconds } : {}),
-        };
-        const step = group.steps.find((s) => s.name === action.name)!;
-        step.state = 'waiting';
-        publish();
-        const approval = context.df.waitForExternalEvent(waitingFor.event);
-        if (action.timeoutSeconds) {
-          const timer = context.df.createTimer(
-            new Date(context.df.currentUtcDateTime.getTime() + action.timeoutSeconds * 1000),
-          );
-          const winner = yield context.df.Task.any([approval, timer]);
-          waitingFor = undefined;
-          state = 'running';
-          if (winner === timer)
-            throw new StepFailed(
-              `manual step ${action.name} was not approved within ${action.timeoutSeconds} s`,
-            );
-          timer.cancel();
-        } else {
-          yield approval;
-          waitingFor = undefined;
-          state = 'running';
-        }
-        return;
-      }
-    }
+    yield* runPlanAction(
+      context,
+      action,
+      { plan: plan.name, run: runId, group: group.name, test: input.test },
+      attempt,
+      (wait) => {
+        waitingFor = wait;
+        if (wait) {
+          state = 'waiting-for-approval';
+          group.steps.find((s) => s.name === action.name)!.state = 'waiting';
+          publish();
+        } else state = 'running';
+      },
+    );
   }
 
   function* failoverMachines(gi: number, attempt: number): Generator<Task, void, unknown> {

@@ -31,6 +31,7 @@ export const PROTECTION_ORCHESTRATION = {
   resync: 'resync',
   reprotect: 'reprotect',
   failback: 'failback',
+  planFailback: 'recovery-plan-failback',
 } as const;
 
 /** The event POST …/failback raises on a running reprotect: stop between passes and hand over. */

@@ -64,7 +64,7 @@ export interface FailInput extends CleanupInput {
 export interface WebhookInput {
   action: WebhookAction;
   /** What the default body carries. */
-  context: { plan: string; run: string; group: string; step: string; test: boolean };
+  context: { plan: string; run: string; group: string; step: string; test: boolean; operation?: 'failback' };
 }
 
 export interface WebhookResult {
@@ -218,7 +218,12 @@ export function createFailoverActivities(deps: FailoverDeps) {
       try {
         response = await deps.fetch(action.url, {
           method: action.method,
-          headers: { 'content-type': 'application/json', ...action.headers },
+          headers: {
+            'content-type': 'application/json',
+            // A plan's actions run again in its failback: a script can tell which way it runs.
+            'x-lifeboat-operation': context.operation ?? 'failover',
+            ...action.headers,
+          },
           body,
           signal: AbortSignal.timeout(action.timeoutSeconds * 1000),
         });

@@ -1,11 +1,5 @@
 import { ConflictError } from '../errors';
-import {
-  FAILOVER_TABLES,
-  readLocalTarget,
-  readRecord,
-  releaseMachine as releaseFailover,
-  updateRecord,
-} from '../failover';
+import { readRecord, releaseMachine as releaseFailover, updateRecord } from '../failover';
 import {
   isPreconditionFailed,
   readEntity,
@@ -40,7 +34,40 @@ export interface FailbackRun {
   waitForHandover: boolean;
   /** How long to wait for the target, and then for forward protection to resume. */
   waitSeconds: number;
+  /**
+   * How long to wait for the agent's first marker of the new epoch (default `waitSeconds`). A plan
+   * passes 0: the site machine may only start once the plan is done, so the plan waits instead.
+   */
+  forwardWaitSeconds?: number;
+  /** Under a plan's failback (its run id): a failure is returned, not thrown, so the plan reports every machine. */
+  planRun?: string;
 }
+
+/** What a failback under a plan returns (the per-machine failback throws its failure instead). */
+export type FailbackOutcome =
+  | {
+      ok: true;
+      machine: string;
+      operationId: string;
+      failoverId: string;
+      state: 'failed-back';
+      siteReady: true;
+      forwardProtection: 'protected' | 'waiting-for-agent';
+      epochs: Record<string, number>;
+      /** The forward-protection epochs and baselines (for resyncProgress). */
+      forwardPlans: ResyncDiskPlan[];
+      forwardStartedAt: string;
+      deleted: string[];
+    }
+  | {
+      ok: false;
+      machine: string;
+      operationId: string;
+      failoverId: string;
+      step: string;
+      message: string;
+      siteReady: boolean;
+    };
 
 /**
  * The synchronous half of POST …/failback, after the 409 checks: asks the reprotect loop to stop
@@ -101,8 +128,8 @@ export async function handedOver(
 }
 
 /**
- * Stops the failover machine. Locally: `running` false on its target row, which makes its NBD
- * export let its clients go. Azure: deallocating the VM is not built yet (docs/reprotect.md).
+ * Stops the failover machine through the compute provider. Locally: `running` false on its
+ * target row, which makes its NBD export let its clients go. Azure: the VM is deallocated.
  */
 export async function stopFailoverMachine(
   deps: ProtectionDeps,
@@ -115,36 +142,27 @@ export async function stopFailoverMachine(
     { state: 'failing-back' },
     deps.now(),
   );
-  if (deps.failover.compute.kind !== 'local') {
-    throw new Error(
-      `Stopping an Azure failover machine is not built yet; deallocate the VM of ${input.machine} yourself, then retry the failback.`,
-    );
-  }
-  const table = await deps.failover.tables.get(FAILOVER_TABLES.targets);
-  const target = await readLocalTarget(deps.failover.tables, input.machine, input.failoverId);
-  if (!target || !target.running) return;
-  await table.updateEntity(
-    {
-      partitionKey: input.machine,
-      rowKey: input.failoverId,
-      running: false,
-      stoppedAt: deps.now().toISOString(),
-    },
-    'Merge',
-  );
+  const record = await readRecord(deps.failover.tables, input.machine, input.failoverId);
+  await deps.failover.compute.stopTarget({
+    machine: input.machine,
+    failoverId: input.failoverId,
+    test: false,
+    ...(record?.targetSpec ? { target: record.targetSpec } : {}),
+  });
 }
 
-/** True once no NBD export of the failover machine is serving: every acknowledged write is in the blob. */
+/** True once the failover machine is stopped: every write it acknowledged is on its disks. */
 export async function failoverMachineStopped(
   deps: ProtectionDeps,
   input: { machine: string; failoverId: string },
 ): Promise<boolean> {
-  const row = await readEntity<{ running: boolean; exportState?: string }>(
-    await deps.failover.tables.get(FAILOVER_TABLES.targets),
-    input.machine,
-    input.failoverId,
-  );
-  return !row || (!row.running && row.exportState !== 'serving');
+  const record = await readRecord(deps.failover.tables, input.machine, input.failoverId);
+  return deps.failover.compute.targetStopped({
+    machine: input.machine,
+    failoverId: input.failoverId,
+    test: false,
+    ...(record?.targetSpec ? { target: record.targetSpec } : {}),
+  });
 }
 
 export interface SiteVerification {

@@ -8,3 +8,4 @@ export * from './ship';
 export * from './reprotect';
 export * from './passes';
 export * from './failback';
+export * from './plan-failback';

@@ -2,7 +2,13 @@ import { ConflictError, LifeboatError } from '../errors';
 import { activeFailover, type FailoverRecord } from '../failover';
 import { readEntity, readMachine } from '../replication';
 import type { ProtectionDeps } from './context';
-import { activeOperation, claimMachine, REPROTECT_ROW } from './tables';
+import {
+  activeOperation,
+  claimMachine,
+  clearEndedClaim,
+  REPROTECT_ROW,
+  type ClaimHolderEnded,
+} from './tables';
 
 // The preconditions of reprotect and failback (the 409s), checked before anything starts.
 
@@ -57,10 +63,11 @@ export async function prepareReprotect(
   deps: ProtectionDeps,
   machine: string,
   operationId: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<FailoverRecord> {
   await readMachine(deps.failover.replication, machine);
   const record = await committedFailover(deps, machine);
-  await claimMachine(deps.tables, machine, 'reprotect', operationId, deps.now());
+  await claimMachine(deps.tables, machine, 'reprotect', operationId, deps.now(), holderEnded);
   return record;
 }
 
@@ -68,10 +75,14 @@ export async function prepareReprotect(
 export async function prepareFailback(
   deps: ProtectionDeps,
   machine: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<ReprotectEntity & { etag: string }> {
   await readMachine(deps.failover.replication, machine);
   const row = await readEntity<ReprotectEntity>(await deps.tables.get(), machine, REPROTECT_ROW);
-  const active = await activeOperation(deps.tables, machine);
+  let active = await activeOperation(deps.tables, machine);
+  // A failback or resync that ended without releasing the machine (terminated) holds it no more.
+  if (active && active.kind !== 'reprotect' && (await clearEndedClaim(deps.tables, active, holderEnded)))
+    active = undefined;
   if (active && active.kind !== 'reprotect') {
     throw new ConflictError(
       `Machine ${machine} is already running a ${active.kind} (operation ${active.operationId}); wait until it finishes (GET /api/operations/${active.operationId}) and retry.`,

@@ -11,7 +11,7 @@ import {
   type DiskEntity,
 } from '../replication';
 import type { ProtectionDeps } from './context';
-import { claimMachine, releaseMachine } from './tables';
+import { claimMachine, releaseMachine, type ClaimHolderEnded } from './tables';
 
 // Resync asked for by the cloud (POST /api/machines/{m}/resync, or a disk marked resync-required):
 // the cloud picks the next epoch of each disk and tells the agent through the command channel;
@@ -186,6 +186,7 @@ export async function prepareResync(
   machine: string,
   body: unknown,
   operationId: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<ResyncRun> {
   if (body !== undefined && (body === null || typeof body !== 'object' || Array.isArray(body))) {
     throw new ValidationError(
@@ -215,7 +216,7 @@ export async function prepareResync(
     const required = rows.filter((r) => r.state === 'resync-required').map((r) => r.rowKey);
     disks = required.length > 0 ? registered.filter((d) => required.includes(d)) : registered;
   }
-  await claimMachine(deps.tables, machine, 'resync', operationId, deps.now());
+  await claimMachine(deps.tables, machine, 'resync', operationId, deps.now(), holderEnded);
   return { machine, operationId, disks, waitSeconds: request.waitSeconds };
 }
 

@@ -48,7 +48,35 @@ export class ProtectionTables {
 }
 
 /**
- * Claims the machine for one protection operation. A second one gets a 409 naming the first;
+ * Whether the operation holding a claim has ended without releasing it (its orchestration was
+ * terminated, failed or completed, or never started). The HTTP starters answer it from the
+ * durable client's runtime status; without it a claim is only ever released by its holder.
+ */
+export type ClaimHolderEnded = (held: ActiveEntity) => Promise<boolean>;
+
+/**
+ * Removes a claim whose holder ended (`holderEnded`), ETag-checked so a claim that changed
+ * meanwhile stays. True when the claim is gone.
+ */
+export async function clearEndedClaim(
+  tables: ProtectionTables,
+  held: ActiveEntity & { etag?: string },
+  holderEnded: ClaimHolderEnded | undefined,
+): Promise<boolean> {
+  if (!holderEnded || !(await holderEnded(held))) return false;
+  try {
+    await (await tables.get()).deleteEntity(held.partitionKey, ACTIVE_ROW, { etag: held.etag ?? '*' });
+    return true;
+  } catch (err) {
+    if (isNotFound(err)) return true;
+    if (isPreconditionFailed(err)) return false;
+    throw err;
+  }
+}
+
+/**
+ * Claims the machine for one protection operation. A second one gets a 409 naming the first
+ * (unless `holderEnded` says the first ended without releasing it: then its claim is cleared);
  * the same operation claiming again (an activity run twice) succeeds.
  */
 export async function claimMachine(
@@ -57,6 +85,7 @@ export async function claimMachine(
   kind: ProtectionKind,
   operationId: string,
   now: Date,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<void> {
   const table = await tables.get();
   const entity: ActiveEntity = {
@@ -66,16 +95,19 @@ export async function claimMachine(
     operationId,
     startedAt: now.toISOString(),
   };
-  if (await insertIfAbsent(table, entity)) return;
-  const held = await readEntity<ActiveEntity>(table, machine, ACTIVE_ROW);
-  if (!held) return claimMachine(tables, machine, kind, operationId, now);
-  if (held.operationId === operationId) return;
-  throw new ConflictError(
-    `Machine ${machine} is already running a ${held.kind} (operation ${held.operationId}, started ${held.startedAt}); ` +
-      `wait until it finishes (GET /api/operations/${held.operationId}) and retry.`,
-    'machine',
-    'OperationInProgress',
-  );
+  for (let attempt = 0; ; attempt++) {
+    if (await insertIfAbsent(table, entity)) return;
+    const held = await readEntity<ActiveEntity>(table, machine, ACTIVE_ROW);
+    if (!held) continue;
+    if (held.operationId === operationId) return;
+    if (attempt < 3 && (await clearEndedClaim(tables, held, holderEnded))) continue;
+    throw new ConflictError(
+      `Machine ${machine} is already running a ${held.kind} (operation ${held.operationId}, started ${held.startedAt}); ` +
+        `wait until it finishes (GET /api/operations/${held.operationId}) and retry.`,
+      'machine',
+      'OperationInProgress',
+    );
+  }
 }
 
 /** The running operation of a machine, if any. */

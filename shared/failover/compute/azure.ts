@@ -11,6 +11,7 @@ import {
   type ComputeProvider,
   type CreateTargetRequest,
   type MaterialiseRequest,
+  type StopRequest,
 } from './port';
 
 export interface AzureComputeDeps {
@@ -156,6 +157,30 @@ export class AzureComputeProvider implements ComputeProvider {
       test,
       disks: request.disks,
     };
+  }
+
+  /** Deallocates the VM (failback): it stops and releases its compute; its disks stay. */
+  async stopTarget(request: StopRequest): Promise<void> {
+    const target = requireTarget(request.target);
+    const vm = azureNames(request.machine, request.failoverId, request.test).vm;
+    try {
+      await this.compute(target).virtualMachines.beginDeallocateAndWait(target.resourceGroup, vm, this.lro);
+    } catch (err) {
+      if (statusOf(err) !== 404) throw err; // gone: nothing writes to the disks
+    }
+  }
+
+  /** Deallocated (its instance view's power state) or gone. */
+  async targetStopped(request: StopRequest): Promise<boolean> {
+    const target = requireTarget(request.target);
+    const vm = azureNames(request.machine, request.failoverId, request.test).vm;
+    try {
+      const view = await this.compute(target).virtualMachines.instanceView(target.resourceGroup, vm);
+      return (view.statuses ?? []).some((s) => s.code === 'PowerState/deallocated');
+    } catch (err) {
+      if (statusOf(err) === 404) return true;
+      throw err;
+    }
   }
 
   async cleanup(request: CleanupRequest): Promise<string[]> {

@@ -8,6 +8,7 @@ import {
   type ComputeProvider,
   type CreateTargetRequest,
   type MaterialiseRequest,
+  type StopRequest,
 } from './port';
 
 /** Failover disks: page blobs `{machine}/{disk}/{failoverId}.img`, in ReplicaStorage beside the seeds. */
@@ -27,6 +28,8 @@ export interface TargetMachineEntity {
   rowKey: string;
   name: string;
   running: boolean;
+  /** Set by a serving NBD export of the machine's disks (agent/target/failover-machine.ts). */
+  exportState?: 'serving' | 'stopped';
   test: boolean;
   network: string;
   pointId: string;
@@ -113,6 +116,32 @@ export class LocalComputeProvider implements ComputeProvider {
       if (response.succeeded) deleted.push(`${FAILOVER_DISKS_CONTAINER}/${name}`);
     }
     return deleted;
+  }
+
+  /** `running: false` on the target row: its NBD export (if any) lets its clients go. */
+  async stopTarget(request: StopRequest): Promise<void> {
+    const table = await this.deps.tables.get(FAILOVER_TABLES.targets);
+    const row = await readEntity<TargetMachineEntity>(table, request.machine, request.failoverId);
+    if (!row || !row.running) return;
+    await table.updateEntity(
+      {
+        partitionKey: request.machine,
+        rowKey: request.failoverId,
+        running: false,
+        stoppedAt: new Date().toISOString(),
+      },
+      'Merge',
+    );
+  }
+
+  /** Stopped once no NBD export of the machine serves: every acknowledged write is in the blob. */
+  async targetStopped(request: StopRequest): Promise<boolean> {
+    const row = await readEntity<TargetMachineEntity>(
+      await this.deps.tables.get(FAILOVER_TABLES.targets),
+      request.machine,
+      request.failoverId,
+    );
+    return !row || (!row.running && row.exportState !== 'serving');
   }
 }
 

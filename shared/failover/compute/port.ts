@@ -25,6 +25,13 @@ export interface CleanupRequest {
   target?: AzureTarget;
 }
 
+export interface StopRequest {
+  machine: string;
+  failoverId: string;
+  test: boolean;
+  target?: AzureTarget;
+}
+
 /**
  * Where failed-over machines run. Every call is idempotent (activities run at least once) and
  * every name it creates derives from the machine, the disk and the failover id, so `cleanup`
@@ -38,6 +45,10 @@ export interface ComputeProvider {
   createTarget(request: CreateTargetRequest): Promise<TargetMachine>;
   /** Removes everything the failover created; returns what it deleted. Missing things are fine. */
   cleanup(request: CleanupRequest): Promise<string[]>;
+  /** Stops the target machine (failback): no more writes reach its disks once it is stopped. */
+  stopTarget(request: StopRequest): Promise<void>;
+  /** True once the target is stopped (or gone): every write it acknowledged is on its disks. */
+  targetStopped(request: StopRequest): Promise<boolean>;
 }
 
 /** The name of a target machine: the source's own name, or an isolated one for a drill. */
