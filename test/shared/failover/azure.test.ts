@@ -1,9 +1,19 @@
 import type { AccessToken, TokenCredential } from '@azure/identity';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import { AzureComputeProvider, azureNames, type AzureTarget } from '../../../shared/failover';
+import { randomUUID } from 'node:crypto';
+import {
+  AzureComputeProvider,
+  azureNames,
+  beginFailover,
+  failoverDepsFromSettings,
+  readRecord,
+  type AzureTarget,
+} from '../../../shared/failover';
+import { createProtectionActivities, protectionDepsFromSettings } from '../../../shared/reprotect';
 import { SEED_CONTAINER } from '../../../shared/replication';
 import { StorageClients } from '../../../shared/storage';
 import { startArmFake, type ArmFake } from '../../fixtures/arm-fake/server';
+import { quietLogger, testSettings } from '../replication/helpers';
 
 const sub = '00000000-0000-0000-0000-000000000001';
 const rg = 'recovery-rg';
@@ -171,6 +181,51 @@ describe('the azure compute provider against the ARM fake', () => {
     });
     expect(deleted).toContain(`virtualNetworks/${names.vnet}`);
     expect([...arm.resources.keys()]).toEqual([vnetId.toLowerCase()]);
+  });
+
+  it("failback's stop step deallocates the VM (disks kept), and its stopped check then sees it deallocated", async () => {
+    const machine = `app-${randomUUID().slice(0, 6)}`;
+    const failoverId = 'fo-eeeeeeeeeeee';
+    await failOver(machine, failoverId, false);
+    const settings = testSettings(inject('azuriteConnectionString'), 'unused');
+    const failover = failoverDepsFromSettings(settings, { compute: provider, log: quietLogger() });
+    const activities = createProtectionActivities(
+      protectionDepsFromSettings(settings, { failover, log: quietLogger() }),
+    );
+    await beginFailover(
+      failover.tables,
+      {
+        machine,
+        failoverId,
+        operationId: failoverId,
+        kind: 'unplanned',
+        selector: 'latest-processed',
+        target,
+      },
+      new Date(),
+    );
+    const ref = { machine, failoverId };
+    expect(await activities.failoverMachineStopped(ref)).toBe(false);
+    const before = arm.calls.length;
+    await activities.stopFailoverMachine(ref);
+    const vmPath = `/subscriptions/${sub}/resourceGroups/${rg}/providers/Microsoft.Compute/virtualMachines/${machine}`;
+    expect(arm.calls.slice(before).map((c) => [c.method, c.path, c.status])).toEqual([
+      ['POST', `${vmPath}/deallocate`, 200],
+    ]);
+    expect(arm.resources.get(vmPath.toLowerCase()).powerState).toBe('deallocated');
+    // The next step of the failback (waiting until the machine is stopped) goes on at once.
+    expect(await activities.failoverMachineStopped(ref)).toBe(true);
+    expect((await readRecord(failover.tables, machine, failoverId))?.state).toBe('failing-back');
+    const names = azureNames(machine, failoverId, false, 'os');
+    expect(
+      arm.resources.has(
+        `/subscriptions/${sub}/resourceGroups/${rg}/providers/Microsoft.Compute/disks/${names.disk}`.toLowerCase(),
+      ),
+    ).toBe(true);
+    // Stopping again (a retried activity) is harmless.
+    await activities.stopFailoverMachine(ref);
+    expect(arm.calls.filter((c) => c.status >= 400)).toEqual([]);
+    await provider.cleanup({ machine, failoverId, test: false, diskIds: ['os', 'data'], target });
   });
 
   it('fails with a message naming "target" when the request has none', async () => {
