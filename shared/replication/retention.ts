@@ -13,6 +13,7 @@ import {
   type DiskEntity,
   type MachineEntity,
   type RecoveryPointEntity,
+  type TableName,
 } from './tables';
 
 const HOUR_MS = 3_600_000;
@@ -70,6 +71,96 @@ export function pointsToKeep(
   return keep;
 }
 
+// Points other parts still need. Their tables belong to failover and groups, which build on this
+// module, so retention reads them by name rather than importing them.
+const FAILOVERS_TABLE = 'failovers';
+const GROUP_POINTS_TABLE = 'grouppoints';
+/** Failover states before commit (and drills until cancelled): the record's point may be used again. */
+const UNCOMMITTED = new Set([
+  'accepted',
+  'quiescing',
+  'applying-pending',
+  'materialising',
+  'creating-target',
+  'failed-over',
+  'changing-point',
+  'committing',
+  'cancelling',
+]);
+const SELECTOR_KEYWORDS = new Set(['latest', 'latest-processed', 'latest-app-consistent']);
+
+/** What other parts hold, per machine: marker ids of failovers' points; group points listing it, per group. */
+export interface RetentionHolds {
+  failovers: Map<string, Set<string>>;
+  groupPoints: Map<string, Map<string, RetainedPoint[]>>;
+}
+
+/**
+ * Reads the holds: every uncommitted failover's chosen point, its selector when that names a
+ * point, and a planned failover's final marker (`planned-{failoverId}`); and every group point,
+ * under each member machine it lists.
+ */
+export async function readRetentionHolds(deps: ReplicationDeps): Promise<RetentionHolds> {
+  const holds: RetentionHolds = { failovers: new Map(), groupPoints: new Map() };
+  const failovers = await deps.tables.get(FAILOVERS_TABLE as TableName);
+  for await (const r of failovers.listEntities<{
+    partitionKey: string;
+    rowKey: string;
+    kind?: string;
+    state?: string;
+    point?: string;
+    selector?: string;
+  }>()) {
+    if (r.rowKey === 'active' || !r.state || !UNCOMMITTED.has(r.state)) continue;
+    const held = holds.failovers.get(r.partitionKey) ?? new Set<string>();
+    holds.failovers.set(r.partitionKey, held);
+    if (r.point) held.add((JSON.parse(r.point) as { id: string }).id);
+    const selector = r.selector ? (JSON.parse(r.selector) as unknown) : undefined;
+    if (typeof selector === 'string' && !SELECTOR_KEYWORDS.has(selector)) held.add(selector);
+    if (selector && typeof selector === 'object' && typeof (selector as { id?: unknown }).id === 'string')
+      held.add((selector as { id: string }).id);
+    if (r.kind === 'planned') held.add(`planned-${r.rowKey}`);
+  }
+  const groupPoints = await deps.tables.get(GROUP_POINTS_TABLE as TableName);
+  for await (const g of groupPoints.listEntities<{
+    partitionKey: string;
+    markerId: string;
+    consistency: string;
+    sourceTime: number;
+    members: string;
+  }>()) {
+    const point = {
+      key: g.markerId,
+      sourceTime: g.sourceTime,
+      kind: g.consistency === 'app' ? 'app' : 'crash',
+    };
+    for (const machine of Object.keys(JSON.parse(g.members) as Record<string, unknown>)) {
+      const groups = holds.groupPoints.get(machine) ?? new Map<string, RetainedPoint[]>();
+      holds.groupPoints.set(machine, groups);
+      groups.set(g.partitionKey, [...(groups.get(g.partitionKey) ?? []), point]);
+    }
+  }
+  return holds;
+}
+
+/**
+ * The marker ids retention keeps for `machine` beyond its own policy: the points its uncommitted
+ * failovers use, and its points at the group points that the same policy keeps in each of its
+ * groups (the latest and latest app-consistent group point, those in the windows), so a group
+ * failover to them finds every member's point.
+ */
+export function heldMarkers(
+  holds: RetentionHolds,
+  machine: string,
+  policy: ReplicationPolicy,
+  now: Date,
+): Set<string> {
+  const held = new Set(holds.failovers.get(machine) ?? []);
+  for (const points of holds.groupPoints.get(machine)?.values() ?? [])
+    for (const marker of pointsToKeep(points, policy, now)) held.add(marker);
+  return held;
+}
+
 export interface RetentionReport {
   machines: number;
   pointsDeleted: number;
@@ -79,6 +170,8 @@ export interface RetentionReport {
   /** Snapshots that no arrival row refers to (taken, then the applier died before recording). */
   orphanSnapshotsDeleted: number;
   changeLogsDeleted: number;
+  /** Points the policy alone would have pruned, kept for a failover or a group point. */
+  heldPoints: number;
 }
 
 /** The retention timer's work, for every registered machine (or only `options.machines`). */
@@ -94,7 +187,9 @@ export async function applyRetention(
     incompleteArrivalsDeleted: 0,
     orphanSnapshotsDeleted: 0,
     changeLogsDeleted: 0,
+    heldPoints: 0,
   };
+  const holds = await readRetentionHolds(deps);
   const machines = await listPartition<MachineEntity>(
     await deps.tables.get(TABLES.machines),
     MACHINES_PARTITION,
@@ -104,7 +199,7 @@ export async function applyRetention(
     if (options.machines && !options.machines.includes(machine.rowKey)) continue;
     report.machines++;
     try {
-      await retainMachine(deps, machine, now, report);
+      await retainMachine(deps, machine, now, report, holds);
     } catch (err) {
       deps.log.error(
         { machine: machine.rowKey, err: String(err) },
@@ -148,6 +243,7 @@ async function retainMachine(
   machine: MachineEntity,
   now: Date,
   report: RetentionReport,
+  holds: RetentionHolds,
 ): Promise<void> {
   const name = machine.rowKey;
   const policy = readPolicy(machine.policy);
@@ -162,6 +258,12 @@ async function retainMachine(
     policy,
     now,
   );
+  const held = heldMarkers(holds, name, policy, now);
+  for (const p of points) {
+    if (keep.has(p.rowKey) || !held.has(p.markerId)) continue;
+    keep.add(p.rowKey);
+    report.heldPoints++;
+  }
   let arrivals = await listPartition<ArrivalEntity>(arrivalsTable, name);
   const byMarker = new Map<string, ArrivalEntity[]>();
   for (const a of arrivals) byMarker.set(a.markerId, [...(byMarker.get(a.markerId) ?? []), a]);
