@@ -7,28 +7,26 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { ReprotectTargetRunner } from '../../agent/target/reprotect-target';
 import type { HostProcess } from '../../infra/local/host-process';
-import { failoverDepsFromSettings, failoverDiskName, readRecord } from '../../shared/failover';
+import { failoverDepsFromSettings, readRecord } from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
-import {
-  pendingResyncCommands,
-  protectionDepsFromSettings,
-  REPROTECT_ROW,
-  type ReprotectEntity,
-} from '../../shared/reprotect';
+import { protectionDepsFromSettings, REPROTECT_ROW, type ReprotectEntity } from '../../shared/reprotect';
 import { readEntity, readRange, seedBlob } from '../../shared/replication';
-import { waitFor } from '../helpers/host';
 import {
   apiClient,
   queueSender,
-  ship,
-  SourceMachine,
   testStack,
   waitForOperation,
-  waitForPoint,
   type Api,
   type Operation,
 } from '../shared/failover/helpers';
 import { quietLogger, rng, testDeps } from '../shared/replication/helpers';
+import {
+  expectSiteHome,
+  protectAndFailOver,
+  resumeForward,
+  startTarget,
+  writeFailedOver,
+} from './failback-setup';
 
 // A recovery plan's failback through HTTP on the local host: two machines in two groups fail over
 // and commit, their failed-over disks are written, both are reprotected to site disks (in-process
@@ -85,7 +83,7 @@ describe('plan failback through the local host', () => {
 
   it('fails a plan of two groups back, last group first, site disks equal to each machine', async () => {
     const hookUrl = `http://127.0.0.1:${(hookServer.address() as AddressInfo).port}/hook`;
-    const machines = [
+    const specs = [
       { name: `db-${suffix}`, disks: [{ id: 'd0', sizeBytes: 512 * KiB }] },
       {
         name: `web-${suffix}`,
@@ -95,27 +93,9 @@ describe('plan failback through the local host', () => {
         ],
       },
     ];
+    const w = { api, replication, sender, failover, protection, dir };
+    const machines = await protectAndFailOver(w, specs, 40);
     const [db, web] = machines;
-    const sitePath = (m: string, d: string) => path.join(dir, `${m}-${d}.img`);
-    /** The model of each machine's disks as the failed-over machine holds them. */
-    const cloud = new Map<string, Map<string, Buffer>>();
-    const failoverIds = new Map<string, string>();
-
-    // Protect, a point m1 per machine, the site disks hold later writes the cloud never saw.
-    for (const [i, m] of machines.entries()) {
-      expect((await api('PUT', `machines/${m.name}`, { disks: m.disks })).status).toBe(201);
-      const source = new SourceMachine(m.name, m.disks, 40 + i);
-      source.randomWrites(30, 32 * KiB);
-      source.marker('m1', 'crash');
-      await ship(replication, sender, source.cut());
-      await waitForPoint(api, m.name, 'm1');
-      source.randomWrites(10, 32 * KiB);
-      for (const d of m.disks) fs.writeFileSync(sitePath(m.name, d.id), source.images.get(d.id)!);
-      cloud.set(
-        m.name,
-        new Map(m.disks.map((d) => [d.id, Buffer.from(source.markers.get('m1')!.images.get(d.id)!)])),
-      );
-    }
     const plan = `app-${suffix}`;
     const put = await api('PUT', `plans/${plan}`, {
       groups: [
@@ -134,16 +114,6 @@ describe('plan failback through the local host', () => {
     });
     expect(put.status, JSON.stringify(put.body)).toBe(201);
 
-    // Fail each over to m1 and commit.
-    for (const m of machines) {
-      const fo = await api('POST', `machines/${m.name}/failover`, { recoveryPoint: 'm1' });
-      expect(fo.status, JSON.stringify(fo.body)).toBe(202);
-      failoverIds.set(m.name, fo.body.failoverId);
-      expect((await op(fo.body.operationId, finished)).status).toBe('Completed');
-      const commit = await api('POST', `machines/${m.name}/commit`);
-      expect((await op(commit.body.operationId, finished)).status).toBe('Completed');
-    }
-
     // Nothing is reprotected: one 409 naming both machines.
     const none = await api('POST', `plans/${plan}/failback`);
     expect(none.status).toBe(409);
@@ -151,42 +121,10 @@ describe('plan failback through the local host', () => {
     expect(none.body.error.message).toContain(db.name);
     expect(none.body.error.message).toContain(web.name);
 
-    // The failed-over machines write (page writes on their failover disks, mirrored in the model).
+    // The failed-over machines write; the site's targets run in process.
     const random = rng(7);
-    const writeFailedOver = async (rounds: number) => {
-      for (const m of machines) {
-        for (const d of m.disks) {
-          const blob = failover.failoverDisks.getPageBlobClient(
-            failoverDiskName(m.name, d.id, failoverIds.get(m.name)!),
-          );
-          for (let i = 0; i < rounds; i++) {
-            const len = (1 + Math.floor(random() * 64)) * 512;
-            const off = Math.floor(random() * ((d.sizeBytes - len) / 512)) * 512;
-            const data = Buffer.alloc(len);
-            for (let j = 0; j < len; j += 4) data.writeUInt32LE((random() * 2 ** 32) >>> 0, j);
-            await blob.uploadPages(data, off, len);
-            data.copy(cloud.get(m.name)!.get(d.id)!, off);
-          }
-        }
-      }
-    };
-    await writeFailedOver(10);
-
-    // Site targets, in process.
-    for (const m of machines) {
-      const runner = new ReprotectTargetRunner({
-        container: protection.reprotect,
-        keyRing: protection.failover.replication.keyRing(),
-        tables: protection.tables,
-        machine: m.name,
-        disks: m.disks.map((d) => ({ id: d.id, path: sitePath(m.name, d.id) })),
-        stateDir: path.join(dir, `state-${m.name}`),
-        pollMs: 200,
-        logger: quietLogger(),
-      });
-      runner.start();
-      runners.push(runner);
-    }
+    await writeFailedOver(w, machines, random, 10);
+    for (const m of machines) runners.push(startTarget(w, m));
 
     // A terminated reprotect keeps no claim: the next reprotect of the machine is accepted.
     const first = await api('POST', `machines/${web.name}/reprotect`, { intervalSeconds: 1 });
@@ -220,15 +158,10 @@ describe('plan failback through the local host', () => {
       const o = await op(id, (x) => x.progress?.lastAppliedPass >= 1 || x.status === 'Failed');
       expect(o.status, o.error).toBe('Running');
     }
-    for (const m of machines)
-      for (const d of m.disks)
-        expect(
-          fs.readFileSync(sitePath(m.name, d.id)).equals(cloud.get(m.name)!.get(d.id)!),
-          `${m.name}/${d.id}`,
-        ).toBe(true);
+    for (const m of machines) expectSiteHome(m);
 
     // More writes after the last pass: only the failback's final pass carries them.
-    await writeFailedOver(10);
+    await writeFailedOver(w, machines, random, 10);
 
     const fb = await api('POST', `plans/${plan}/failback`, { waitSeconds: 60 });
     expect(fb.status, JSON.stringify(fb.body)).toBe(202);
@@ -247,22 +180,7 @@ describe('plan failback through the local host', () => {
     expect((await api('POST', `operations/${fb.body.operationId}/approve`, { by: 'test' })).status).toBe(202);
 
     // Play each site agent: once the failback issued its resync command, a marker in epoch 2.
-    for (const m of machines) {
-      const command = await waitFor(
-        async () => {
-          const o = await api('GET', `operations/${fb.body.operationId}`);
-          if (o.body.status === 'Failed') throw new Error(`the plan failback failed: ${o.body.error}`);
-          return (await pendingResyncCommands(failover.tables, m.name))[0];
-        },
-        `the forward resync command of ${m.name}`,
-        45_000,
-      );
-      expect(command.disks).toEqual(m.disks.map((d) => ({ disk: d.id, epoch: 2 })));
-      const home = new SourceMachine(m.name, m.disks, 60, 2);
-      for (const d of m.disks) fs.readFileSync(sitePath(m.name, d.id)).copy(home.images.get(d.id)!);
-      home.marker('h1', 'crash');
-      await ship(replication, sender, home.cut());
-    }
+    for (const m of machines) await resumeForward(w, m, fb.body.operationId);
 
     const done = await op(fb.body.operationId, finished, 60_000);
     expect(done.status, done.error).toBe('Completed');
@@ -282,14 +200,12 @@ describe('plan failback through the local host', () => {
     ]);
 
     for (const m of machines) {
-      expect((await readRecord(failover.tables, m.name, failoverIds.get(m.name)!))?.state).toBe(
-        'failed-back',
-      );
+      expect((await readRecord(failover.tables, m.name, m.failoverId))?.state).toBe('failed-back');
       const reprotect = await op(reprotects.get(m.name)!, finished);
       expect(reprotect.output).toMatchObject({ state: 'handed-over' });
+      expectSiteHome(m);
       for (const d of m.disks) {
-        const model = cloud.get(m.name)!.get(d.id)!;
-        expect(fs.readFileSync(sitePath(m.name, d.id)).equals(model), `site ${m.name}/${d.id}`).toBe(true);
+        const model = m.cloud.get(d.id)!;
         expect(
           (await readRange(seedBlob(replication.seed, m.name, d.id), 0, d.sizeBytes)).equals(model),
           `seed ${m.name}/${d.id}`,
