@@ -4,7 +4,9 @@ import type { RemoteChecksums } from './sync';
 
 // The cloud copy's block checksums over the HTTP API (docs/api.md):
 //   GET {api}/machines/{machine}/disks/{disk}/checksums?blockSize=65536&offset=…&length=…
-//   x-functions-key: <key>   →   { sizeBytes, blockSize, offset, length, blocks: [hex SHA-256…], nextOffset? }
+//   x-functions-key: <key>, accept: application/octet-stream
+//   →  32 bytes of SHA-256 per block; sizeBytes, blockSize, offset in x-lifeboat-* headers
+// (an API that answers JSON instead — { sizeBytes, blockSize, offset, blocks: [hex…] } — is read too).
 // A resync asks for 1 MiB at a time; this reads a larger window per request (default 64 MiB,
 // 1,024 checksums) and asks for the next window while the current one is being compared.
 
@@ -67,8 +69,9 @@ export class ApiChecksums implements RemoteChecksums {
   private ahead: { offset: number; window: Promise<Window> } | undefined;
   /** The cloud disk's size, once an answer told it. */
   sizeBytes: number | undefined;
-  /** Requests made (for tests and status). */
+  /** Requests made and response body bytes received (for tests, status and the benchmark). */
   requests = 0;
+  bytesFetched = 0;
 
   constructor(private readonly options: ApiChecksumsOptions) {
     this.base = apiBase(options.apiUrl);
@@ -143,7 +146,10 @@ export class ApiChecksums implements RemoteChecksums {
     let res: Response;
     try {
       res = await fetch(url, {
-        headers: this.options.key ? { 'x-functions-key': this.options.key } : {},
+        headers: {
+          accept: 'application/octet-stream, application/json;q=0.5',
+          ...(this.options.key ? { 'x-functions-key': this.options.key } : {}),
+        },
         signal: AbortSignal.timeout(this.options.timeoutMs ?? 120_000),
       });
     } catch (err) {
@@ -153,8 +159,10 @@ export class ApiChecksums implements RemoteChecksums {
         { status: 503, target: 'api' },
       );
     }
-    const text = await res.text();
+    const body = Buffer.from(await res.arrayBuffer());
+    this.bytesFetched += body.length;
     if (res.status !== 200) {
+      const text = body.toString('utf8');
       let message = text.slice(0, 300);
       try {
         message = (JSON.parse(text) as { error?: { message?: string } }).error?.message ?? message;
@@ -168,27 +176,81 @@ export class ApiChecksums implements RemoteChecksums {
         throw new ChecksumsRequestError(what, res.status);
       throw new LifeboatError('ChecksumsUnavailable', what, { status: 503, target: 'api' });
     }
-    const body = JSON.parse(text) as {
-      sizeBytes?: unknown;
-      blockSize?: unknown;
-      offset?: unknown;
-      blocks?: unknown;
-    };
+    const answer = (res.headers.get('content-type') ?? '').startsWith('application/octet-stream')
+      ? binaryAnswer(res.headers, body)
+      : jsonAnswer(body);
+    const expected =
+      answer === undefined
+        ? -1
+        : Math.ceil(Math.min(this.windowBytes, answer.sizeBytes - offset) / this.blockSize);
     if (
-      body.blockSize !== this.blockSize ||
-      body.offset !== offset ||
-      typeof body.sizeBytes !== 'number' ||
-      !Array.isArray(body.blocks) ||
-      !body.blocks.every((b) => typeof b === 'string' && /^[0-9a-f]{64}$/.test(b))
+      answer === undefined ||
+      answer.blockSize !== this.blockSize ||
+      answer.offset !== offset ||
+      answer.digests.length !== Math.max(0, expected) * 32
     ) {
       throw new ChecksumsRequestError(
-        `The Lifeboat API answered GET ${url.pathname} with checksums for another range or block size, or not as hex SHA-256.`,
+        `The Lifeboat API answered GET ${url.pathname} with checksums for another range or block size, or not as SHA-256.`,
         502,
       );
     }
-    this.sizeBytes = body.sizeBytes;
-    return { offset, blocks: (body.blocks as string[]).map((h) => Buffer.from(h, 'hex')) };
+    this.sizeBytes = answer.sizeBytes;
+    const blocks: Buffer[] = [];
+    for (let at = 0; at < answer.digests.length; at += 32) blocks.push(answer.digests.subarray(at, at + 32));
+    return { offset, blocks };
   }
+}
+
+interface ChecksumAnswer {
+  sizeBytes: number;
+  blockSize: number;
+  offset: number;
+  /** 32 bytes per block. */
+  digests: Buffer;
+}
+
+/** The binary answer: raw digests, the rest in x-lifeboat-* headers (undefined when malformed). */
+function binaryAnswer(headers: Headers, body: Buffer): ChecksumAnswer | undefined {
+  const num = (name: string): number => {
+    const raw = headers.get(`x-lifeboat-${name}`);
+    return raw !== null && /^\d+$/.test(raw) ? Number(raw) : NaN;
+  };
+  const answer = {
+    sizeBytes: num('size-bytes'),
+    blockSize: num('block-size'),
+    offset: num('offset'),
+    digests: body,
+  };
+  if (headers.get('x-lifeboat-algorithm') !== 'sha256') return undefined;
+  return Number.isSafeInteger(answer.sizeBytes) &&
+    Number.isSafeInteger(answer.blockSize) &&
+    Number.isSafeInteger(answer.offset)
+    ? answer
+    : undefined;
+}
+
+/** The JSON answer of an API without the binary form. */
+function jsonAnswer(body: Buffer): ChecksumAnswer | undefined {
+  let json: { sizeBytes?: unknown; blockSize?: unknown; offset?: unknown; blocks?: unknown };
+  try {
+    json = JSON.parse(body.toString('utf8')) as typeof json;
+  } catch {
+    return undefined;
+  }
+  if (
+    typeof json.sizeBytes !== 'number' ||
+    typeof json.blockSize !== 'number' ||
+    typeof json.offset !== 'number' ||
+    !Array.isArray(json.blocks) ||
+    !json.blocks.every((b) => typeof b === 'string' && /^[0-9a-f]{64}$/.test(b))
+  )
+    return undefined;
+  return {
+    sizeBytes: json.sizeBytes,
+    blockSize: json.blockSize,
+    offset: json.offset,
+    digests: Buffer.from((json.blocks as string[]).join(''), 'hex'),
+  };
 }
 
 /**

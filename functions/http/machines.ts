@@ -1,6 +1,7 @@
 import { app } from '@azure/functions';
 import {
   blockChecksums,
+  checksumsJson,
   defaultReplicationDeps,
   getMachineStatus,
   listMachineStatuses,
@@ -73,6 +74,23 @@ app.http('machines-disk-checksums', {
       length: intQuery(request, 'length', 0, Number.MAX_SAFE_INTEGER),
       snapshot: request.query.get('snapshot') ?? undefined,
     });
-    return { jsonBody: checksums };
+    if (!(request.headers.get('accept') ?? '').includes('application/octet-stream'))
+      return { jsonBody: checksumsJson(checksums) };
+    // The agent's answer: 32 raw bytes per block, the rest of the JSON fields as headers.
+    return {
+      headers: {
+        'content-type': 'application/octet-stream',
+        'x-lifeboat-algorithm': checksums.algorithm,
+        'x-lifeboat-size-bytes': String(checksums.sizeBytes),
+        'x-lifeboat-block-size': String(checksums.blockSize),
+        'x-lifeboat-offset': String(checksums.offset),
+        'x-lifeboat-length': String(checksums.length),
+        ...(checksums.nextOffset !== undefined
+          ? { 'x-lifeboat-next-offset': String(checksums.nextOffset) }
+          : {}),
+        ...(checksums.snapshot ? { 'x-lifeboat-snapshot': checksums.snapshot } : {}),
+      },
+      body: checksums.digests,
+    };
   }),
 });

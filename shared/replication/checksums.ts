@@ -10,10 +10,13 @@ import { isNotFound, readEntity, TABLES, type DiskEntity } from './tables';
 // its own blocks the same way and ships only blocks whose checksums differ.
 //
 // Block i covers [offset + i*blockSize, min(end, offset + (i+1)*blockSize)); its checksum is the
-// SHA-256 of exactly those bytes, hex. Ranges the page blob never wrote read as zeros and are
-// hashed without being downloaded.
+// SHA-256 of exactly those bytes. Ranges the page blob never wrote read as zeros and are hashed
+// without being downloaded. The digests travel as 32 raw bytes each (the agent's binary answer) or
+// as hex in JSON (for people and older agents).
 
 export const CHECKSUM_ALGORITHM = 'sha256';
+/** Bytes of one block's digest in the binary answer. */
+export const CHECKSUM_BYTES = 32;
 export const DEFAULT_BLOCK_BYTES = 1024 * 1024;
 export const MIN_BLOCK_BYTES = 4096;
 export const MAX_BLOCK_BYTES = 4 * 1024 * 1024;
@@ -42,8 +45,8 @@ export interface BlockChecksums {
   blockSize: number;
   offset: number;
   length: number;
-  /** One hex checksum per block, in order. */
-  blocks: string[];
+  /** The blocks' SHA-256 digests, 32 bytes each, in order. */
+  digests: Buffer;
   /** Where the next request should start, when the disk goes on. */
   nextOffset?: number;
   snapshot?: string;
@@ -124,11 +127,11 @@ export async function blockChecksums(
   }
 
   const count = Math.ceil(length / blockSize);
-  const blocks: string[] = new Array(count);
-  const zeroHash = new Map<number, string>();
+  const digests = Buffer.alloc(count * CHECKSUM_BYTES);
+  const zeroHash = new Map<number, Buffer>();
   const hashOfZeros = (n: number) => {
     let h = zeroHash.get(n);
-    if (!h) zeroHash.set(n, (h = createHash('sha256').update(Buffer.alloc(n)).digest('hex')));
+    if (!h) zeroHash.set(n, (h = createHash('sha256').update(Buffer.alloc(n)).digest()));
     return h;
   };
   // Which blocks touch written pages; the rest hash as zeros.
@@ -143,7 +146,7 @@ export async function blockChecksums(
   const perRead = Math.max(1, Math.floor(READ_BYTES / blockSize));
   for (let i = 0; i < count; i++) {
     if (!written[i]) {
-      blocks[i] = hashOfZeros(Math.min(blockSize, end - (offset + i * blockSize)));
+      hashOfZeros(Math.min(blockSize, end - (offset + i * blockSize))).copy(digests, i * CHECKSUM_BYTES);
       continue;
     }
     const last = reads[reads.length - 1];
@@ -156,9 +159,10 @@ export async function blockChecksums(
     const data = await readRange(blob, start, bytes);
     for (let b = 0; b < read.blocks; b++) {
       const from = b * blockSize;
-      blocks[read.first + b] = createHash('sha256')
+      createHash('sha256')
         .update(data.subarray(from, Math.min(from + blockSize, bytes)))
-        .digest('hex');
+        .digest()
+        .copy(digests, (read.first + b) * CHECKSUM_BYTES);
     }
   });
   return {
@@ -169,8 +173,17 @@ export async function blockChecksums(
     blockSize,
     offset,
     length,
-    blocks,
+    digests,
     ...(end < size ? { nextOffset: end } : {}),
     ...(request.snapshot ? { snapshot: request.snapshot } : {}),
   };
+}
+
+/** The JSON answer: the same fields with one hex digest per block in `blocks`. */
+export function checksumsJson(sums: BlockChecksums): Omit<BlockChecksums, 'digests'> & { blocks: string[] } {
+  const { digests, ...rest } = sums;
+  const blocks: string[] = [];
+  for (let at = 0; at < digests.length; at += CHECKSUM_BYTES)
+    blocks.push(digests.toString('hex', at, at + CHECKSUM_BYTES));
+  return { ...rest, blocks };
 }

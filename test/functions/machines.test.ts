@@ -316,6 +316,84 @@ describe('replication HTTP API (local host, real app)', () => {
     expect((await call('GET', `machines/${name}/disks/d9/checksums`)).status).toBe(404);
   });
 
+  it('answers the checksums as 32 raw bytes per block when asked for application/octet-stream', async () => {
+    const name = machine('binsums');
+    const size = 2 * MiB + 12 * KiB; // 32 blocks of 64 KiB and a short last one
+    await call('PUT', `machines/${name}`, { disks: [{ id: 'd0', sizeBytes: size }] });
+    const image = Buffer.alloc(size);
+    const blob = seedBlob(deps.seed, name, 'd0');
+    for (const [offset, length] of [
+      [64 * KiB, 64 * KiB],
+      [300 * KiB, 512 * KiB],
+      [2 * MiB, 12 * KiB],
+    ]) {
+      const data = Buffer.alloc(length);
+      for (let i = 0; i < length; i++) data[i] = (offset + i * 7 + (i >> 9)) % 253;
+      data.copy(image, offset);
+      await blob.uploadPages(data, offset, length);
+    }
+    const blockSize = 64 * KiB;
+    // SHA-256 of each block of the model, computed here: 33 digests back to back.
+    const expected = Buffer.concat(
+      Array.from({ length: Math.ceil(size / blockSize) }, (_, i) =>
+        createHash('sha256')
+          .update(image.subarray(i * blockSize, Math.min(size, (i + 1) * blockSize)))
+          .digest(),
+      ),
+    );
+    const get = (query: string) =>
+      fetch(`${base}/api/machines/${name}/disks/d0/checksums?${query}`, {
+        headers: { 'x-functions-key': key, accept: 'application/octet-stream' },
+      });
+
+    const all = await get(`blockSize=${blockSize}`);
+    expect(all.status).toBe(200);
+    expect(all.headers.get('content-type')).toBe('application/octet-stream');
+    const body = Buffer.from(await all.arrayBuffer());
+    expect(body.length).toBe(33 * 32);
+    expect(body.equals(expected)).toBe(true);
+    expect({
+      algorithm: all.headers.get('x-lifeboat-algorithm'),
+      sizeBytes: all.headers.get('x-lifeboat-size-bytes'),
+      blockSize: all.headers.get('x-lifeboat-block-size'),
+      offset: all.headers.get('x-lifeboat-offset'),
+      length: all.headers.get('x-lifeboat-length'),
+      nextOffset: all.headers.get('x-lifeboat-next-offset'),
+    }).toEqual({
+      algorithm: 'sha256',
+      sizeBytes: String(size),
+      blockSize: String(blockSize),
+      offset: '0',
+      length: String(size),
+      nextOffset: null,
+    });
+
+    const part = await get(`blockSize=${blockSize}&offset=${2 * blockSize}&length=${3 * blockSize}`);
+    expect(Buffer.from(await part.arrayBuffer()).equals(expected.subarray(2 * 32, 5 * 32))).toBe(true);
+    expect(part.headers.get('x-lifeboat-next-offset')).toBe(String(5 * blockSize));
+    // The same answer as the JSON one, block for block.
+    const json = await call('GET', `machines/${name}/disks/d0/checksums?blockSize=${blockSize}`);
+    expect(Buffer.from(json.body.blocks.join(''), 'hex').equals(expected)).toBe(true);
+
+    // Bad parameters are still a JSON 400 that names the field.
+    for (const [query, target] of [
+      ['blockSize=1000', 'blockSize'],
+      ['offset=7', 'offset'],
+      ['length=-1', 'length'],
+    ]) {
+      const bad = await get(query);
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as { error: { target: string } }).error.target).toBe(target);
+    }
+    expect(
+      (
+        await fetch(`${base}/api/machines/${name}/disks/d9/checksums`, {
+          headers: { 'x-functions-key': key, accept: 'application/octet-stream' },
+        })
+      ).status,
+    ).toBe(404);
+  });
+
   it('lists recovery points newest first, by type, a page at a time', async () => {
     const name = machine('points');
     const disks = [{ id: 'd0', sizeBytes: 512 * KiB }];

@@ -82,6 +82,9 @@ describe('RemoteChecksums over the HTTP API', () => {
       );
     expect(got.map((b) => b.toString('hex'))).toEqual(expected.map((b) => b.toString('hex')));
     expect(sums.sizeBytes).toBe(size);
+    // The binary answer: 32 bytes per block, each window fetched once (17 windows of 4 blocks).
+    expect(sums.requests).toBe(17);
+    expect(sums.bytesFetched).toBe(65 * 32);
     // A range in the middle of a window, and past the end of the cloud disk (missing = differs).
     const part = await sums.checksums({ offset: 5 * BLOCK, length: 2 * BLOCK });
     expect(part.map((b) => b.toString('hex'))).toEqual(expected.slice(5, 7).map((b) => b.toString('hex')));
