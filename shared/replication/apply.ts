@@ -395,13 +395,20 @@ async function runApply(
   const keepChangeLogs = machineRow ? readPolicy(machineRow.policy).keepChangeLogsHours > 0 : true;
   const leaseId = lease.leaseId;
   const writer = new OrderedPageWriter(deps.tuning.writeConcurrency);
-  let chain: Promise<void> = Promise.resolve();
-  let chainError: unknown;
-  const deletions: Promise<unknown>[] = [];
+  // An applied change log is deleted in the background (retention sweeps any a crash left).
+  const advance = new CursorAdvance(cursor, (name, seq) => {
+    if (keepChangeLogs) return;
+    void deps.changelogs
+      .deleteBlob(name)
+      .catch((err) =>
+        isNotFound(err)
+          ? undefined
+          : log.warn({ seq, err: String(err) }, 'could not delete an applied change log'),
+      );
+  });
   const settle = async () => {
     await writer.drain();
-    await chain;
-    if (chainError !== undefined) throw chainError;
+    await advance.settle();
   };
 
   if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
@@ -413,7 +420,7 @@ async function runApply(
   let seq = cursor.row.appliedSeq + 1;
   for (;;) {
     if (lease.lost) throw lease.lost;
-    if (chainError !== undefined) throw chainError;
+    advance.throwIfFailed();
     if (Date.now() >= deadline) {
       await settle();
       report.outcome = 'budget';
@@ -487,11 +494,8 @@ async function runApply(
     }
     await flush();
     const applied = seq;
-    const written = writer.settled();
-    written.catch(() => undefined);
     const patch: Partial<DiskEntity> = {
       appliedSeq: applied,
-      lastAppliedAt: new Date().toISOString(),
       lastSourceTime: segment.header.lastWriteTime,
     };
     if (sawMarker) patch.lastMarkerId = report.markers[report.markers.length - 1];
@@ -500,31 +504,86 @@ async function runApply(
       patch.stateReason = 'reached its first consistency marker';
       patch.stateChangedAt = new Date().toISOString();
     }
-    chain = chain.then(async () => {
-      if (chainError !== undefined) return;
-      try {
-        await written;
-        patch.appliedBytes = (cursor.row.appliedBytes ?? 0) + bytesApplied;
-        await cursor.update(patch);
-        log.debug({ seq: applied, bytes: bytesApplied }, 'segment applied');
-        if (!keepChangeLogs) {
-          deletions.push(
-            deps.changelogs
-              .deleteBlob(name)
-              .catch((err) =>
-                isNotFound(err)
-                  ? undefined
-                  : log.warn({ seq: applied, err: String(err) }, 'could not delete an applied change log'),
-              ),
-          );
-        }
-      } catch (err) {
-        chainError = err;
-      }
-    });
+    advance.after(writer.settled(), { seq: applied, name, bytes: bytesApplied, patch });
     report.segments++;
     report.bytes += bytesApplied;
     seq++;
+  }
+}
+
+/** A segment whose pages are submitted: the cursor may pass it once they are written. */
+interface AppliedSegment {
+  seq: number;
+  name: string;
+  bytes: number;
+  patch: Partial<DiskEntity>;
+}
+
+/**
+ * Moves the cursor behind the page writes. A segment counts as applied once its pages (and every
+ * page before them) are written, in seq order; one table update at a time then carries the newest
+ * applied state, so a fast stream costs one cursor update per table round trip rather than one
+ * per segment (the cursor may trail the pages, never lead them: re-applying is harmless). A change
+ * log is handed to `applied` (to be deleted) only after an update covering it succeeded.
+ */
+class CursorAdvance {
+  private order: Promise<void> = Promise.resolve();
+  private waiting: AppliedSegment[] = [];
+  private updating?: Promise<void>;
+  private failure?: unknown;
+
+  constructor(
+    private readonly cursor: DiskCursor,
+    private readonly applied: (name: string, seq: number) => void,
+  ) {}
+
+  /** Counts `segment` as applied once `written` resolves (after the segments offered before it). */
+  after(written: Promise<void>, segment: AppliedSegment): void {
+    written.catch(() => undefined);
+    this.order = this.order.then(async () => {
+      try {
+        await written;
+      } catch (err) {
+        this.failure ??= err;
+        return;
+      }
+      this.waiting.push(segment);
+      this.updating ??= this.update().finally(() => {
+        this.updating = undefined;
+      });
+    });
+  }
+
+  private async update(): Promise<void> {
+    while (this.waiting.length > 0 && this.failure === undefined) {
+      const batch = this.waiting;
+      this.waiting = [];
+      const patch: Partial<DiskEntity> = { lastAppliedAt: new Date().toISOString() };
+      let bytes = 0;
+      for (const s of batch) {
+        Object.assign(patch, s.patch);
+        bytes += s.bytes;
+      }
+      patch.appliedBytes = (this.cursor.row.appliedBytes ?? 0) + bytes;
+      try {
+        await this.cursor.update(patch);
+      } catch (err) {
+        this.failure ??= err;
+        return;
+      }
+      for (const s of batch) this.applied(s.name, s.seq);
+    }
+  }
+
+  throwIfFailed(): void {
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /** Resolves when every offered segment is counted and the cursor is updated; throws a failure. */
+  async settle(): Promise<void> {
+    await this.order;
+    while (this.updating) await this.updating;
+    this.throwIfFailed();
   }
 }
 
