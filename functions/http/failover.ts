@@ -15,6 +15,7 @@ import { readMachine } from '../../shared/replication';
 import { ORCHESTRATION } from '../orchestrations/names';
 import '../orchestrations/failover';
 import { startOperation } from './operations';
+import { claimHolderEnded } from './protection';
 import { jsonBody, withErrors } from './respond';
 
 const operationId = () => `op-${randomUUID().replace(/-/g, '').slice(0, 16)}`;
@@ -28,7 +29,14 @@ app.http('machines-failover', {
     const deps = defaultFailoverDeps();
     const machine = request.params.machine;
     const failoverId = failoverIdFromUuid(randomUUID());
-    const run = await prepareFailover(deps, machine, await jsonBody(request), failoverId);
+    // A failover whose operations ended unfinished no longer holds the machine (docs/failover.md).
+    const run = await prepareFailover(
+      deps,
+      machine,
+      await jsonBody(request),
+      failoverId,
+      claimHolderEnded(df.getClient(context), deps.now),
+    );
     return startOperation(
       request,
       context,

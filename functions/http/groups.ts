@@ -16,6 +16,7 @@ import { defaultReplicationDeps, getMachineStatus } from '../../shared/replicati
 import '../orchestrations/group-failover';
 import { GROUP_ORCHESTRATION } from '../orchestrations/names';
 import { startOperation } from './operations';
+import { claimHolderEnded } from './protection';
 import { intQuery, jsonBody, withErrors } from './respond';
 
 let store: Store | undefined;
@@ -94,8 +95,14 @@ app.http('groups-failover', {
     const deps = defaultFailoverDeps();
     const group = request.params.group;
     const runId = `group-${group}-${randomUUID().replace(/-/g, '').slice(0, 8)}`;
-    const run = await prepareGroupFailover(deps, groups(), group, await jsonBody(request), runId, () =>
-      failoverIdFromUuid(randomUUID()),
+    const run = await prepareGroupFailover(
+      deps,
+      groups(),
+      group,
+      await jsonBody(request),
+      runId,
+      () => failoverIdFromUuid(randomUUID()),
+      claimHolderEnded(df.getClient(context), deps.now),
     );
     return startOperation(
       request,

@@ -55,6 +55,7 @@ export function* failoverOrchestrator(
   const target = run.target;
   let step = 'starting';
   let point: ChosenPoint | undefined;
+  const removedAbandoned: { failoverId: string; deleted: string[] }[] = [];
   const report = (state: string, extra: Record<string, unknown> = {}) =>
     context.df.setCustomStatus({
       type: 'failover',
@@ -64,6 +65,7 @@ export function* failoverOrchestrator(
       state,
       step,
       ...(point ? { recoveryPoint: { id: point.id, type: point.type, sourceTime: point.sourceTime } } : {}),
+      ...(removedAbandoned.length > 0 ? { removedAbandoned } : {}),
       ...extra,
     });
   const progress = (state: string, extra: { point?: ChosenPoint } = {}) =>
@@ -81,6 +83,17 @@ export function* failoverOrchestrator(
         planRun: run.planRun,
         ...(target ? { target } : {}),
       });
+    }
+    // Failovers of this machine abandoned when their operation ended mid-way: remove what they
+    // created (disks, target, commands, record) the way a cancel does, names derived from their ids.
+    for (const abandoned of run.abandoned ?? []) {
+      step = `removing what abandoned failover ${abandoned.failoverId} left`;
+      report('accepted');
+      const deleted = (yield context.df.callActivityWithRetry(ACTIVITY.cancelFailover, RETRY, {
+        machine: run.machine,
+        ...abandoned,
+      })) as string[];
+      removedAbandoned.push({ failoverId: abandoned.failoverId, deleted });
     }
     if (run.mode === 'change-point') {
       step = 'removing the previous target';

@@ -122,6 +122,7 @@ export type FailoverKind = 'test' | 'planned' | 'unplanned';
  * (`latest`) → materialising → creating-target. Then failed-over, which commit makes committed
  * (final) and change-point takes through changing-point back to failed-over; cancel (from
  * failed-over or failed) removes everything and the record. A failure cleans up and ends failed.
+ * A failover whose operation ended mid-way is abandoned when another failover clears its claim.
  */
 export type FailoverState =
   | 'accepted'
@@ -135,6 +136,10 @@ export type FailoverState =
   | 'committed'
   | 'cancelling'
   | 'failed'
+  // Its operation ended (terminated, failed, never started) while it was in progress, and a new
+  // failover cleared its claim: what it created may remain until the machine's next failover
+  // removes it with the record (docs/failover.md, "Stale claims").
+  | 'abandoned'
   // After commit (docs/reprotect.md): reprotect replicates the failover disks back to the site
   // (reprotecting until its first pass is applied, then reprotected); failback stops the failover
   // machine, ships the last changes and verifies the site (failing-back), then failed-back (final).
@@ -267,6 +272,13 @@ export function isMachineName(value: string): boolean {
   return isDnsLabel(value);
 }
 
+/** An abandoned failover of the machine, for the next failover to remove (as a cancel does). */
+export interface AbandonedFailover {
+  failoverId: string;
+  test: boolean;
+  target?: AzureTarget;
+}
+
 /** The input of the failover orchestration (a machine's failover, or a change of its point). */
 export interface FailoverRun {
   machine: string;
@@ -278,6 +290,8 @@ export interface FailoverRun {
   mode: 'failover' | 'change-point';
   /** Set when a plan runs it: a failure is returned as a result rather than thrown. */
   planRun?: string;
+  /** The machine's abandoned failovers: their disks, target, commands and records go first. */
+  abandoned?: AbandonedFailover[];
 }
 
 /** What the failover orchestration returns. */

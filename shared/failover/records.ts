@@ -1,4 +1,5 @@
-import type { TableEntityResult } from '@azure/data-tables';
+import type { TableClient, TableEntityResult } from '@azure/data-tables';
+import { deleteClaim, holdersEnded, type ClaimHolder, type ClaimHolderEnded } from '../claims';
 import { ConflictError, NotFoundError } from '../errors';
 import {
   insertIfAbsent,
@@ -10,6 +11,7 @@ import {
 } from '../replication';
 import {
   nextState,
+  type AbandonedFailover,
   type AzureTarget,
   type ChosenPoint,
   type FailoverAction,
@@ -77,14 +79,81 @@ export interface BeginFailover {
 }
 
 /**
+ * The states of a failover whose operation, once ended, has left it unfinished: nothing but that
+ * operation would ever move it on, so its claim is stale. A failed-over, committed (or later)
+ * failover holds the machine with no operation running, and `committing` is left alone because
+ * clearing it would let a new failover remove a machine the operator meant to keep.
+ */
+const UNFINISHED: readonly FailoverState[] = [
+  'accepted',
+  'quiescing',
+  'applying-pending',
+  'materialising',
+  'creating-target',
+  'changing-point',
+  'cancelling',
+];
+
+/**
+ * Clears the `active` row of a failover whose operations all ended without releasing it (or never
+ * started: the starter died between the claim and the start). Its record, if unfinished, becomes
+ * `abandoned` first (ETag-checked), so whatever it created stays known until the machine's next
+ * failover removes it; a `failed` one already cleaned up and stays as history. True when the row
+ * is gone.
+ */
+async function clearStaleClaim(
+  table: TableClient,
+  held: TableEntityResult<LockEntity>,
+  now: Date,
+  holderEnded: ClaimHolderEnded | undefined,
+): Promise<boolean> {
+  if (!holderEnded) return false;
+  const record = await readEntity<RecordEntity>(table, held.partitionKey, held.failoverId);
+  if (record && record.state !== 'failed' && !UNFINISHED.includes(record.state)) return false;
+  // The failover's own orchestration, the operation that claimed it (a group run), and the one
+  // driving its current state (a change of point, a cancel): every one must have ended.
+  const startedAt = record?.updatedAt ?? held.createdAt;
+  const ids = new Set([held.operationId, held.failoverId, ...(record ? [record.operationId] : [])]);
+  const holders: ClaimHolder[] = [...ids].map((operationId) => ({ operationId, startedAt }));
+  if (!(await holdersEnded(holders, holderEnded))) return false;
+  if (record && record.state !== 'failed') {
+    const error = {
+      step: record.state,
+      message:
+        `its operation (${[...ids].join(', ')}) ended without finishing (terminated, failed or never started) ` +
+        `while ${record.state}; the next failover of ${held.partitionKey} removes what it created`,
+    };
+    try {
+      await table.updateEntity(
+        {
+          partitionKey: held.partitionKey,
+          rowKey: held.failoverId,
+          state: 'abandoned' satisfies FailoverState,
+          error: JSON.stringify(error),
+          updatedAt: now.toISOString(),
+        },
+        'Merge',
+        { etag: record.etag },
+      );
+    } catch (err) {
+      if (isPreconditionFailed(err) || isNotFound(err)) return false;
+      throw err;
+    }
+  }
+  return deleteClaim(table, held);
+}
+
+/**
  * Claims the machine for a failover: inserts the `active` row if absent (a second failover of
- * the machine gets a 409 naming the first), then the record. Idempotent for the same failover id
- * (an activity that runs twice).
+ * the machine gets a 409 naming the first, unless `holderEnded` says the first's operations
+ * ended without finishing: then its claim is cleared and it becomes `abandoned`), then the record.
+ * Idempotent for the same failover id (an activity that runs twice).
  */
 export async function beginFailover(
   tables: FailoverTables,
   begin: BeginFailover,
   now: Date,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<FailoverRecord> {
   const table = await tables.get(FAILOVER_TABLES.failovers);
   const lock: LockEntity = {
@@ -95,19 +164,19 @@ export async function beginFailover(
     kind: begin.kind,
     createdAt: now.toISOString(),
   };
-  if (!(await insertIfAbsent(table, lock))) {
+  for (let attempt = 0; !(await insertIfAbsent(table, lock)); attempt++) {
     const held = await readEntity<LockEntity>(table, begin.machine, ACTIVE_ROW);
-    if (held && held.failoverId !== begin.failoverId) {
-      const record = await readRecord(tables, begin.machine, held.failoverId);
-      throw new ConflictError(
-        `Machine ${begin.machine} is already failing over (${held.kind} failover ${held.failoverId}, ` +
-          `${record?.state ?? 'starting'}, operation ${held.operationId}); ` +
-          `commit or cancel it (POST /api/machines/${begin.machine}/commit or /cancel) before starting another.`,
-        'machine',
-        'FailoverInProgress',
-      );
-    }
-    if (!held) return beginFailover(tables, begin, now);
+    if (!held) continue;
+    if (held.failoverId === begin.failoverId) break;
+    if (attempt < 3 && (await clearStaleClaim(table, held, now, holderEnded))) continue;
+    const record = await readRecord(tables, begin.machine, held.failoverId);
+    throw new ConflictError(
+      `Machine ${begin.machine} is already failing over (${held.kind} failover ${held.failoverId}, ` +
+        `${record?.state ?? 'starting'}, operation ${held.operationId}); ` +
+        `commit or cancel it (POST /api/machines/${begin.machine}/commit or /cancel) before starting another.`,
+      'machine',
+      'FailoverInProgress',
+    );
   }
   const entity: RecordEntity = {
     partitionKey: begin.machine,
@@ -123,6 +192,20 @@ export async function beginFailover(
   };
   await insertIfAbsent(table, entity);
   return toRecord((await readEntity<RecordEntity>(table, begin.machine, begin.failoverId))!);
+}
+
+/** The machine's abandoned failovers (what the next failover removes before its own steps). */
+export async function abandonedFailovers(
+  tables: FailoverTables,
+  machine: string,
+): Promise<AbandonedFailover[]> {
+  return (await listFailovers(tables, machine))
+    .filter((r) => r.state === 'abandoned')
+    .map((r) => ({
+      failoverId: r.failoverId,
+      test: r.kind === 'test',
+      ...(r.targetSpec ? { target: r.targetSpec } : {}),
+    }));
 }
 
 export async function readRecord(

@@ -1,3 +1,4 @@
+import type { ClaimHolderEnded } from '../claims';
 import { readMachine } from '../replication';
 import type { FailoverDeps } from './context';
 import {
@@ -8,18 +9,21 @@ import {
   type FailoverRun,
 } from './model';
 import { resolveRecoveryPoint } from './recovery-point';
-import { beginAction, beginFailover } from './records';
+import { abandonedFailovers, beginAction, beginFailover } from './records';
 
 /**
  * The synchronous half of POST /machines/{m}/failover: validates the body (400), checks the
  * machine (404) and, for every selector but `latest`, that the point exists (404), then claims
- * the machine (409). Returns the orchestration's input.
+ * the machine (409, unless `holderEnded` says the failover holding it ended unfinished: then
+ * that one is abandoned). Returns the orchestration's input, with the machine's abandoned
+ * failovers for it to remove first.
  */
 export async function prepareFailover(
   deps: FailoverDeps,
   machine: string,
   body: unknown,
   failoverId: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<FailoverRun> {
   const request = parseFailoverRequest(body);
   await readMachine(deps.replication, machine);
@@ -38,7 +42,9 @@ export async function prepareFailover(
       ...(request.target ? { target: request.target } : {}),
     },
     deps.now(),
+    holderEnded,
   );
+  const abandoned = await abandonedFailovers(deps.tables, machine);
   return {
     machine,
     failoverId,
@@ -47,6 +53,7 @@ export async function prepareFailover(
     waitSeconds: request.waitSeconds,
     ...(request.target ? { target: request.target } : {}),
     mode: 'failover',
+    ...(abandoned.length > 0 ? { abandoned } : {}),
   };
 }
 

@@ -1,6 +1,8 @@
 import { z } from 'zod';
+import type { ClaimHolderEnded } from '../claims';
 import { ConflictError } from '../errors';
 import {
+  abandonedFailovers,
   beginFailover,
   deleteRecord,
   releaseMachine,
@@ -63,7 +65,9 @@ export interface GroupFailoverRun {
 /**
  * POST /api/groups/{g}/failover, synchronous half: 400 (body), 404 (group, point), then claims
  * every member of the point for this run; if one is already failing over, releases the claims
- * it made and answers 409 naming that member. `failoverId(machine)` gives each member's id.
+ * it made and answers 409 naming that member (a member held by a failover whose operations
+ * ended unfinished is taken, as `holderEnded` allows: docs/failover.md, "Stale claims").
+ * `failoverId(machine)` gives each member's id.
  */
 export async function prepareGroupFailover(
   deps: FailoverDeps,
@@ -72,6 +76,7 @@ export async function prepareGroupFailover(
   body: unknown,
   runId: string,
   failoverId: (machine: string) => string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<GroupFailoverRun> {
   const request = parseGroupFailoverRequest(body);
   await readGroup(store, group);
@@ -101,8 +106,11 @@ export async function prepareGroupFailover(
           planRun: runId,
         },
         deps.now(),
+        holderEnded,
       );
       claimed.push(run);
+      const abandoned = await abandonedFailovers(deps.tables, run.machine);
+      if (abandoned.length > 0) run.abandoned = abandoned;
     }
   } catch (err) {
     await releaseGroupClaims(deps, claimed);

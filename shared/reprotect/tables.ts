@@ -1,4 +1,5 @@
 import type { TableClient } from '@azure/data-tables';
+import { deleteClaim, holdersEnded, type ClaimHolderEnded } from '../claims';
 import { ConflictError } from '../errors';
 import { insertIfAbsent, isNotFound, isPreconditionFailed, readEntity } from '../replication';
 import type { StorageClients } from '../storage';
@@ -47,12 +48,7 @@ export class ProtectionTables {
   }
 }
 
-/**
- * Whether the operation holding a claim has ended without releasing it (its orchestration was
- * terminated, failed or completed, or never started). The HTTP starters answer it from the
- * durable client's runtime status; without it a claim is only ever released by its holder.
- */
-export type ClaimHolderEnded = (held: ActiveEntity) => Promise<boolean>;
+export type { ClaimHolderEnded } from '../claims';
 
 /**
  * Removes a claim whose holder ended (`holderEnded`), ETag-checked so a claim that changed
@@ -63,15 +59,8 @@ export async function clearEndedClaim(
   held: ActiveEntity & { etag?: string },
   holderEnded: ClaimHolderEnded | undefined,
 ): Promise<boolean> {
-  if (!holderEnded || !(await holderEnded(held))) return false;
-  try {
-    await (await tables.get()).deleteEntity(held.partitionKey, ACTIVE_ROW, { etag: held.etag ?? '*' });
-    return true;
-  } catch (err) {
-    if (isNotFound(err)) return true;
-    if (isPreconditionFailed(err)) return false;
-    throw err;
-  }
+  if (!(await holdersEnded([held], holderEnded))) return false;
+  return deleteClaim(await tables.get(), held);
 }
 
 /**

@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { HostProcess } from '../../infra/local/host-process';
 import {
   acknowledgeCommand,
+  beginFailover,
   FAILOVER_DISKS_CONTAINER,
   FAILOVER_TABLES,
   failoverDepsFromSettings,
@@ -10,9 +11,10 @@ import {
   pendingCommands,
   readLocalTarget,
   readRecord,
+  resolveRecoveryPoint,
 } from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
-import { readEntity, readRange } from '../../shared/replication';
+import { readEntity, readRange, seedBlob } from '../../shared/replication';
 import { waitFor } from '../helpers/host';
 import {
   apiClient,
@@ -303,5 +305,131 @@ describe('failover over HTTP through the local host', () => {
     expect((await readRecord(deps.tables, gamma.machine, started.failoverId))?.state).toBe('failed');
     expect((await leftovers(gamma.machine, started.failoverId)).blobs).toEqual([]);
     expect((await api('POST', `machines/${gamma.machine}/cancel`)).status).toBe(404);
+  });
+
+  it('a terminated test failover does not hold the machine: the next one removes what it left, and after its cancel nothing of either is left', async () => {
+    const delta = new SourceMachine(`delta-${suffix}`, disks, 4);
+    expect((await api('PUT', `machines/${delta.machine}`, { disks })).status).toBe(201);
+    delta.randomWrites(40);
+    delta.marker('d1', 'crash');
+    await ship(replication, sender, delta.cut());
+    await waitForPoint(api, delta.machine, 'd1');
+
+    // The test holds disk d0's seed lease (another applier, as far as apply knows), so the change
+    // logs shipped next stay unapplied and a failover to `latest` waits in applying-pending.
+    const lease = seedBlob(replication.seed, delta.machine, 'd0').getBlobLeaseClient();
+    await lease.acquireLease(-1);
+    delta.randomWrites(10);
+    delta.marker('d2', 'crash');
+    await ship(replication, sender, delta.cut());
+    const first = await api('POST', `machines/${delta.machine}/failover`, {
+      recoveryPoint: 'latest',
+      test: true,
+      waitSeconds: 3600,
+    });
+    expect(first.status, JSON.stringify(first.body)).toBe(202);
+    const a = first.body.failoverId as string;
+    await waitFor(async () => {
+      const op = await api('GET', `operations/${a}`);
+      return op.body.progress?.state === 'applying-pending' ? true : undefined;
+    }, 'the first failover waiting for pending change logs');
+    // What a failover terminated while creating its target leaves (a moment the test cannot hit
+    // from outside), made by the same compute provider under its failover id: disks and target.
+    const point = await resolveRecoveryPoint(replication, delta.machine, { id: 'd1' });
+    const made = [];
+    for (const disk of point.disks)
+      made.push(
+        await deps.compute.materialiseDisk({ machine: delta.machine, failoverId: a, test: true, disk }),
+      );
+    await deps.compute.createTarget({
+      machine: delta.machine,
+      failoverId: a,
+      test: true,
+      pointId: point.id,
+      disks: made,
+    });
+    expect((await leftovers(delta.machine, a)).blobs).toHaveLength(2);
+
+    // While it runs, it holds the machine.
+    const refused = await api('POST', `machines/${delta.machine}/failover`, {
+      recoveryPoint: 'd1',
+      test: true,
+    });
+    expect(refused.status).toBe(409);
+    expect(refused.body.error.code).toBe('FailoverInProgress');
+
+    const terminate = await fetch(
+      (first.body.management.terminatePostUri as string).replace('{text}', 'test%20terminates%20it'),
+      { method: 'POST' },
+    );
+    expect(terminate.status).toBe(202);
+    await waitForOperation(api, a);
+    expect((await api('GET', `operations/${a}`)).body.status).toBe('Terminated');
+
+    // The next test failover is accepted at once; it first removes what the terminated one left.
+    const b = await failover(delta.machine, { recoveryPoint: 'd1', test: true });
+    const op = await completed(b.operationId);
+    expect(op.output.point.id).toBe('d1');
+    await expectDisksAt(delta, b.failoverId, 'd1');
+    const removed = op.progress.removedAbandoned as { failoverId: string; deleted: string[] }[];
+    expect(removed.map((r) => r.failoverId)).toEqual([a]);
+    expect(removed[0]!.deleted).toEqual(
+      expect.arrayContaining([
+        `${FAILOVER_DISKS_CONTAINER}/${failoverDiskName(delta.machine, 'd0', a)}`,
+        `${FAILOVER_DISKS_CONTAINER}/${failoverDiskName(delta.machine, 'd1', a)}`,
+        `${FAILOVER_TABLES.targets}/${delta.machine}/${a}`,
+        `${FAILOVER_TABLES.failovers}/${delta.machine}/${a}`,
+      ]),
+    );
+    expect(await readRecord(deps.tables, delta.machine, a)).toBeUndefined();
+    expect((await leftovers(delta.machine, a)).blobs).toEqual([]);
+
+    const cancel = await api('POST', `machines/${delta.machine}/cancel`);
+    expect(cancel.status).toBe(202);
+    await completed(cancel.body.operationId);
+    // No failover disk of either, and no target, failover or command row of the machine.
+    expect(await leftovers(delta.machine, a)).toEqual({ blobs: [], rows: [] });
+    expect(await leftovers(delta.machine, b.failoverId)).toEqual({ blobs: [], rows: [] });
+    await lease.releaseLease();
+  });
+
+  it('a claim whose failover never started holds the machine for a grace period only', async () => {
+    const epsilon = new SourceMachine(`epsilon-${suffix}`, disks, 5);
+    expect((await api('PUT', `machines/${epsilon.machine}`, { disks })).status).toBe(201);
+    epsilon.randomWrites(20);
+    epsilon.marker('e1', 'app');
+    await ship(replication, sender, epsilon.cut());
+    await waitForPoint(api, epsilon.machine, 'e1');
+
+    // A starter that died after claiming: the rows exist, no orchestration does.
+    const claim = (failoverId: string, at: Date) =>
+      beginFailover(
+        deps.tables,
+        {
+          machine: epsilon.machine,
+          failoverId,
+          operationId: failoverId,
+          kind: 'test',
+          selector: { id: 'e1' },
+        },
+        at,
+      );
+    await claim('fo-000000000001', new Date());
+    const fresh = await api('POST', `machines/${epsilon.machine}/failover`, {
+      recoveryPoint: 'e1',
+      test: true,
+    });
+    expect(fresh.status).toBe(409);
+    expect(fresh.body.error.message).toContain('fo-000000000001');
+    await (await deps.tables.get(FAILOVER_TABLES.failovers)).deleteEntity(epsilon.machine, 'active');
+    await (await deps.tables.get(FAILOVER_TABLES.failovers)).deleteEntity(epsilon.machine, 'fo-000000000001');
+
+    await claim('fo-000000000002', new Date(Date.now() - 5 * 60_000));
+    const b = await failover(epsilon.machine, { recoveryPoint: 'e1', test: true });
+    await completed(b.operationId);
+    await expectDisksAt(epsilon, b.failoverId, 'e1');
+    expect(await readRecord(deps.tables, epsilon.machine, 'fo-000000000002')).toBeUndefined();
+    await completed((await api('POST', `machines/${epsilon.machine}/cancel`)).body.operationId);
+    expect(await leftovers(epsilon.machine, b.failoverId)).toEqual({ blobs: [], rows: [] });
   });
 });

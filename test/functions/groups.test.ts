@@ -9,10 +9,13 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { HostProcess } from '../../infra/local/host-process';
 import {
+  beginFailover,
   failoverDepsFromSettings,
   failoverDiskName,
+  FAILOVER_TABLES,
   readLocalTarget,
   readRecord,
+  resolveRecoveryPoint,
 } from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
 import { odataString, readRange, TABLES } from '../../shared/replication';
@@ -295,5 +298,57 @@ describe('replication groups over HTTP through the local host', () => {
     // db is free again; the others stay failed over until cancelled.
     expect((await api('POST', `machines/${db.machine}/cancel`)).status).toBe(404);
     await cancelAll();
+  });
+
+  it('a member held by a group failover that never started is taken after the grace period, and what it made is removed', async () => {
+    const held = members[1];
+    const dead = 'fo-00000000dead';
+    const claim = (at: Date) =>
+      beginFailover(
+        deps.tables,
+        {
+          machine: held.machine,
+          failoverId: dead,
+          operationId: `group-${group}-deadbeef`,
+          kind: 'test',
+          selector: { id: marks.g1 },
+          planRun: `group-${group}-deadbeef`,
+        },
+        at,
+      );
+    // Just claimed: its starter may still be starting it.
+    await claim(new Date());
+    const early = await api('POST', `groups/${group}/failover`, { recoveryPoint: marks.g1, test: true });
+    expect(early.status).toBe(409);
+    expect(early.body.error.message).toContain(held.machine);
+    // The same claim, minutes old, with a disk its run had materialised before it died.
+    const failovers = await deps.tables.get(FAILOVER_TABLES.failovers);
+    const old = new Date(Date.now() - 5 * 60_000).toISOString();
+    await failovers.updateEntity({ partitionKey: held.machine, rowKey: 'active', createdAt: old }, 'Merge');
+    await failovers.updateEntity({ partitionKey: held.machine, rowKey: dead, updatedAt: old }, 'Merge');
+    const point = await resolveRecoveryPoint(replication, held.machine, { id: marks.g1 });
+    await deps.compute.materialiseDisk({
+      machine: held.machine,
+      failoverId: dead,
+      test: true,
+      disk: point.disks[0]!,
+    });
+
+    const started = await groupFailover({ recoveryPoint: marks.g1, test: true });
+    const op = await waitForOperation(api, started.operationId);
+    expect(op.status, op.error ?? JSON.stringify(op.progress)).toBe('Completed');
+    const mine = started.members.find((m) => m.machine === held.machine)!.failoverId;
+    await expectDisksAt(held, mine, marks.g1);
+    const member = (await api('GET', `operations/${mine}`)).body;
+    expect(member.progress.removedAbandoned[0].failoverId).toBe(dead);
+    expect(member.progress.removedAbandoned[0].deleted).toContain(
+      `failover-disks/${failoverDiskName(held.machine, point.disks[0]!.id, dead)}`,
+    );
+    expect(await readRecord(deps.tables, held.machine, dead)).toBeUndefined();
+    await cancelAll();
+    const blobs: string[] = [];
+    for await (const b of deps.failoverDisks.listBlobsFlat({ prefix: `${held.machine}/` }))
+      blobs.push(b.name);
+    expect(blobs).toEqual([]);
   });
 });
