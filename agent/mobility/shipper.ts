@@ -234,6 +234,8 @@ export class DiskShipper extends EventEmitter {
   private readonly log: Logger;
   private halted: string | undefined;
   private recent: { at: number; bytes: number }[] = [];
+  /** Reused for reading segments back (one segment is shipped at a time). */
+  private readBuffer: Buffer | undefined;
   readonly stats: ShipperStats = {
     reachable: undefined,
     shippedSegments: 0,
@@ -358,13 +360,18 @@ export class DiskShipper extends EventEmitter {
   private async ship(entry: JournalEntry): Promise<void> {
     const { machine, disk, state } = this.segmenter;
     let bytes: Buffer;
+    // The read buffer is reused only after an answer came back (the request body was sent
+    // whole); a failed request may leave a write pending on a closing socket, so it is dropped.
+    const scratch = this.readBuffer;
+    this.readBuffer = undefined;
     try {
-      bytes = await this.segmenter.journal.read(entry);
+      bytes = await this.segmenter.journal.read(entry, scratch);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return; // removed by a stream reset meanwhile
       throw err;
     }
     const result = await this.client.putSegment(machine, disk, entry.epoch, entry.seq, bytes);
+    this.readBuffer = scratch && bytes.buffer === scratch.buffer ? scratch : bytes;
     await this.segmenter.journal.remove(entry);
     // Segments of an epoch the stream has left (shipped before the new epoch's seq 1) do not move the cursor.
     if (entry.epoch === state.epoch && entry.seq > state.ackedSeq) state.ackedSeq = entry.seq;
