@@ -89,10 +89,22 @@ const UNCOMMITTED = new Set([
 ]);
 const SELECTOR_KEYWORDS = new Set(['latest', 'latest-processed', 'latest-app-consistent']);
 
-/** What other parts hold, per machine: marker ids of failovers' points; group points listing it, per group. */
+/** A group point row, as retention reads it. */
+export interface GroupPointRow extends RetainedPoint {
+  group: string;
+  rowKey: string;
+  /** The machines it lists (the members at its marker). */
+  members: string[];
+}
+
+/**
+ * What other parts hold, per machine: marker ids of failovers' points; group points listing it,
+ * per group. And the group point rows themselves, per group.
+ */
 export interface RetentionHolds {
   failovers: Map<string, Set<string>>;
   groupPoints: Map<string, Map<string, RetainedPoint[]>>;
+  groupRows: Map<string, GroupPointRow[]>;
 }
 
 /**
@@ -101,7 +113,7 @@ export interface RetentionHolds {
  * under each member machine it lists.
  */
 export async function readRetentionHolds(deps: ReplicationDeps): Promise<RetentionHolds> {
-  const holds: RetentionHolds = { failovers: new Map(), groupPoints: new Map() };
+  const holds: RetentionHolds = { failovers: new Map(), groupPoints: new Map(), groupRows: new Map() };
   const failovers = await deps.tables.get(FAILOVERS_TABLE as TableName);
   for await (const r of failovers.listEntities<{
     partitionKey: string;
@@ -124,6 +136,7 @@ export async function readRetentionHolds(deps: ReplicationDeps): Promise<Retenti
   const groupPoints = await deps.tables.get(GROUP_POINTS_TABLE as TableName);
   for await (const g of groupPoints.listEntities<{
     partitionKey: string;
+    rowKey: string;
     markerId: string;
     consistency: string;
     sourceTime: number;
@@ -134,11 +147,15 @@ export async function readRetentionHolds(deps: ReplicationDeps): Promise<Retenti
       sourceTime: g.sourceTime,
       kind: g.consistency === 'app' ? 'app' : 'crash',
     };
-    for (const machine of Object.keys(JSON.parse(g.members) as Record<string, unknown>)) {
+    const members = Object.keys(JSON.parse(g.members) as Record<string, unknown>);
+    for (const machine of members) {
       const groups = holds.groupPoints.get(machine) ?? new Map<string, RetainedPoint[]>();
       holds.groupPoints.set(machine, groups);
       groups.set(g.partitionKey, [...(groups.get(g.partitionKey) ?? []), point]);
     }
+    const rows = holds.groupRows.get(g.partitionKey) ?? [];
+    holds.groupRows.set(g.partitionKey, rows);
+    rows.push({ ...point, group: g.partitionKey, rowKey: g.rowKey, members });
   }
   return holds;
 }
@@ -172,6 +189,8 @@ export interface RetentionReport {
   changeLogsDeleted: number;
   /** Points the policy alone would have pruned, kept for a failover or a group point. */
   heldPoints: number;
+  /** Group point rows no member's policy keeps and whose member points are all gone. */
+  groupPointsDeleted: number;
 }
 
 /** The retention timer's work, for every registered machine (or only `options.machines`). */
@@ -188,24 +207,32 @@ export async function applyRetention(
     orphanSnapshotsDeleted: 0,
     changeLogsDeleted: 0,
     heldPoints: 0,
+    groupPointsDeleted: 0,
   };
   const holds = await readRetentionHolds(deps);
   const machines = await listPartition<MachineEntity>(
     await deps.tables.get(TABLES.machines),
     MACHINES_PARTITION,
   );
+  /** The marker ids of each machine's points left after its retention. */
+  const remaining = new Map<string, Set<string>>();
   for (const machine of machines) {
     if (typeof machine.policy !== 'string') continue;
     if (options.machines && !options.machines.includes(machine.rowKey)) continue;
     report.machines++;
     try {
-      await retainMachine(deps, machine, now, report, holds);
+      remaining.set(machine.rowKey, await retainMachine(deps, machine, now, report, holds));
     } catch (err) {
       deps.log.error(
         { machine: machine.rowKey, err: String(err) },
         'retention failed for a machine; the next run retries',
       );
     }
+  }
+  try {
+    await pruneGroupPoints(deps, holds, machines, remaining, now, report, options.machines);
+  } catch (err) {
+    deps.log.error({ err: String(err) }, 'group point retention failed; the next run retries');
   }
   deps.log.info({ ...report }, 'retention run ended');
   return report;
@@ -238,13 +265,61 @@ async function deleteRow(
   }
 }
 
+/**
+ * Group point rows: a row goes once no member's policy keeps it among its group's points (the
+ * rule `heldMarkers` applies to the member points) and no member has its own point at that marker
+ * any more, since a group failover to it could not fail over anyone. The newest row of a group
+ * always stays: refreshGroupPoints scans arrivals from it. Only groups listing a machine in
+ * `scope`, when given.
+ */
+async function pruneGroupPoints(
+  deps: ReplicationDeps,
+  holds: RetentionHolds,
+  machines: readonly MachineEntity[],
+  remaining: Map<string, Set<string>>,
+  now: Date,
+  report: RetentionReport,
+  scope: readonly string[] | undefined,
+): Promise<void> {
+  const policies = new Map<string, ReplicationPolicy>();
+  for (const m of machines) if (typeof m.policy === 'string') policies.set(m.rowKey, readPolicy(m.policy));
+  const markersOf = async (machine: string): Promise<Set<string>> => {
+    let markers = remaining.get(machine);
+    if (!markers) {
+      markers = new Set((await allRecoveryPoints(deps.tables, machine)).map((p) => p.markerId));
+      remaining.set(machine, markers);
+    }
+    return markers;
+  };
+  const table = await deps.tables.get(GROUP_POINTS_TABLE as TableName);
+  for (const [group, rows] of holds.groupRows) {
+    const members = new Set(rows.flatMap((r) => r.members));
+    if (scope && !scope.some((m) => members.has(m))) continue;
+    const kept = new Set<string>();
+    for (const m of members) {
+      const policy = policies.get(m);
+      if (policy) for (const marker of pointsToKeep(rows, policy, now)) kept.add(marker);
+    }
+    const newest = rows.reduce((a, b) => (b.sourceTime > a.sourceTime ? b : a));
+    for (const row of rows) {
+      if (row === newest || kept.has(row.key)) continue;
+      const left = await Promise.all(row.members.map(async (m) => (await markersOf(m)).has(row.key)));
+      if (left.some(Boolean)) continue;
+      await deleteRow(table, group, row.rowKey);
+      report.groupPointsDeleted++;
+      deps.log.debug({ group, marker: row.key }, 'group point pruned');
+    }
+  }
+}
+
+/** Prunes one machine's points by its policy and the holds; returns the marker ids left. */
 async function retainMachine(
   deps: ReplicationDeps,
   machine: MachineEntity,
   now: Date,
   report: RetentionReport,
   holds: RetentionHolds,
-): Promise<void> {
+): Promise<Set<string>> {
   const name = machine.rowKey;
   const policy = readPolicy(machine.policy);
   const log = deps.log.child({ machine: name });
@@ -316,6 +391,7 @@ async function retainMachine(
   }
 
   await pruneChangeLogs(deps, name, policy, now, report);
+  return new Set(points.filter((p) => keep.has(p.rowKey)).map((p) => p.markerId));
 }
 
 /**

@@ -164,4 +164,74 @@ describe('retention holds (injectable clock)', () => {
     expect(await snapshotExists(deps, machine, g1)).toBe(false);
     expect(await snapshotExists(deps, machine, g2)).toBe(true);
   });
+
+  it('prunes a group point row once no member keeps it and its member points are gone; a member point held by a failover keeps the row', async () => {
+    const a = `gpa-${randomUUID().slice(0, 8)}`;
+    const b = `gpb-${randomUUID().slice(0, 8)}`;
+    const group = `g-${randomUUID().slice(0, 8)}`;
+    await register(a);
+    await register(b);
+    const groupPoints = await deps.tables.get('grouppoints' as TableName);
+    /** A group marker both members applied: each member's point, then the group point row. */
+    const groupPoint = async (markerId: string, time: number) => {
+      const members = {
+        [a]: { d0: await makePoint(deps, a, markerId, time) },
+        [b]: { d0: await makePoint(deps, b, markerId, time) },
+      };
+      await groupPoints.createEntity({
+        partitionKey: group,
+        rowKey: recoveryPointKey(time, markerId),
+        markerId,
+        consistency: 'crash',
+        sourceTime: time,
+        createdAt: new Date(time).toISOString(),
+        members: JSON.stringify(members),
+      });
+    };
+    const groupPointIds = async () => {
+      const ids: string[] = [];
+      for await (const row of groupPoints.listEntities<{ markerId: string }>({
+        queryOptions: { filter: `PartitionKey eq '${group}'` },
+      }))
+        ids.push(row.markerId);
+      return ids.sort();
+    };
+    const run = (hours: number) => applyRetention(deps, new Date(t0 + hours * HOUR), { machines: [a, b] });
+
+    await groupPoint('g1', t0);
+    await groupPoint('g2', t0 + 6 * HOUR);
+    // b fails over to g1 and has not committed: its point g1 is held, so the row stays.
+    const failoverId = 'fo-00000000g001';
+    await beginFailover(
+      failover.tables,
+      { machine: b, failoverId, operationId: failoverId, kind: 'unplanned', selector: { id: 'g1' } },
+      new Date(t0 + 7 * HOUR),
+    );
+    const held = await run(11);
+    expect(held.groupPointsDeleted).toBe(0);
+    expect(await pointIds(deps, a)).toEqual(['g2']);
+    expect(await pointIds(deps, b)).toEqual(['g1', 'g2']);
+    expect(await groupPointIds()).toEqual(['g1', 'g2']);
+
+    // Committed: b's g1 goes, and with it the row; g2, the latest, stays with its member points.
+    await updateRecord(failover.tables, b, failoverId, { state: 'committed' }, new Date(t0 + 12 * HOUR));
+    const pruned = await run(12);
+    expect(pruned.groupPointsDeleted).toBe(1);
+    expect(await pointIds(deps, b)).toEqual(['g2']);
+    expect(await groupPointIds()).toEqual(['g2']);
+
+    // g3 is newer: g2 is no longer kept by the members' policy, its points and its row go together.
+    await groupPoint('g3', t0 + 20 * HOUR);
+    const next = await run(23);
+    expect(next.groupPointsDeleted).toBe(1);
+    expect(await groupPointIds()).toEqual(['g3']);
+    expect(await pointIds(deps, a)).toEqual(['g3']);
+    // The latest group point row stays (the members' policy keeps it) even with its member points gone.
+    for (const m of [a, b]) {
+      const points = await deps.tables.get('recoverypoints' as TableName);
+      for (const p of await allRecoveryPoints(deps.tables, m)) await points.deleteEntity(m, p.rowKey);
+    }
+    expect((await run(48)).groupPointsDeleted).toBe(0);
+    expect(await groupPointIds()).toEqual(['g3']);
+  });
 });
