@@ -445,10 +445,9 @@ export function openEnvelope(blob: Buffer, options: OpenOptions): Buffer {
   decipher.setAuthTag(blob.subarray(blob.length - TAG_BYTES));
   let payload: Buffer;
   try {
-    payload = Buffer.concat([
-      decipher.update(blob.subarray(header.headerLength, blob.length - TAG_BYTES)),
-      decipher.final(),
-    ]);
+    const body = decipher.update(blob.subarray(header.headerLength, blob.length - TAG_BYTES));
+    const rest = decipher.final(); // GCM is a stream mode: empty, but it checks the tag
+    payload = rest.length === 0 ? body : Buffer.concat([body, rest]);
   } catch {
     throw new EnvelopeError(
       'authentication-failed',
