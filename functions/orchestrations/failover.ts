@@ -1,6 +1,7 @@
 import * as df from 'durable-functions';
 import type { OrchestrationContext, Task } from 'durable-functions';
 import type {
+  AbandonedFailover,
   ApplyTarget,
   ChosenPoint,
   FailoverOutcome,
@@ -72,21 +73,23 @@ export function* failoverOrchestrator(
     context.df.callActivity(ACTIVITY.recordProgress, { ...ref, state, ...extra });
 
   try {
+    let abandonedFailovers = run.abandoned;
     if (run.planRun) {
       step = 'claiming the machine';
       report('accepted');
-      yield context.df.callActivity(ACTIVITY.beginFailover, {
+      const claimed = (yield context.df.callActivity(ACTIVITY.beginFailover, {
         ...ref,
         operationId: run.failoverId,
         kind: run.kind,
         selector: run.selector,
         planRun: run.planRun,
         ...(target ? { target } : {}),
-      });
+      })) as { abandoned?: AbandonedFailover[] };
+      abandonedFailovers ??= claimed.abandoned;
     }
     // Failovers of this machine abandoned when their operation ended mid-way: remove what they
     // created (disks, target, commands, record) the way a cancel does, names derived from their ids.
-    for (const abandoned of run.abandoned ?? []) {
+    for (const abandoned of abandonedFailovers ?? []) {
       step = `removing what abandoned failover ${abandoned.failoverId} left`;
       report('accepted');
       const deleted = (yield context.df.callActivityWithRetry(ACTIVITY.cancelFailover, RETRY, {

@@ -1,8 +1,10 @@
 import { closeCommands, deleteCommands, issueQuiesce } from './commands';
 import type { FailoverDeps } from './context';
 import type {
+  AbandonedFailover,
   AzureTarget,
   ChosenPoint,
+  FailoverRecord,
   FailoverKind,
   FailoverState,
   MaterialisedDisk,
@@ -17,6 +19,7 @@ import {
   type ApplyTarget,
 } from './recovery-point';
 import {
+  abandonedFailovers,
   beginFailover,
   deleteRecord,
   readRecord,
@@ -88,8 +91,16 @@ async function failoverDiskIds(deps: FailoverDeps, machine: string, failoverId: 
  */
 export function createFailoverActivities(deps: FailoverDeps) {
   return {
-    /** Claims the machine (409 when another failover holds it) and creates the record. */
-    beginFailover: async (input: BeginFailover) => beginFailover(deps.tables, input, deps.now()),
+    /**
+     * Claims the machine (409 when another failover holds it) and creates the record; with the
+     * machine's abandoned failovers, for the orchestration to remove first.
+     */
+    beginFailover: async (
+      input: BeginFailover,
+    ): Promise<FailoverRecord & { abandoned: AbandonedFailover[] }> => ({
+      ...(await beginFailover(deps.tables, input, deps.now())),
+      abandoned: await abandonedFailovers(deps.tables, input.machine),
+    }),
 
     recordProgress: async (input: ProgressInput): Promise<void> => {
       await updateRecord(

@@ -3,7 +3,16 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { HostProcess } from '../../infra/local/host-process';
-import { failoverDepsFromSettings, failoverDiskName, readLocalTarget } from '../../shared/failover';
+import {
+  beginFailover,
+  failoverDepsFromSettings,
+  failoverDiskName,
+  readLocalTarget,
+  readRecord,
+  releaseMachine,
+  resolveRecoveryPoint,
+  updateRecord,
+} from '../../shared/failover';
 import type { MessageSender } from '../../shared/messaging';
 import { readRange } from '../../shared/replication';
 import {
@@ -316,5 +325,53 @@ describe('recovery plans over HTTP through the local host', () => {
     // Nothing is left: both machines are free.
     for (const m of [appServer, db])
       expect((await api('POST', `machines/${m.machine}/cancel`)).status).toBe(404);
+  });
+
+  it("a plan's failover of a machine first removes what an abandoned failover of that machine left", async () => {
+    const solo = new SourceMachine(`solo-${suffix}`, disks, 20);
+    expect((await api('PUT', `machines/${solo.machine}`, { disks })).status).toBe(201);
+    solo.randomWrites(20);
+    solo.marker('p1', 'crash');
+    await ship(replication, sender, solo.cut());
+    await waitForPoint(api, solo.machine, 'p1');
+    // An abandoned failover (a later failover cleared its claim, then failed before removing its
+    // disk): its record says so, its disk is still there, the machine is free.
+    const dead = 'fo-00000000abcd';
+    await beginFailover(
+      deps.tables,
+      { machine: solo.machine, failoverId: dead, operationId: dead, kind: 'test', selector: { id: 'p1' } },
+      new Date(),
+    );
+    await updateRecord(deps.tables, solo.machine, dead, { state: 'abandoned' }, new Date());
+    await releaseMachine(deps.tables, solo.machine, dead);
+    const point = await resolveRecoveryPoint(replication, solo.machine, { id: 'p1' });
+    await deps.compute.materialiseDisk({
+      machine: solo.machine,
+      failoverId: dead,
+      test: true,
+      disk: point.disks[0]!,
+    });
+    const blobs = async () => {
+      const names: string[] = [];
+      for await (const b of deps.failoverDisks.listBlobsFlat({ prefix: `${solo.machine}/` }))
+        names.push(b.name);
+      return names;
+    };
+    expect(await blobs()).toEqual([failoverDiskName(solo.machine, 'd0', dead)]);
+
+    expect(
+      (await api('PUT', `plans/solo-${suffix}`, { groups: [{ name: 'only', machines: [solo.machine] }] }))
+        .status,
+    ).toBe(201);
+    const run = await api('POST', `plans/solo-${suffix}/failover`, { test: true, recoveryPoint: 'p1' });
+    expect(run.status, JSON.stringify(run.body)).toBe(202);
+    const end = await waitForOperation(api, run.body.operationId);
+    expect(end.status, end.error).toBe('Completed');
+    expect(await readRecord(deps.tables, solo.machine, dead)).toBeUndefined();
+    const left = await blobs();
+    expect(left).toHaveLength(1);
+    expect(left[0]).not.toContain(dead);
+    await waitForOperation(api, (await api('POST', `machines/${solo.machine}/cancel`)).body.operationId);
+    expect(await blobs()).toEqual([]);
   });
 });
