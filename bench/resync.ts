@@ -1,12 +1,15 @@
 /*
  * Resync against rsync: a source image and a stale copy that differs in 1% of its 64 KiB blocks
  * (chosen at random, each rewritten with new random data). Lifeboat's resync pass (the agent's
- * runResync: SHA-256 per 64 KiB block of both sides, differing blocks encoded as segments and
- * written durably) versus `rsync --inplace --no-whole-file --stats` between the same two files, in
- * the same run (--ignore-times: both files have the same size and time, and the point is the delta
- * transfer, not rsync's quick check). Bytes sent: for the resync, the encoded segments plus the checksum list as the
- * cloud endpoint serves it (hex JSON); for rsync, its total bytes sent plus received. Targets:
- * fewer bytes and less time than rsync (ratio ≥ 1 on both).
+ * runResync: SHA-256 per 64 KiB block of both sides, the local side hashed on worker threads, the
+ * cloud's checksums fetched over loopback HTTP through the agent's ApiChecksums from a stand-in
+ * endpoint on its own thread, differing blocks encoded as segments and written durably) versus
+ * `rsync --inplace --no-whole-file --stats` between the same two files, in the same run
+ * (--ignore-times: both files have the same size and time, and the point is the delta transfer,
+ * not rsync's quick check). Bytes sent: for the resync, the encoded segments plus every byte of
+ * the checksum requests and answers on the wire (binary, 32 bytes per block, HTTP headers
+ * included); for rsync, its total bytes sent plus received. Targets: fewer bytes and less time
+ * than rsync (ratio ≥ 1 on both).
  */
 import { execFile } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -14,15 +17,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
+import { ApiChecksums } from '../agent/mobility/remote-checksums';
 import type { DiskSegmenter } from '../agent/mobility/segmenter';
-import { runResync, type RemoteChecksums, type SyncDevice } from '../agent/mobility/sync';
+import { runResync, type SyncDevice } from '../agent/mobility/sync';
 import { encodeSegment, type SegmentRecord } from '../shared/segment';
 import type { BenchResult } from './types';
 
 const MiB = 1024 * 1024;
 const BLOCK = 64 * 1024;
-/** Bytes of one block's checksum in the endpoint's JSON answer: 64 hex digits, quotes, a comma. */
-const CHECKSUM_JSON_BYTES = 67;
 
 function exec(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) =>
@@ -69,63 +71,93 @@ function makeImages(source: string, stale: string, size: number, fraction: numbe
 }
 
 /**
- * The cloud side of the comparison: the seed disk's checksums, computed elsewhere (the checksum
- * endpoint runs in the function app), here on a worker thread over the stale copy, a few ranges
- * ahead of the agent — as rsync's receiver hashes in its own process.
+ * The cloud side: the checksum endpoint's binary answer (docs/api.md) for the stale copy, served
+ * over loopback HTTP. Each window is read in 8 MiB pieces and hashed in 64 KiB slices on one of
+ * `threads` hashing threads (the endpoint is stateless, so the agent's windows in flight are
+ * computed side by side, as a function app serves concurrent requests); rsync's receiver likewise
+ * hashes in its own process. The agent reads it through its real client (ApiChecksums). Counts the
+ * bytes on the wire both ways (request and response headers included).
  */
-class WorkerChecksums implements RemoteChecksums {
+class CloudChecksumServer {
   private readonly worker: Worker;
-  private readonly waiting = new Map<number, (sums: Buffer[]) => void>();
-  private readonly asked = new Map<number, Promise<Buffer[]>>();
+  readonly url: Promise<string>;
 
-  constructor(
-    file: string,
-    readonly blockSize: number,
-    private readonly size: number,
-  ) {
+  constructor(file: string, size: number, threads: number) {
     this.worker = new Worker(
-      `const { parentPort, workerData } = require('node:worker_threads');
-       const fs = require('node:fs');
-       const { createHash } = require('node:crypto');
-       const fd = fs.openSync(workerData.file, 'r');
-       parentPort.on('message', ({ offset, length }) => {
-         const buf = Buffer.alloc(length);
-         let done = 0;
-         while (done < length) { const n = fs.readSync(fd, buf, done, length - done, offset + done); if (n === 0) break; done += n; }
-         const sums = Buffer.alloc(Math.ceil(length / workerData.block) * 32);
-         for (let at = 0, i = 0; at < length; at += workerData.block, i++)
-           createHash('sha256').update(buf.subarray(at, Math.min(length, at + workerData.block))).digest().copy(sums, i * 32);
-         parentPort.postMessage({ offset, sums }, [sums.buffer]);
+      `const { parentPort, workerData, Worker } = require('node:worker_threads');
+       const http = require('node:http');
+       const { file, size, threads } = workerData;
+       // Hashing threads: each reads its window by descriptor in 8 MiB pieces, hashes 64 KiB slices.
+       const hashers = Array.from({ length: threads }, () => {
+         const w = new Worker(\`
+           const { parentPort, workerData } = require('node:worker_threads');
+           const fs = require('node:fs');
+           const { createHash } = require('node:crypto');
+           const fd = fs.openSync(workerData.file, 'r');
+           const piece = Buffer.allocUnsafeSlow(8 * 1024 * 1024);
+           parentPort.postMessage('ready');
+           parentPort.on('message', ({ id, offset, end, blockSize }) => {
+             const sums = new Uint8Array(Math.ceil((end - offset) / blockSize) * 32);
+             for (let at = offset; at < end; at += piece.length) {
+               const n = Math.min(piece.length, end - at);
+               for (let done = 0; done < n; ) done += fs.readSync(fd, piece, done, n - done, at + done);
+               for (let b = 0; b < n; b += blockSize)
+                 sums.set(createHash('sha256').update(piece.subarray(b, Math.min(n, b + blockSize))).digest(),
+                   ((at - offset + b) / blockSize) * 32);
+             }
+             parentPort.postMessage({ id, sums }, [sums.buffer]);
+           });\`, { eval: true, workerData: { file } });
+         const h = { w, jobs: new Map(), ready: new Promise((r) => w.once('message', r)) };
+         w.on('message', (m) => { if (m !== 'ready') { h.jobs.get(m.id)(m.sums); h.jobs.delete(m.id); } });
+         return h;
+       });
+       let nextId = 0;
+       const hash = (offset, end, blockSize) => {
+         const h = hashers.reduce((a, b) => (b.jobs.size < a.jobs.size ? b : a));
+         const id = nextId++;
+         return new Promise((resolve) => {
+           h.jobs.set(id, resolve);
+           h.w.postMessage({ id, offset, end, blockSize });
+         });
+       };
+       const sockets = new Set();
+       const server = http.createServer(async (req, res) => {
+         const q = new URL(req.url, 'http://cloud').searchParams;
+         const blockSize = Number(q.get('blockSize')), offset = Number(q.get('offset'));
+         const end = Math.min(size, offset + Number(q.get('length')));
+         const sums = Buffer.from(await hash(offset, end, blockSize));
+         res.writeHead(200, {
+           'content-type': 'application/octet-stream', 'content-length': sums.length,
+           'x-lifeboat-algorithm': 'sha256', 'x-lifeboat-size-bytes': String(size),
+           'x-lifeboat-block-size': String(blockSize), 'x-lifeboat-offset': String(offset),
+           'x-lifeboat-length': String(end - offset),
+           ...(end < size ? { 'x-lifeboat-next-offset': String(end) } : {}),
+         });
+         res.end(sums);
+       });
+       server.on('connection', (s) => sockets.add(s));
+       // Up before the pass starts, as the cloud endpoint is.
+       Promise.all(hashers.map((h) => h.ready)).then(() =>
+         server.listen(0, '127.0.0.1', () => parentPort.postMessage({ port: server.address().port })));
+       parentPort.on('message', () => {
+         let bytes = 0;
+         for (const s of sockets) bytes += s.bytesRead + s.bytesWritten;
+         parentPort.postMessage({ bytes });
        });`,
-      { eval: true, workerData: { file, block: blockSize } },
+      { eval: true, workerData: { file, size, threads } },
     );
-    this.worker.on('message', ({ offset, sums }: { offset: number; sums: Uint8Array }) => {
-      const b = Buffer.from(sums.buffer, sums.byteOffset, sums.byteLength);
-      const out: Buffer[] = [];
-      for (let at = 0; at < b.length; at += 32) out.push(b.subarray(at, at + 32));
-      this.waiting.get(offset)?.(out);
-      this.waiting.delete(offset);
-    });
+    this.url = new Promise((resolve) =>
+      this.worker.once('message', (m: { port: number }) => resolve(`http://127.0.0.1:${m.port}/api`)),
+    );
   }
 
-  private ask(offset: number, length: number): Promise<Buffer[]> {
-    let p = this.asked.get(offset);
-    if (!p) {
-      p = new Promise((resolve) => this.waiting.set(offset, resolve));
-      this.asked.set(offset, p);
-      this.worker.postMessage({ offset, length });
-    }
-    return p;
-  }
-
-  checksums(range: { offset: number; length: number }): Promise<Buffer[]> {
-    for (let k = 1; k <= 4; k++) {
-      const at = range.offset + k * range.length;
-      if (at < this.size) this.ask(at, Math.min(range.length, this.size - at));
-    }
-    const p = this.ask(range.offset, range.length);
-    void p.then(() => this.asked.delete(range.offset));
-    return p;
+  /** Bytes sent and received on the server's connections so far. */
+  wireBytes(): Promise<number> {
+    const answer = new Promise<number>((resolve) =>
+      this.worker.once('message', (m: { bytes: number }) => resolve(m.bytes)),
+    );
+    this.worker.postMessage('bytes');
+    return answer;
   }
 
   close(): Promise<number> {
@@ -135,8 +167,9 @@ class WorkerChecksums implements RemoteChecksums {
 
 /**
  * Where the resync appends: segments of at most 8 MiB (the agent's default), encoded with the
- * shared codec and written durably to one journal file. Stands in for the agent's DiskSegmenter,
- * whose journal is being reworked; runResync itself is the agent's.
+ * shared codec and written durably (write + fdatasync, off the event loop) to one journal file.
+ * Stands in for the agent's DiskSegmenter, whose journal is being reworked; runResync itself is
+ * the agent's.
  */
 class SegmentSink {
   readonly mode = 'resync';
@@ -145,26 +178,25 @@ class SegmentSink {
   private records: SegmentRecord[] = [];
   private pending = 0;
   private seq = 1;
-  private readonly fd: number;
+  private written: Promise<void> = Promise.resolve();
 
-  constructor(file: string) {
-    this.fd = fs.openSync(file, 'w');
-  }
+  constructor(private readonly file: fs.promises.FileHandle) {}
 
   append(
     change:
       | { kind: 'write'; offset: number; length: number; data: Buffer }
       | { kind: 'zero'; offset: number; length: number },
-  ): void {
+  ): Promise<void> | void {
     if (change.kind === 'write')
       this.records.push({ type: 'write', offset: change.offset, data: Buffer.from(change.data) });
     else this.records.push({ type: 'zero', offset: change.offset, length: change.length });
     this.pending += change.kind === 'write' ? change.length : 16;
-    if (this.pending >= 8 * MiB) this.cut();
+    if (this.pending >= 8 * MiB) return this.cut();
   }
 
-  cut(): void {
-    if (this.records.length === 0) return;
+  /** Encodes the open segment and writes it durably (one write and one fdatasync per segment). */
+  cut(): Promise<void> {
+    if (this.records.length === 0) return this.written;
     const now = Date.now();
     const bytes = encodeSegment({
       header: {
@@ -177,16 +209,20 @@ class SegmentSink {
       },
       records: this.records,
     });
-    fs.writeSync(this.fd, bytes);
-    fs.fdatasyncSync(this.fd);
     this.bytes += bytes.length;
     this.records = [];
     this.pending = 0;
+    const at = this.bytes - bytes.length;
+    this.written = this.written.then(async () => {
+      await this.file.write(bytes, 0, bytes.length, at);
+      await this.file.datasync();
+    });
+    return this.written;
   }
 
-  close(): void {
-    this.cut();
-    fs.closeSync(this.fd);
+  async close(): Promise<void> {
+    await this.cut();
+    await this.file.close();
   }
 }
 
@@ -195,42 +231,66 @@ async function resyncPass(
   source: string,
   stale: string,
   size: number,
-): Promise<{ seconds: number; bytes: number; shipped: number }> {
-  const sink = new SegmentSink(path.join(dir, 'journal.seg'));
+): Promise<{ seconds: number; bytes: number; shipped: number; cpuSeconds: number }> {
+  const cloud = new CloudChecksumServer(stale, size, 2);
+  const apiUrl = await cloud.url;
   const fd = await fs.promises.open(source, 'r');
+  const readFully = async (offset: number, length: number, into: Buffer) => {
+    let done = 0;
+    while (done < length) done += (await fd.read(into, done, length - done, offset + done)).bytesRead;
+  };
+  // The agent's file-backed device, reading into the pass's buffers.
   const device: SyncDevice = {
     size,
     read: async (offset, length) => {
       const b = Buffer.allocUnsafe(length);
-      let done = 0;
-      while (done < length) done += (await fd.read(b, done, length - done, offset + done)).bytesRead;
+      await readFully(offset, length, b);
       return b;
     },
+    readInto: readFully,
     pause: () => Promise.resolve(),
     resume: () => undefined,
   };
-  const t0 = process.hrtime.bigint();
-  const remote = new WorkerChecksums(stale, BLOCK, size);
-  const progress = await runResync({
-    device,
-    segmenter: sink as unknown as DiskSegmenter,
-    remote,
-    chunkBytes: 4 * MiB,
-  });
-  sink.close();
-  await remote.close();
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  await fd.close();
-  return {
-    seconds,
-    bytes: sink.bytes + (size / BLOCK) * CHECKSUM_JSON_BYTES,
-    shipped: progress.shippedBytes,
-  };
+  try {
+    const t0 = process.hrtime.bigint();
+    const cpu0 = process.cpuUsage(); // every thread of this process: the agent's and the cloud's
+    const sink = new SegmentSink(await fs.promises.open(path.join(dir, 'journal.seg'), 'w'));
+    const remote = new ApiChecksums({ apiUrl, machine: 'bench', disk: 'd0', blockSize: BLOCK });
+    const progress = await runResync({
+      device,
+      segmenter: sink as unknown as DiskSegmenter,
+      remote,
+    });
+    await sink.close();
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    const cpu = process.cpuUsage(cpu0);
+    if (remote.bytesFetched !== (size / BLOCK) * 32)
+      throw new Error(
+        `the agent fetched ${remote.bytesFetched} bytes of checksums for ${size / BLOCK} blocks`,
+      );
+    const checksumBytes = await cloud.wireBytes();
+    return {
+      seconds,
+      bytes: sink.bytes + checksumBytes,
+      shipped: progress.shippedBytes,
+      cpuSeconds: (cpu.user + cpu.system) / 1e6,
+    };
+  } finally {
+    await fd.close();
+    await cloud.close();
+  }
 }
 
-async function rsyncPass(source: string, target: string): Promise<{ seconds: number; bytes: number }> {
+async function rsyncPass(
+  source: string,
+  target: string,
+): Promise<{ seconds: number; bytes: number; cpuSeconds: number }> {
   const t0 = process.hrtime.bigint();
-  const out = await exec('rsync', [
+  // bash's `times` prints the CPU time of its children (rsync's sender, generator and receiver).
+  const out = await exec('bash', [
+    '-c',
+    'rsync "$@" && times',
+    'rsync',
     '--inplace',
     '--no-whole-file',
     '--ignore-times',
@@ -239,12 +299,21 @@ async function rsyncPass(source: string, target: string): Promise<{ seconds: num
     target,
   ]);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const times = [
+    ...out
+      .trim()
+      .split('\n')
+      .pop()!
+      .matchAll(/(\d+)m([\d.]+)s/g),
+  ];
+  if (times.length !== 2) throw new Error(`bash's times printed no children's CPU time:\n${out}`);
+  const cpuSeconds = times.reduce((sum, m) => sum + Number(m[1]) * 60 + Number(m[2]), 0);
   const num = (label: string) => {
     const m = new RegExp(`${label}: ([\\d,]+)`).exec(out);
     if (!m) throw new Error(`rsync --stats printed no "${label}":\n${out}`);
     return Number(m[1].replace(/,/g, ''));
   };
-  return { seconds, bytes: num('Total bytes sent') + num('Total bytes received') };
+  return { seconds, bytes: num('Total bytes sent') + num('Total bytes received'), cpuSeconds };
 }
 
 export async function run({ quick }: { quick: boolean }): Promise<BenchResult[]> {
@@ -276,6 +345,16 @@ export async function run({ quick }: { quick: boolean }): Promise<BenchResult[]>
         reference: 'rsync --inplace --no-whole-file',
         referenceValue: theirs.seconds,
         ratio: theirs.seconds / ours.seconds,
+      },
+      {
+        // Why the time depends on the load: SHA-256 of both sides costs more CPU than rsync's
+        // xxh128 and rolling checksum, so on a busy machine the share of CPU decides.
+        name: `resync ${label}: CPU time (user + system, all threads)`,
+        value: ours.cpuSeconds,
+        unit: 's',
+        reference: 'rsync --inplace --no-whole-file (all processes)',
+        referenceValue: theirs.cpuSeconds,
+        ratio: theirs.cpuSeconds / ours.cpuSeconds,
       },
     ];
   } finally {

@@ -7,8 +7,8 @@ import type { RemoteChecksums } from './sync';
 //   x-functions-key: <key>, accept: application/octet-stream
 //   →  32 bytes of SHA-256 per block; sizeBytes, blockSize, offset in x-lifeboat-* headers
 // (an API that answers JSON instead — { sizeBytes, blockSize, offset, blocks: [hex…] } — is read too).
-// A resync asks for 1 MiB at a time; this reads a larger window per request (default 64 MiB,
-// 1,024 checksums) and asks for the next window while the current one is being compared.
+// A resync asks for 8 MiB at a time; this reads a larger window per request (default 64 MiB,
+// 1,024 checksums) and keeps the next windows in flight while the current one is compared.
 
 export interface ApiChecksumsOptions {
   /** The API base, e.g. https://func-lifeboat.azurewebsites.net/api (a bare origin gets /api). */
@@ -21,6 +21,11 @@ export interface ApiChecksumsOptions {
   blockSize?: number;
   /** Bytes of checksums fetched per request (default 64 MiB; at most 16,384 blocks). */
   windowBytes?: number;
+  /**
+   * Windows requested ahead of the one being compared (default 2): the endpoint is stateless, so
+   * the cloud computes them side by side while the agent hashes its own blocks.
+   */
+  windowsAhead?: number;
   /** Per-request timeout (default 120 s: the cloud reads the seed blob's written ranges). */
   timeoutMs?: number;
   /** Attempts per window on 5xx/429/network errors before the error reaches the resync (default 4). */
@@ -66,7 +71,9 @@ export class ApiChecksums implements RemoteChecksums {
   private readonly base: URL;
   private readonly windowBytes: number;
   private current: Window | undefined;
-  private ahead: { offset: number; window: Promise<Window> } | undefined;
+  private readonly windowsAhead: number;
+  /** Windows requested ahead of the one being compared, by offset. */
+  private readonly ahead = new Map<number, Promise<Window>>();
   /** The cloud disk's size, once an answer told it. */
   sizeBytes: number | undefined;
   /** Requests made and response body bytes received (for tests, status and the benchmark). */
@@ -76,6 +83,7 @@ export class ApiChecksums implements RemoteChecksums {
   constructor(private readonly options: ApiChecksumsOptions) {
     this.base = apiBase(options.apiUrl);
     this.blockSize = options.blockSize ?? 64 * 1024;
+    this.windowsAhead = Math.max(0, options.windowsAhead ?? 2);
     const window = options.windowBytes ?? 64 * 1024 * 1024;
     this.windowBytes = Math.max(
       this.blockSize,
@@ -107,15 +115,19 @@ export class ApiChecksums implements RemoteChecksums {
       w !== undefined && offset >= w.offset && offset < w.offset + this.windowBytes;
     if (!within(this.current)) {
       const start = offset - (offset % this.windowBytes);
-      if (this.ahead && this.ahead.offset === start) this.current = await this.ahead.window;
-      else this.current = await this.fetchWindow(start);
-      this.ahead = undefined;
+      const fetching = this.ahead.get(start);
+      // Windows behind this one will not be asked for again.
+      for (const at of [...this.ahead.keys()]) if (at <= start) this.ahead.delete(at);
+      this.current = await (fetching ?? this.fetchWindow(start));
     }
-    const next = this.current!.offset + this.windowBytes;
-    if (!this.ahead && (this.sizeBytes === undefined || next < this.sizeBytes)) {
+    // Keep the next windows in flight: the cloud computes them while this one is compared.
+    for (let k = 1; k <= this.windowsAhead; k++) {
+      const next = this.current!.offset + k * this.windowBytes;
+      if (this.sizeBytes !== undefined && next >= this.sizeBytes) break;
+      if (this.ahead.has(next)) continue;
       const window = this.fetchWindow(next);
       window.catch(() => undefined); // an error shows when the window is needed
-      this.ahead = { offset: next, window };
+      this.ahead.set(next, window);
     }
     return this.current!;
   }

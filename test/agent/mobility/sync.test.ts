@@ -3,12 +3,21 @@
  * shipped (all-zero ones as zero records), writes keep replicating during the pass, no marker is
  * cut before it completes, and progress is reported. Also the scan source with freeze/thaw hooks.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { MachineAgent } from '../../../agent/mobility/agent';
-import { ImageFileChecksums, type SyncProgress } from '../../../agent/mobility/sync';
+import type { DiskSegmenter } from '../../../agent/mobility/segmenter';
+import {
+  ImageFileChecksums,
+  runResync,
+  SyncInterruptedError,
+  type RemoteChecksums,
+  type SyncDevice,
+  type SyncProgress,
+} from '../../../agent/mobility/sync';
+import { prng } from '../../helpers/random';
 import {
   MiB,
   TestProxy,
@@ -188,5 +197,127 @@ h.flush()
     expect(s.lastHookFailure?.hook).toBe('freeze');
     expect(s.lastHookFailure?.output).toMatch(/cannot freeze/);
     expect(fs.readFileSync(hookLog, 'utf8').trim()).toBe('thaw');
+  });
+});
+
+describe('runResync (the comparison pipeline, against an independent model)', () => {
+  const KiB = 1024;
+  const BLK = 64 * KiB;
+  // 3 MiB + 5 blocks + 1.5 KiB: 1 MiB chunks, the last chunk and the last block short.
+  const size = 3 * MiB + 5 * BLK + 3 * 512;
+
+  function model(seed: number): { local: Buffer; cloud: Buffer; differing: Set<number> } {
+    const random = prng(seed);
+    const local = Buffer.alloc(size);
+    for (let i = 0; i < size; i++) local[i] = (random() * 256) | 0;
+    // The cloud copy is shorter than the disk by the last block and a half: missing = differs.
+    const cloud = Buffer.from(local.subarray(0, size - BLK - 3 * 512));
+    const differing = new Set<number>();
+    const change = (block: number, edit: (b: Buffer) => void) => {
+      edit(local.subarray(block * BLK, Math.min(size, (block + 1) * BLK)));
+      differing.add(block);
+    };
+    for (const b of [15, 16, 17]) change(b, (x) => (x[100] ^= 0xff)); // a run across a chunk boundary
+    change(3, (x) => x.fill(0)); // data in the cloud, zeros here: a zero record
+    change(47, (x) => (x[x.length - 1] ^= 1)); // the last block of a chunk
+    const blocks = Math.ceil(size / BLK);
+    differing.add(blocks - 2); // past the cloud copy's end
+    differing.add(blocks - 1); // the short last block
+    return { local, cloud, differing };
+  }
+
+  /** SHA-256 of the cloud copy's blocks, computed here; nothing past its end. */
+  const remoteOf = (cloud: Buffer): RemoteChecksums => ({
+    blockSize: BLK,
+    checksums: async ({ offset, length }) => {
+      const out: Buffer[] = [];
+      for (let at = offset; at < Math.min(offset + length, cloud.length); at += BLK)
+        out.push(
+          createHash('sha256')
+            .update(cloud.subarray(at, Math.min(cloud.length, at + BLK)))
+            .digest(),
+        );
+      return out;
+    },
+  });
+
+  async function pass(withReadInto: boolean, seed: number) {
+    const { local, cloud, differing } = model(seed);
+    const appended: { kind: string; offset: number; length: number; data?: Buffer }[] = [];
+    let pauses = 0;
+    const device: SyncDevice = {
+      size,
+      read: async (offset, length) => Buffer.from(local.subarray(offset, offset + length)),
+      ...(withReadInto
+        ? {
+            readInto: async (offset: number, length: number, into: Buffer) =>
+              void local.copy(into, 0, offset, offset + length),
+          }
+        : {}),
+      pause: async () => void pauses++,
+      resume: () => undefined,
+    };
+    const segmenter = {
+      mode: 'resync',
+      disk: 'd0',
+      append: (c: { kind: string; offset: number; length: number; data?: Buffer }) =>
+        void appended.push({ ...c, data: c.data && Buffer.from(c.data) }),
+    };
+    const progress = await runResync({
+      device,
+      segmenter: segmenter as unknown as DiskSegmenter,
+      remote: remoteOf(cloud),
+      chunkBytes: MiB,
+      readAhead: 3,
+      hashThreads: 2,
+    });
+    return { local, cloud, differing, appended, progress, pauses };
+  }
+
+  for (const withReadInto of [true, false]) {
+    it(`appends exactly the differing blocks, zero blocks as zero records (${withReadInto ? 'readInto' : 'read'})`, async () => {
+      const { local, cloud, differing, appended, progress, pauses } = await pass(
+        withReadInto,
+        withReadInto ? 1 : 2,
+      );
+      const blocksOf = (r: { offset: number; length: number }) => {
+        const out: number[] = [];
+        for (let at = r.offset; at < r.offset + r.length; at += BLK) out.push(at / BLK);
+        return out;
+      };
+      expect(appended.flatMap(blocksOf).sort((a, b) => a - b)).toEqual([...differing].sort((a, b) => a - b));
+      // Replaying the records over the cloud copy gives the disk.
+      const replayed = Buffer.alloc(size);
+      cloud.copy(replayed);
+      for (const r of appended) {
+        if (r.kind === 'zero') replayed.fill(0, r.offset, r.offset + r.length);
+        else r.data!.copy(replayed, r.offset);
+      }
+      expect(replayed.equals(local)).toBe(true);
+      expect(appended.filter((r) => r.kind === 'zero').map((r) => r.offset)).toEqual([3 * BLK]);
+      const differingBytes = [...differing].reduce((n, b) => n + Math.min(BLK, size - b * BLK), 0);
+      expect(progress).toMatchObject({ doneBytes: size, shippedBytes: differingBytes, zeroBytes: BLK });
+      // One pause per run re-read: 3, 15-17 (split at the chunk boundary: 15 | 16-17), 47, the last two.
+      expect(pauses).toBe(5);
+    });
+  }
+
+  it('stops between chunks when asked, with a typed error', async () => {
+    const { local, cloud } = model(3);
+    let steps = 0;
+    const err = await runResync({
+      device: {
+        size,
+        read: async (offset, length) => Buffer.from(local.subarray(offset, offset + length)),
+        pause: async () => undefined,
+        resume: () => undefined,
+      },
+      segmenter: { mode: 'resync', disk: 'd0', append: () => undefined } as unknown as DiskSegmenter,
+      remote: remoteOf(cloud),
+      chunkBytes: MiB,
+      shouldStop: () => ++steps > 2,
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SyncInterruptedError);
+    expect((err as Error).message).toMatch(/stopped at byte 2097152/);
   });
 });
