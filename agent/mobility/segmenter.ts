@@ -335,12 +335,11 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   }
 
   private openFile(seq: number): OpenSegmentFile {
-    return OpenSegmentFile.create(this.journal.dir, {
-      machine: this.state.machine,
-      disk: this.state.disk,
-      epoch: this.state.epoch,
-      seq,
-    });
+    return OpenSegmentFile.create(
+      this.journal.dir,
+      { machine: this.state.machine, disk: this.state.disk, epoch: this.state.epoch, seq },
+      this.journal.takeSpare(),
+    );
   }
 
   // ---- modes ----

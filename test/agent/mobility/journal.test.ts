@@ -1,0 +1,99 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import {
+  OpenSegmentFile,
+  SegmentJournal,
+  openSegmentName,
+  readOpenSegment,
+} from '../../../agent/mobility/journal';
+import { decodeSegment, encodeSegment, type SegmentRecord } from '../../../shared/segment';
+import { prng } from '../../helpers/random';
+
+const identity = (seq: number) => ({ machine: 'm1', disk: 'd0', epoch: 1, seq });
+
+function writes(seed: number, count: number, bytes: number): SegmentRecord[] {
+  const rand = prng(seed);
+  const out: SegmentRecord[] = [];
+  for (let i = 0; i < count; i++) {
+    const data = Buffer.alloc(bytes);
+    for (let j = 0; j < bytes; j += 512) data.fill(Math.floor(rand() * 256), j, j + 512);
+    out.push({ type: 'write', offset: i * bytes, data });
+  }
+  return out;
+}
+
+function appendAll(file: OpenSegmentFile, records: SegmentRecord[]): void {
+  for (const r of records) {
+    if (r.type === 'write')
+      file.append({ kind: 'write', offset: r.offset, length: r.data.length, data: r.data });
+  }
+}
+
+/** A journal holding one acknowledged segment of `records`, removed so its file became a spare. */
+async function journalWithSpare(dir: string, records: SegmentRecord[]): Promise<SegmentJournal> {
+  const journal = await SegmentJournal.open(dir);
+  const old = encodeSegment({ header: { ...identity(1), firstWriteTime: 1, lastWriteTime: 2 }, records });
+  const entry = await journal.write(1, 1, old);
+  await journal.remove(entry);
+  expect(fs.readdirSync(journal.segmentsDir)).toEqual([]);
+  return journal;
+}
+
+describe('open segments written over spare segment files', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-journal-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('an acknowledged segment file is reused, and the sealed segment is byte-identical to a fresh encoding', async () => {
+    const journal = await journalWithSpare(dir, writes(1, 40, 64 * 1024));
+    const spare = journal.takeSpare();
+    expect(spare).toBeDefined();
+    const records = writes(2, 7, 8192); // far shorter than the old segment: its tail must go
+    const file = OpenSegmentFile.create(dir, identity(2), spare);
+    appendAll(file, records);
+    const size = await file.seal(1000, 2000);
+    const expected = encodeSegment({
+      header: { ...identity(2), firstWriteTime: 1000, lastWriteTime: 2000 },
+      records,
+    });
+    const sealed = fs.readFileSync(file.file);
+    expect(size).toBe(expected.length);
+    expect(sealed.equals(expected)).toBe(true);
+    expect(journal.takeSpare()).toBeUndefined();
+  });
+
+  it('recovery from a reused open file takes exactly the records indexed, never the old bytes past them', async () => {
+    const old = writes(3, 40, 4096);
+    const journal = await journalWithSpare(dir, old);
+    const file = OpenSegmentFile.create(dir, identity(2), journal.takeSpare());
+    // Same layout as the old segment's first records, so the old bytes after them parse as records.
+    const records = old
+      .slice(0, 5)
+      .map((r, i) => (i === 4 && r.type === 'write' ? { ...r, data: Buffer.alloc(4096, 7) } : r));
+    appendAll(file, records);
+    await file.sync();
+    const read = readOpenSegment(file.file); // as after a crash: not sealed
+    expect(read.torn).toBe(false);
+    expect(read.records).toBe(5);
+    const segment = decodeSegment(read.bytes as Buffer);
+    expect(segment.header.seq).toBe(2);
+    expect(segment.records).toEqual(records);
+    await file.close();
+  });
+
+  it('a reused file whose new header was never written holds no records', async () => {
+    const journal = await journalWithSpare(dir, writes(4, 10, 4096));
+    const spare = journal.takeSpare() as string;
+    // What a crash right after taking the spare leaves: the old bytes under the new name, an empty index.
+    const name = path.join(dir, openSegmentName(1, 2));
+    fs.renameSync(spare, name);
+    fs.writeFileSync(name.replace(/\.seg$/, '.idx'), Buffer.alloc(0));
+    const read = readOpenSegment(name);
+    expect(read.bytes).toBeUndefined();
+    expect(read.records).toBe(0);
+  });
+});
