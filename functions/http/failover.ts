@@ -59,7 +59,14 @@ app.http('machines-failover-commit', {
   extraInputs: [df.input.durableClient()],
   handler: withErrors(async (request, context) => {
     const id = operationId();
-    const record = await prepareAction(defaultFailoverDeps(), request.params.machine, 'commit', id);
+    const deps = defaultFailoverDeps();
+    const record = await prepareAction(
+      deps,
+      request.params.machine,
+      'commit',
+      id,
+      claimHolderEnded(df.getClient(context), deps.now),
+    );
     const input = { machine: record.machine, failoverId: record.failoverId, test: record.kind === 'test' };
     return startOperation(request, context, ORCHESTRATION.commit, id, input, {
       failoverId: record.failoverId,
@@ -75,7 +82,14 @@ app.http('machines-failover-cancel', {
   extraInputs: [df.input.durableClient()],
   handler: withErrors(async (request, context) => {
     const id = operationId();
-    const record = await prepareAction(defaultFailoverDeps(), request.params.machine, 'cancel', id);
+    const deps = defaultFailoverDeps();
+    const record = await prepareAction(
+      deps,
+      request.params.machine,
+      'cancel',
+      id,
+      claimHolderEnded(df.getClient(context), deps.now),
+    );
     const input = {
       machine: record.machine,
       failoverId: record.failoverId,
@@ -96,11 +110,13 @@ app.http('machines-failover-change-point', {
   extraInputs: [df.input.durableClient()],
   handler: withErrors(async (request, context) => {
     const id = operationId();
+    const deps = defaultFailoverDeps();
     const { record, run } = await prepareChangePoint(
-      defaultFailoverDeps(),
+      deps,
       request.params.machine,
       await jsonBody(request),
       id,
+      claimHolderEnded(df.getClient(context), deps.now),
     );
     return startOperation(request, context, ORCHESTRATION.failover, id, run, {
       failoverId: record.failoverId,

@@ -248,8 +248,20 @@ export async function listFailovers(tables: FailoverTables, machine: string): Pr
 }
 
 /**
+ * The actions that may start again when the operation of an action in progress ended without
+ * finishing it (its starter died, or it was terminated): a commit is retried, a cancel is retried,
+ * and a change of point that stopped half-way may be cancelled or started again.
+ */
+const RESUMABLE: Partial<Record<FailoverState, readonly FailoverAction[]>> = {
+  committing: ['commit'],
+  cancelling: ['cancel'],
+  'changing-point': ['cancel', 'change-recovery-point'],
+};
+
+/**
  * Starts an action on the machine's active failover: checks the state machine and moves the
  * record with an ETag check, so two racing requests cannot both start one (409 for the loser).
+ * An action in progress whose operation ended (`holderEnded`) may be taken over (`RESUMABLE`).
  */
 export async function beginAction(
   tables: FailoverTables,
@@ -257,9 +269,20 @@ export async function beginAction(
   action: FailoverAction,
   operationId: string,
   now: Date,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<FailoverRecord> {
   const record = await activeFailover(tables, machine);
-  const next = nextState(record, action);
+  let next = nextState(record, action);
+  if (
+    !next.ok &&
+    RESUMABLE[record.state]?.includes(action) &&
+    (await holdersEnded([{ operationId: record.operationId, startedAt: record.updatedAt }], holderEnded))
+  ) {
+    next = {
+      ok: true,
+      state: action === 'commit' ? 'committing' : action === 'cancel' ? 'cancelling' : 'changing-point',
+    };
+  }
   if (!next.ok) throw new ConflictError(next.reason, 'machine', 'InvalidFailoverState');
   const table = await tables.get(FAILOVER_TABLES.failovers);
   try {

@@ -57,18 +57,29 @@ export async function prepareFailover(
   };
 }
 
-/** POST …/change-recovery-point: 400, 404 (machine, point, no active failover), 409 (state). */
+/**
+ * POST …/change-recovery-point: 400, 404 (machine, point, no active failover), 409 (state; one
+ * whose operation ended half-way may be started again, as `holderEnded` tells).
+ */
 export async function prepareChangePoint(
   deps: FailoverDeps,
   machine: string,
   body: unknown,
   operationId: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<{ record: FailoverRecord; run: FailoverRun }> {
   const request = parseChangePoint(body);
   await readMachine(deps.replication, machine);
   const selector = toSelector(request.recoveryPoint);
   if (selector !== 'latest') await resolveRecoveryPoint(deps.replication, machine, selector);
-  const record = await beginAction(deps.tables, machine, 'change-recovery-point', operationId, deps.now());
+  const record = await beginAction(
+    deps.tables,
+    machine,
+    'change-recovery-point',
+    operationId,
+    deps.now(),
+    holderEnded,
+  );
   return {
     record,
     run: {
@@ -83,13 +94,17 @@ export async function prepareChangePoint(
   };
 }
 
-/** POST …/commit and …/cancel: 404 (machine, no active failover), 409 (state). */
+/**
+ * POST …/commit and …/cancel: 404 (machine, no active failover), 409 (state; a commit or cancel
+ * whose operation ended unfinished may be started again, as `holderEnded` tells).
+ */
 export async function prepareAction(
   deps: FailoverDeps,
   machine: string,
   action: 'commit' | 'cancel',
   operationId: string,
+  holderEnded?: ClaimHolderEnded,
 ): Promise<FailoverRecord> {
   await readMachine(deps.replication, machine);
-  return beginAction(deps.tables, machine, action, operationId, deps.now());
+  return beginAction(deps.tables, machine, action, operationId, deps.now(), holderEnded);
 }

@@ -432,4 +432,53 @@ describe('failover over HTTP through the local host', () => {
     await completed((await api('POST', `machines/${epsilon.machine}/cancel`)).body.operationId);
     expect(await leftovers(epsilon.machine, b.failoverId)).toEqual({ blobs: [], rows: [] });
   });
+
+  it('a commit or cancel whose operation never started may be started again after the grace period', async () => {
+    const zeta = new SourceMachine(`zeta-${suffix}`, disks, 6);
+    expect((await api('PUT', `machines/${zeta.machine}`, { disks })).status).toBe(201);
+    zeta.randomWrites(20);
+    zeta.marker('z1', 'crash');
+    await ship(replication, sender, zeta.cut());
+    await waitForPoint(api, zeta.machine, 'z1');
+    const failovers = await deps.tables.get(FAILOVER_TABLES.failovers);
+    /** The record as a starter leaves it when it dies after moving the state, before starting. */
+    const deadAction = (failoverId: string, state: string, minutesAgo: number) =>
+      failovers.updateEntity(
+        {
+          partitionKey: zeta.machine,
+          rowKey: failoverId,
+          state,
+          operationId: 'op-0000000000dead',
+          updatedAt: new Date(Date.now() - minutesAgo * 60_000).toISOString(),
+        },
+        'Merge',
+      );
+
+    const drill = await failover(zeta.machine, { recoveryPoint: 'z1', test: true });
+    await completed(drill.operationId);
+    await deadAction(drill.failoverId, 'cancelling', 0);
+    const early = await api('POST', `machines/${zeta.machine}/cancel`);
+    expect(early.status).toBe(409);
+    expect(early.body.error.code).toBe('InvalidFailoverState');
+    await deadAction(drill.failoverId, 'cancelling', 5);
+    const cancel = await api('POST', `machines/${zeta.machine}/cancel`);
+    expect(cancel.status, JSON.stringify(cancel.body)).toBe(202);
+    await completed(cancel.body.operationId);
+    expect(await leftovers(zeta.machine, drill.failoverId)).toEqual({ blobs: [], rows: [] });
+
+    const real = await failover(zeta.machine, { recoveryPoint: 'z1' });
+    await completed(real.operationId);
+    await deadAction(real.failoverId, 'committing', 5);
+    // A committing failover is never abandoned: a new failover is still refused.
+    expect(
+      (await api('POST', `machines/${zeta.machine}/failover`, { recoveryPoint: 'z1', test: true })).status,
+    ).toBe(409);
+    const commit = await api('POST', `machines/${zeta.machine}/commit`);
+    expect(commit.status, JSON.stringify(commit.body)).toBe(202);
+    await completed(commit.body.operationId);
+    expect(await readRecord(deps.tables, zeta.machine, real.failoverId)).toMatchObject({
+      state: 'committed',
+      operationId: commit.body.operationId,
+    });
+  });
 });
