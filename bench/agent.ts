@@ -36,6 +36,8 @@ interface Target {
   uri: string;
   /** MiB the stub proxy has taken so far (the agent only). */
   shippedMiB?: () => Promise<number>;
+  /** CPU seconds the server has used so far (for the agent: this process, which runs it). */
+  cpuSeconds(): number;
   stop(): Promise<void>;
   /** Why the run does not count (the agent left data mode), if it does not. */
   spoiled(): string | undefined;
@@ -117,8 +119,13 @@ async function startAgent(image: string, dir: string): Promise<Target> {
   const modes: string[] = [];
   agent.on('mode', (m: { mode: string }) => modes.push(m.mode));
   const nbd = agent.nbd as { host: string; port: number };
+  const start = process.cpuUsage();
   return {
     uri: `nbd://127.0.0.1:${nbd.port}/d0`,
+    cpuSeconds() {
+      const u = process.cpuUsage(start);
+      return (u.user + u.system) / 1e6;
+    },
     shippedMiB: async () => (await proxy.bytes()) / MiB,
     spoiled: () => (modes.length > 0 ? `the agent left data mode (${modes.join(', ')})` : undefined),
     async stop() {
@@ -136,23 +143,33 @@ interface Sample {
   writtenMiBps: number;
   /** MiB/s the stub proxy took during the run (the agent only). */
   shippedMiBps?: number;
+  /** Server CPU seconds per GiB written: what the server costs, robust to a busy machine. */
+  cpuPerGiB: number;
 }
 
 /** nbdkit's file plugin on the same image: the reference. */
 async function startNbdkit(image: string): Promise<Target> {
   const nbdkit = await startReferenceNbdkit(image);
-  return { uri: nbdkit.uri, spoiled: () => undefined, stop: () => nbdkit.stop() };
+  return {
+    uri: nbdkit.uri,
+    cpuSeconds: () => nbdkit.cpuSeconds(),
+    spoiled: () => undefined,
+    stop: () => nbdkit.stop(),
+  };
 }
 
 async function fio(target: Target, workload: Workload, seconds: number, size: number): Promise<Sample> {
   const shippedBefore = await target.shippedMiB?.();
+  const cpuBefore = target.cpuSeconds();
   const job = await fioWrite(target.uri, workload.args, seconds, size);
+  const cpu = target.cpuSeconds() - cpuBefore;
   const shippedAfter = await target.shippedMiB?.();
   const writtenMiBps = job.bytesPerSecond / MiB;
   const runSeconds = job.runtimeSeconds;
   return {
     rate: workload.unit === 'IOPS' ? job.iops : writtenMiBps,
     writtenMiBps,
+    cpuPerGiB: cpu / (job.ioBytes / (1024 * MiB)),
     shippedMiBps:
       shippedBefore !== undefined && shippedAfter !== undefined
         ? (shippedAfter - shippedBefore) / runSeconds
@@ -211,6 +228,17 @@ export async function run(opts: { quick: boolean }): Promise<BenchResult[]> {
         reference: 'nbdkit file, same fio job',
         referenceValue: ref,
         ratio: ref > 0 ? v / ref : 0,
+      });
+      // Oriented like the others: nbdkit's cost over ours, so 1.0 means "as cheap as nbdkit".
+      const cpu = median(samples.agent.map((x) => x.cpuPerGiB));
+      const refCpu = median(samples.nbdkit.map((x) => x.cpuPerGiB));
+      results.push({
+        name: `${w.name}, agent: server CPU`,
+        value: cpu,
+        unit: 'CPU s/GiB',
+        reference: 'nbdkit file CPU',
+        referenceValue: refCpu,
+        ratio: cpu > 0 ? refCpu / cpu : 0,
       });
       // Shipping to a proxy on the same 2 cores is not the target, but a burst faster than it
       // grows the journal; this shows by how much (1.0: shipped as fast as written).
