@@ -2,7 +2,14 @@ import { randomUUID } from 'node:crypto';
 import { app } from '@azure/functions';
 import * as df from 'durable-functions';
 import { ConflictError, ValidationError } from '../../shared/errors';
-import { activeFailover, defaultFailoverDeps, parsePlanRun, readPlan, savePlan } from '../../shared/failover';
+import {
+  activeFailover,
+  clearStaleFailoverClaim,
+  defaultFailoverDeps,
+  parsePlanRun,
+  readPlan,
+  savePlan,
+} from '../../shared/failover';
 import {
   checkPlanFailback,
   defaultProtectionDeps,
@@ -61,17 +68,20 @@ app.http('plans-failover', {
     const text = await request.text();
     const options = parsePlanRun(text.trim() === '' ? undefined : parseJson(text));
     // Refuse at once when a machine of the plan is already failing over (each is claimed again,
-    // atomically, when its group starts).
+    // atomically, when its group starts); a failover whose operations ended unfinished no longer
+    // holds it: it becomes abandoned here and the member's failover removes what it left
+    // (docs/failover.md, "Stale claims").
+    const holderEnded = claimHolderEnded(df.getClient(context), deps.now);
     for (const group of plan.groups) {
       for (const m of group.machines) {
+        if (await clearStaleFailoverClaim(deps.tables, m.machine, deps.now(), holderEnded)) continue;
         const active = await activeFailover(deps.tables, m.machine).catch(() => undefined);
-        if (active) {
-          throw new ConflictError(
-            `Machine ${m.machine} of plan ${plan.name} is already failing over (${active.kind} failover ${active.failoverId}, ${active.state}); commit or cancel it first.`,
-            'plan',
-            'FailoverInProgress',
-          );
-        }
+        const holder = active ? `${active.kind} failover ${active.failoverId}, ${active.state}` : 'starting';
+        throw new ConflictError(
+          `Machine ${m.machine} of plan ${plan.name} is already failing over (${holder}); commit or cancel it first.`,
+          'plan',
+          'FailoverInProgress',
+        );
       }
     }
     const runId = `plan-${plan.name}-${randomUUID().replace(/-/g, '').slice(0, 8)}`;

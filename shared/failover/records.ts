@@ -144,6 +144,22 @@ async function clearStaleClaim(
 }
 
 /**
+ * Clears the machine's failover claim if the failover holding it ended unfinished (as
+ * `beginFailover` does before its 409), for a starter that claims later, inside its orchestration
+ * (a recovery plan). True when no claim holds the machine now.
+ */
+export async function clearStaleFailoverClaim(
+  tables: FailoverTables,
+  machine: string,
+  now: Date,
+  holderEnded: ClaimHolderEnded,
+): Promise<boolean> {
+  const table = await tables.get(FAILOVER_TABLES.failovers);
+  const held = await readEntity<LockEntity>(table, machine, ACTIVE_ROW);
+  return !held || clearStaleClaim(table, held, now, holderEnded);
+}
+
+/**
  * Claims the machine for a failover: inserts the `active` row if absent (a second failover of
  * the machine gets a 409 naming the first, unless `holderEnded` says the first's operations
  * ended without finishing: then its claim is cleared and it becomes `abandoned`), then the record.

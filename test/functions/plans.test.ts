@@ -374,4 +374,53 @@ describe('recovery plans over HTTP through the local host', () => {
     await waitForOperation(api, (await api('POST', `machines/${solo.machine}/cancel`)).body.operationId);
     expect(await blobs()).toEqual([]);
   });
+
+  it('a member held by a failover that never started is a 409 within the grace, then the plan takes it and fails it over', async () => {
+    const held = new SourceMachine(`held-${suffix}`, disks, 21);
+    expect((await api('PUT', `machines/${held.machine}`, { disks })).status).toBe(201);
+    held.randomWrites(20);
+    held.marker('p1', 'crash');
+    await ship(replication, sender, held.cut());
+    await waitForPoint(api, held.machine, 'p1');
+    expect(
+      (await api('PUT', `plans/held-${suffix}`, { groups: [{ name: 'only', machines: [held.machine] }] }))
+        .status,
+    ).toBe(201);
+    // A starter that died after claiming: the rows exist, no orchestration does.
+    const dead = 'fo-00000000dead';
+    await beginFailover(
+      deps.tables,
+      { machine: held.machine, failoverId: dead, operationId: dead, kind: 'test', selector: { id: 'p1' } },
+      new Date(),
+    );
+    const early = await api('POST', `plans/held-${suffix}/failover`, { test: true, recoveryPoint: 'p1' });
+    expect(early.status).toBe(409);
+    expect(early.body.error.message).toContain(dead);
+
+    // The same claim, past the grace (its record last moved 5 minutes ago).
+    await updateRecord(
+      deps.tables,
+      held.machine,
+      dead,
+      { state: 'accepted' },
+      new Date(Date.now() - 5 * 60_000),
+    );
+    const run = await api('POST', `plans/held-${suffix}/failover`, { test: true, recoveryPoint: 'p1' });
+    expect(run.status, JSON.stringify(run.body)).toBe(202);
+    const end = await waitForOperation(api, run.body.operationId);
+    expect(end.status, end.error).toBe('Completed');
+    const member = end.progress.groups[0].machines[held.machine];
+    expect(member.state).toBe('failed-over');
+    expect(member.failoverId).not.toBe(dead);
+    const bytes = await readRange(
+      deps.failoverDisks.getPageBlobClient(failoverDiskName(held.machine, 'd0', member.failoverId)),
+      0,
+      MiB,
+    );
+    expect(bytes.equals(held.markers.get('p1')!.images.get('d0')!)).toBe(true);
+    // The abandoned failover was removed by the member's failover; its cancel leaves nothing.
+    expect(await readRecord(deps.tables, held.machine, dead)).toBeUndefined();
+    await waitForOperation(api, (await api('POST', `machines/${held.machine}/cancel`)).body.operationId);
+    expect((await api('GET', `machines/${held.machine}/failovers`)).body.value).toEqual([]);
+  });
 });
