@@ -5,6 +5,7 @@ import { z } from 'zod';
 import {
   activeOperation,
   defaultProtectionDeps,
+  failbackRequestSchema,
   prepareFailback,
   prepareReprotect,
   prepareResync,
@@ -73,18 +74,6 @@ app.http('machines-resync', {
 const reprotectRequestSchema = z.strictObject({
   /** Seconds between passes (snapshot, changed ranges, ship). */
   intervalSeconds: z.number().int().min(1).max(86_400).default(300),
-});
-
-const failbackRequestSchema = z.strictObject({
-  /** Delete the failover machine and its disks once the site is verified. */
-  cleanup: z.boolean({ error: 'must be true or false' }).default(true),
-  /** How long to wait for the site's target, and then for the agent to resume protection. */
-  waitSeconds: z
-    .number()
-    .int()
-    .min(10)
-    .max(7 * 86_400)
-    .default(3600),
 });
 
 function parseBody<T extends z.ZodType>(schema: T, body: unknown, fields: string): z.infer<T> {

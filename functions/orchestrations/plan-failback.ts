@@ -5,7 +5,7 @@ import type { FailbackOutcome, PlanFailbackRun, ResyncStatus } from '../../share
 import './failback';
 import { failureMessage } from './failover';
 import type { PlanWait } from './names';
-import { runPlanAction } from './plan';
+import { runPlanAction, type PlanGroupStatus, type PlanStepState, type PlanStepStatus } from './plan';
 import { PROTECTION_ACTIVITY, PROTECTION_ORCHESTRATION } from './protection-activities';
 
 // A recovery plan's failback: the groups in the run's order (last group first by default); in a
@@ -34,20 +34,8 @@ interface MemberStatus {
   deleted?: string[];
 }
 
-interface StepStatus {
-  name: string;
-  phase: 'pre' | 'failback' | 'post';
-  type: PlanAction['type'] | 'failback';
-  state: 'pending' | 'running' | 'waiting' | 'succeeded' | 'failed' | 'skipped';
-  message?: string;
-}
-
-interface GroupStatus {
-  name: string;
-  state: 'pending' | 'running' | 'succeeded' | 'failed';
-  steps: StepStatus[];
-  machines: Record<string, MemberStatus>;
-}
+type StepStatus = PlanStepStatus<'failback', PlanStepState | 'skipped'>;
+type GroupStatus = PlanGroupStatus<StepStatus, MemberStatus>;
 
 const runsAction = (mode: PlanFailbackRun['actions'], action: PlanAction) =>
   mode === 'all' || (mode === 'manual-and-wait' && action.type !== 'webhook');

@@ -27,15 +27,30 @@ export interface PlanRunInput {
   waitSeconds: number;
 }
 
-type StepState = 'pending' | 'running' | 'waiting' | 'succeeded' | 'failed';
+export type PlanStepState = 'pending' | 'running' | 'waiting' | 'succeeded' | 'failed';
 
-interface StepStatus {
+/**
+ * A step of a plan group in a plan run's custom status (a failover or a failback run): a pre or
+ * post action, or the group's machines step (`Machines`: 'failover' or 'failback').
+ */
+export interface PlanStepStatus<Machines extends string, State extends string> {
   name: string;
-  phase: 'pre' | 'failover' | 'post';
-  type: PlanAction['type'] | 'failover';
-  state: StepState;
-  attempts: number;
+  phase: 'pre' | Machines | 'post';
+  type: PlanAction['type'] | Machines;
+  state: State;
   message?: string;
+}
+
+/** A plan group in a plan run's custom status: its steps in order and each machine's progress. */
+export interface PlanGroupStatus<Step, Machine> {
+  name: string;
+  state: 'pending' | 'running' | 'succeeded' | 'failed';
+  steps: Step[];
+  machines: Record<string, Machine>;
+}
+
+interface StepStatus extends PlanStepStatus<'failover', PlanStepState> {
+  attempts: number;
 }
 
 interface MachineStatus {
@@ -46,12 +61,7 @@ interface MachineStatus {
   message?: string;
 }
 
-interface GroupStatus {
-  name: string;
-  state: 'pending' | 'running' | 'succeeded' | 'failed';
-  steps: StepStatus[];
-  machines: Record<string, MachineStatus>;
-}
+type GroupStatus = PlanGroupStatus<StepStatus, MachineStatus>;
 
 export interface PlanFailure {
   group: string;
@@ -160,21 +170,21 @@ export function* planOrchestrator(context: OrchestrationContext): Generator<Task
         name: a.name,
         phase: 'pre' as const,
         type: a.type,
-        state: 'pending' as StepState,
+        state: 'pending' as PlanStepState,
         attempts: 0,
       })),
       {
         name: 'failover',
         phase: 'failover' as const,
         type: 'failover' as const,
-        state: 'pending' as StepState,
+        state: 'pending' as PlanStepState,
         attempts: 0,
       },
       ...g.post.map((a) => ({
         name: a.name,
         phase: 'post' as const,
         type: a.type,
-        state: 'pending' as StepState,
+        state: 'pending' as PlanStepState,
         attempts: 0,
       })),
     ],

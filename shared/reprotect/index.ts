@@ -8,4 +8,5 @@ export * from './ship';
 export * from './reprotect';
 export * from './passes';
 export * from './failback';
+export * from './failback-request';
 export * from './plan-failback';

@@ -4,6 +4,7 @@ import { activeFailover, type PlanAction, type RecoveryPlan } from '../failover'
 import { parseOrThrow, readEntity } from '../replication';
 import type { ProtectionDeps } from './context';
 import type { FailbackRun } from './failback';
+import { failbackRequestSchema } from './failback-request';
 import { prepareFailback, type ReprotectEntity } from './reprotect';
 import {
   ACTIVE_ROW,
@@ -18,16 +19,8 @@ import {
 // run for every machine before anything changes, so a 409 leaves nothing half-started.
 // docs/reprotect.md, "Plan failback".
 
-export const planFailbackRequestSchema = z.strictObject({
-  /** Delete each failover machine and its disks once its site disks are verified. */
-  cleanup: z.boolean({ error: 'must be true or false' }).default(true),
-  /** How long each machine's failback waits for the site's target; then the plan for forward protection. */
-  waitSeconds: z
-    .number()
-    .int()
-    .min(10)
-    .max(7 * 86_400)
-    .default(3600),
+/** A machine's failback fields (each machine's `cleanup`, `waitSeconds`), and the plan's order and actions. */
+export const planFailbackRequestSchema = failbackRequestSchema.extend({
   /** `reverse`: last group first (dependents stop before what they depend on); `forward`: plan order. */
   order: z.enum(['reverse', 'forward']).default('reverse'),
   /** Which of the plan's pre/post actions run: all, only manual and wait steps, or none. */
