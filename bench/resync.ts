@@ -72,7 +72,7 @@ function makeImages(source: string, stale: string, size: number, fraction: numbe
 
 /**
  * The cloud side: the checksum endpoint's binary answer (docs/api.md) for the stale copy, served
- * over loopback HTTP. Each window is read in 8 MiB pieces and hashed in 64 KiB slices on one of
+ * over loopback HTTP. Each window is read in 256 KiB pieces and hashed in 64 KiB slices on one of
  * `threads` hashing threads (the endpoint is stateless, so the agent's windows in flight are
  * computed side by side, as a function app serves concurrent requests); rsync's receiver likewise
  * hashes in its own process. The agent reads it through its real client (ApiChecksums). Counts the
@@ -87,14 +87,14 @@ class CloudChecksumServer {
       `const { parentPort, workerData, Worker } = require('node:worker_threads');
        const http = require('node:http');
        const { file, size, threads } = workerData;
-       // Hashing threads: each reads its window by descriptor in 8 MiB pieces, hashes 64 KiB slices.
+       // Hashing threads: each reads its window by descriptor in 256 KiB pieces, 64 KiB slices.
        const hashers = Array.from({ length: threads }, () => {
          const w = new Worker(\`
            const { parentPort, workerData } = require('node:worker_threads');
            const fs = require('node:fs');
            const { createHash } = require('node:crypto');
            const fd = fs.openSync(workerData.file, 'r');
-           const piece = Buffer.allocUnsafeSlow(8 * 1024 * 1024);
+           const piece = Buffer.allocUnsafeSlow(256 * 1024);
            parentPort.postMessage('ready');
            parentPort.on('message', ({ id, offset, end, blockSize }) => {
              const sums = new Uint8Array(Math.ceil((end - offset) / blockSize) * 32);
@@ -235,19 +235,15 @@ async function resyncPass(
   const cloud = new CloudChecksumServer(stale, size, 2);
   const apiUrl = await cloud.url;
   const fd = await fs.promises.open(source, 'r');
-  const readFully = async (offset: number, length: number, into: Buffer) => {
-    let done = 0;
-    while (done < length) done += (await fd.read(into, done, length - done, offset + done)).bytesRead;
-  };
-  // The agent's file-backed device, reading into the pass's buffers.
+  // The agent's file-backed device (agent.ts): a fresh buffer per read.
   const device: SyncDevice = {
     size,
     read: async (offset, length) => {
       const b = Buffer.allocUnsafe(length);
-      await readFully(offset, length, b);
+      let done = 0;
+      while (done < length) done += (await fd.read(b, done, length - done, offset + done)).bytesRead;
       return b;
     },
-    readInto: readFully,
     pause: () => Promise.resolve(),
     resume: () => undefined,
   };

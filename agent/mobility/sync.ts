@@ -66,11 +66,11 @@ export class ImageFileChecksums implements RemoteChecksums {
   ) {}
 
   async checksums(range: { offset: number; length: number }): Promise<Buffer[]> {
-    const buf = Buffer.alloc(range.length);
     const handle = await fs.promises.open(this.path, 'r').catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return undefined;
       throw err;
     });
+    const buf = Buffer.alloc(range.length);
     if (handle) {
       try {
         let done = 0;
@@ -93,9 +93,8 @@ export class ImageFileChecksums implements RemoteChecksums {
 // ---- SHA-256 of each block of a chunk, on worker threads ----
 
 // A resync hashes the whole disk; on the event loop that would stall the NBD export (~6 ms per
-// 8 MiB) and leave the other cores idle. The chunk's memory is transferred to a worker (no copy),
-// hashed there in blockSize slices, and handed back with the 32-byte digests, so the caller can
-// read the next chunk into it.
+// 8 MiB) and leave the other cores idle. The chunk's memory is transferred to a worker (no copy)
+// and hashed there in blockSize slices.
 const BLOCK_HASH_WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
@@ -104,7 +103,7 @@ parentPort.on('message', ({ id, data, length, blockSize }) => {
   const sums = new Uint8Array(Math.ceil(length / blockSize) * 32);
   for (let at = 0, i = 0; at < length; at += blockSize, i++)
     sums.set(createHash('sha256').update(buf.subarray(at, Math.min(length, at + blockSize))).digest(), i * 32);
-  parentPort.postMessage({ id, sums, data }, [sums.buffer, data.buffer]);
+  parentPort.postMessage({ id, sums }, [sums.buffer]);
 });
 `;
 
@@ -112,7 +111,7 @@ parentPort.on('message', ({ id, data, length, blockSize }) => {
 const INLINE_HASH_BYTES = 256 * 1024;
 
 interface BlockHashJob {
-  resolve: (r: { sums: Buffer; data: Buffer }) => void;
+  resolve: (sums: Buffer) => void;
   reject: (err: Error) => void;
 }
 
@@ -126,8 +125,8 @@ let hashJobId = 0;
 
 /**
  * Worker threads for block hashing: one per core, at most 4. They only hash (the event loop keeps
- * reading and serving NBD), and only while a resync runs; on 2 cores the two threads are what
- * brings a 2 GiB comparison under rsync's time (docs/reprotect.md, "Benchmark").
+ * reading and serving NBD), and only while a resync runs; on 2 cores the second thread is what
+ * lets the local side keep up with the cloud's answers (docs/reprotect.md, "Benchmark").
  */
 export function defaultHashThreads(): number {
   return Math.max(1, Math.min(4, os.availableParallelism()));
@@ -146,15 +145,12 @@ function startBlockHashWorker(): BlockHashWorker {
     w.jobs.clear();
     for (const job of jobs) job.reject(err);
   };
-  w.worker.on('message', (m: { id: number; sums: Uint8Array; data: Uint8Array }) => {
+  w.worker.on('message', (m: { id: number; sums: Uint8Array }) => {
     const job = w.jobs.get(m.id);
     if (!job) return;
     w.jobs.delete(m.id);
     if (w.jobs.size === 0) w.worker.unref();
-    job.resolve({
-      sums: Buffer.from(m.sums.buffer, m.sums.byteOffset, m.sums.byteLength),
-      data: Buffer.from(m.data.buffer, m.data.byteOffset, m.data.byteLength),
-    });
+    job.resolve(Buffer.from(m.sums.buffer, m.sums.byteOffset, m.sums.byteLength));
   });
   w.worker.on('error', failAll);
   w.worker.on('exit', (code) => failAll(new Error(`a block hash worker exited (code ${code})`)));
@@ -163,21 +159,20 @@ function startBlockHashWorker(): BlockHashWorker {
 
 /**
  * SHA-256 of each `blockSize` slice of `data[0, length)` (the last may be short), 32 bytes each,
- * back to back. Large chunks go to a worker thread: `data` must then own its whole ArrayBuffer
- * (Buffer.allocUnsafeSlow, or a fresh large allocUnsafe) or it is copied first; it is detached
- * while hashed, and `onReturn` gets it back afterwards for reuse.
+ * back to back. A large chunk is hashed on a worker thread: if `data` owns its whole ArrayBuffer
+ * (a fresh large allocation, as SyncDevice.read returns) it is transferred, and unusable
+ * afterwards; otherwise it is copied first.
  */
 export function hashBlocks(
   data: Buffer,
   length: number,
   blockSize: number,
-  options: { threads?: number; onReturn?: (data: Buffer) => void } = {},
+  options: { threads?: number } = {},
 ): Promise<Buffer> {
   if (length < INLINE_HASH_BYTES) {
     const sums = Buffer.allocUnsafe(Math.ceil(length / blockSize) * 32);
     for (let at = 0, i = 0; at < length; at += blockSize, i++)
       blockChecksum(data.subarray(at, Math.min(length, at + blockSize))).copy(sums, i * 32);
-    options.onReturn?.(data);
     return Promise.resolve(sums);
   }
   const owned = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength;
@@ -189,13 +184,7 @@ export function hashBlocks(
   for (let i = 1; i < threads; i++) if (hashWorkers[i].jobs.size < w.jobs.size) w = hashWorkers[i];
   const id = ++hashJobId;
   return new Promise<Buffer>((resolve, reject) => {
-    w.jobs.set(id, {
-      resolve: (r) => {
-        if (owned) options.onReturn?.(r.data);
-        resolve(r.sums);
-      },
-      reject,
-    });
+    w.jobs.set(id, { resolve, reject });
     // Referenced while a job is pending, so a process waiting only for a resync does not exit.
     w.worker.ref();
     const view = new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
@@ -208,8 +197,6 @@ export interface SyncDevice {
   readonly size: number;
   /** A new buffer the pass owns from then on (a resync hands it to a hashing thread). */
   read(offset: number, length: number): Promise<Buffer>;
-  /** Reads into the pass's own buffer (reused from chunk to chunk: no fresh pages per read). */
-  readInto?(offset: number, length: number, into: Buffer): Promise<void>;
   /** Holds new writes and resolves once those in flight are done (no-op without interposition). */
   pause(): Promise<void>;
   resume(): void;
@@ -352,7 +339,7 @@ interface ResyncStep {
  * Compares every block of the disk with the cloud copy's checksums and ships those that differ.
  * Resolves once every block was compared (the caller then calls segmenter.finishSync()).
  *
- * A pipeline: `readAhead` chunks are read (into reused buffers) and hashed on worker threads while
+ * A pipeline: `readAhead` chunks are read and hashed on worker threads while
  * the cloud's checksums are fetched and earlier chunks are compared, so the disk, the hashing
  * threads and the link are all busy at once. Blocks that differ are read again under pause before
  * they are appended (the first read was not ordered with the guest's writes).
@@ -369,13 +356,6 @@ export async function runResync(opts: ResyncOptions): Promise<SyncProgress> {
   const depth = Math.max(1, opts.readAhead ?? 4);
   const piece = Math.max(blockSize, Math.floor(APPEND_BYTES / blockSize) * blockSize);
   const progress = new Progress('resync', device.size, opts.onProgress);
-  const free: Buffer[] = [];
-  const readChunk = async (offset: number, length: number): Promise<Buffer> => {
-    if (!device.readInto) return device.read(offset, length);
-    const buf = free.pop() ?? Buffer.allocUnsafeSlow(chunk);
-    await device.readInto(offset, length, buf);
-    return buf;
-  };
   const steps: ResyncStep[] = [];
   let nextOffset = 0;
   // The remote side is asked one range at a time, in order (ApiChecksums fetches ahead itself).
@@ -385,14 +365,9 @@ export async function runResync(opts: ResyncOptions): Promise<SyncProgress> {
       const offset = nextOffset;
       const length = Math.min(chunk, device.size - offset);
       nextOffset += length;
-      const local = readChunk(offset, length).then((buf) =>
-        hashBlocks(buf, length, blockSize, {
-          threads: opts.hashThreads,
-          onReturn: (b) => {
-            if (device.readInto && b.length === chunk) free.push(b);
-          },
-        }),
-      );
+      const local = device
+        .read(offset, length)
+        .then((buf) => hashBlocks(buf, length, blockSize, { threads: opts.hashThreads }));
       const theirs = remoteChain.then(() => remote.checksums({ offset, length }));
       remoteChain = theirs.catch(() => undefined);
       // Failures surface when the step is compared; until then they are not unhandled.
