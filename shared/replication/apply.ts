@@ -11,7 +11,14 @@ import { raiseEvent } from './events';
 import { QuarantineReason } from './open';
 import { readPolicy } from './policy';
 import { completeRecoveryPoint, readArrival, recordArrival } from './recovery-points';
-import { alignedChunks, OrderedPageWriter, PAGE_WRITE_BYTES, SeedLease, seedBlob } from './seed-disk';
+import {
+  alignedChunks,
+  downloadBuffer,
+  OrderedPageWriter,
+  PAGE_WRITE_BYTES,
+  SeedLease,
+  seedBlob,
+} from './seed-disk';
 import {
   isConflict,
   isNotFound,
@@ -186,10 +193,7 @@ class ChangelogFetcher {
 
   private async download(seq: number): Promise<Buffer | undefined> {
     try {
-      const response = await this.deps.changelogs.getBlockBlobClient(this.name(seq)).download();
-      const chunks: Buffer[] = [];
-      for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) chunks.push(chunk);
-      return Buffer.concat(chunks);
+      return await downloadBuffer(this.deps.changelogs.getBlobClient(this.name(seq)));
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;

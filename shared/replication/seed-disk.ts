@@ -1,4 +1,4 @@
-import type { BlobLeaseClient, ContainerClient, PageBlobClient } from '@azure/storage-blob';
+import type { BlobClient, BlobLeaseClient, ContainerClient, PageBlobClient } from '@azure/storage-blob';
 import { statusOf } from './tables';
 
 /** Seed disks: one page blob per protected disk; its snapshots are the recovery points. */
@@ -162,11 +162,33 @@ export function* alignedChunks(
   }
 }
 
+/** Attempts of a whole read (the request itself is also retried by the SDK's pipeline). */
+const READ_ATTEMPTS = 3;
+
+/**
+ * Downloads [offset, offset+count) of a blob (all of it when count is undefined) into one Buffer.
+ * The SDK's resuming stream (maxRetryRequests > 0) costs about twice the CPU of the plain response
+ * on the receiving side, so it is off, and a read that fails part-way is retried whole instead.
+ * Errors the service answered (404, 412, …) are not retried here.
+ */
+export async function downloadBuffer(blob: BlobClient, offset = 0, count?: number): Promise<Buffer> {
+  for (let attempt = 1; ; attempt++) {
+    const response = await blob.download(offset, count, { maxRetryRequests: 0 });
+    try {
+      const chunks: Buffer[] = [];
+      for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) chunks.push(chunk);
+      const bytes = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
+      if (response.contentLength !== undefined && bytes.length !== response.contentLength)
+        throw new Error(`the response ended after ${bytes.length} of ${response.contentLength} bytes`);
+      return bytes;
+    } catch (err) {
+      if (attempt >= READ_ATTEMPTS) throw err;
+    }
+  }
+}
+
 /** Reads [offset, offset+count) of a page blob (or snapshot) in one request. */
 export async function readRange(blob: PageBlobClient, offset: number, count: number): Promise<Buffer> {
   if (count === 0) return Buffer.alloc(0);
-  const response = await blob.download(offset, count);
-  const chunks: Buffer[] = [];
-  for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) chunks.push(chunk);
-  return Buffer.concat(chunks);
+  return downloadBuffer(blob, offset, count);
 }
