@@ -92,7 +92,9 @@ class CloudChecksumServer {
          const w = new Worker(\`
            const { parentPort, workerData } = require('node:worker_threads');
            const fs = require('node:fs');
-           const { createHash } = require('node:crypto');
+           const crypto = require('node:crypto');
+           const sha256 = crypto.hash ? (b) => crypto.hash('sha256', b, 'buffer')
+             : (b) => crypto.createHash('sha256').update(b).digest();
            const fd = fs.openSync(workerData.file, 'r');
            const piece = Buffer.allocUnsafeSlow(256 * 1024);
            parentPort.postMessage('ready');
@@ -102,7 +104,7 @@ class CloudChecksumServer {
                const n = Math.min(piece.length, end - at);
                for (let done = 0; done < n; ) done += fs.readSync(fd, piece, done, n - done, at + done);
                for (let b = 0; b < n; b += blockSize)
-                 sums.set(createHash('sha256').update(piece.subarray(b, Math.min(n, b + blockSize))).digest(),
+                 sums.set(sha256(piece.subarray(b, Math.min(n, b + blockSize))),
                    ((at - offset + b) / blockSize) * 32);
              }
              parentPort.postMessage({ id, sums }, [sums.buffer]);

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import crypto, { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -18,9 +18,11 @@ export interface RemoteChecksums {
   checksums(range: { offset: number; length: number }): Promise<Buffer[]>;
 }
 
-export function blockChecksum(block: Buffer): Buffer {
-  return createHash('sha256').update(block).digest();
-}
+/** SHA-256 of one block (the one-shot crypto.hash, Node ≥ 20.12, skips a Hash object per block). */
+export const blockChecksum: (block: Buffer) => Buffer =
+  typeof crypto.hash === 'function'
+    ? (block) => crypto.hash('sha256', block, 'buffer')
+    : (block) => createHash('sha256').update(block).digest();
 
 const zeroSums = new Map<number, Buffer>();
 /** SHA-256 of `length` zero bytes (cached). */
@@ -97,12 +99,15 @@ export class ImageFileChecksums implements RemoteChecksums {
 // and hashed there in blockSize slices.
 const BLOCK_HASH_WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
-const { createHash } = require('node:crypto');
+const crypto = require('node:crypto');
+const sha256 = crypto.hash
+  ? (b) => crypto.hash('sha256', b, 'buffer')
+  : (b) => crypto.createHash('sha256').update(b).digest();
 parentPort.on('message', ({ id, data, length, blockSize }) => {
   const buf = Buffer.from(data.buffer, data.byteOffset, length);
   const sums = new Uint8Array(Math.ceil(length / blockSize) * 32);
   for (let at = 0, i = 0; at < length; at += blockSize, i++)
-    sums.set(createHash('sha256').update(buf.subarray(at, Math.min(length, at + blockSize))).digest(), i * 32);
+    sums.set(sha256(buf.subarray(at, Math.min(length, at + blockSize))), i * 32);
   parentPort.postMessage({ id, sums }, [sums.buffer]);
 });
 `;
