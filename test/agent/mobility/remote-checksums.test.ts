@@ -1,5 +1,7 @@
 import { createHash } from 'node:crypto';
 import { mkdtempSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -98,6 +100,39 @@ describe('RemoteChecksums over the HTTP API', () => {
     expect(
       ((await unknown.checksums({ offset: 0, length: BLOCK }).catch((e: unknown) => e)) as Error).message,
     ).toMatch(/404/);
+  });
+
+  it('reads a JSON answer too (an API without the binary form), and refuses a wrong-sized one', async () => {
+    // A stand-in API that ignores Accept and answers hex JSON, as before the binary form.
+    const blocks = [createHash('sha256').update('a').digest(), createHash('sha256').update('b').digest()];
+    let body: unknown = {
+      sizeBytes: 2 * BLOCK,
+      blockSize: BLOCK,
+      offset: 0,
+      length: 2 * BLOCK,
+      blocks: blocks.map((b) => b.toString('hex')),
+    };
+    const accepts: (string | undefined)[] = [];
+    const server = http.createServer((req, res) => {
+      accepts.push(req.headers.accept);
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/api`;
+      const sums = new ApiChecksums({ apiUrl: url, machine, disk: 'd0' });
+      const got = await sums.checksums({ offset: 0, length: 2 * BLOCK });
+      expect(got.map((b) => b.toString('hex'))).toEqual(blocks.map((b) => b.toString('hex')));
+      expect(accepts[0]).toMatch(/^application\/octet-stream/);
+      // One block short of what the disk size says: not trusted.
+      body = { ...(body as object), blocks: [blocks[0].toString('hex')] };
+      const short = new ApiChecksums({ apiUrl: url, machine, disk: 'd0' });
+      const err = await short.checksums({ offset: 0, length: BLOCK }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ChecksumsRequestError);
+      expect((err as Error).message).toMatch(/another range or block size/);
+    } finally {
+      server.close();
+    }
   });
 
   it('keeps today’s behaviour without --api, and wants --api with --api-key-file', () => {
