@@ -364,8 +364,8 @@ export class OpenSegmentFile {
   private readonly headerLength: number;
   private records = 0;
   private closed = false;
-  /** For a reused spare: its rename into place, made durable before the first FLUSH counts on it. */
-  private readonly placed: Promise<void> | undefined;
+  /** For a reused spare: its rename into place, made durable by the first FLUSH that counts on it. */
+  private placed: Promise<void> | undefined;
 
   private constructor(
     readonly file: string,
@@ -378,9 +378,6 @@ export class OpenSegmentFile {
     this.headerLength = header.length;
     this.out = new FileAppender(fd, 0);
     this.index = new FileAppender(indexFd, 0);
-    // Overwriting a file in place does not commit its rename, as a new file's allocation would.
-    this.placed = reused ? syncDir(path.dirname(file)) : undefined;
-    this.placed?.catch(() => undefined);
     this.out.append(header);
   }
 
@@ -450,6 +447,14 @@ export class OpenSegmentFile {
   /** Resolves once every record appended before the call is durable. */
   async sync(): Promise<void> {
     if (this.closed) return;
+    // Overwriting a file in place does not commit its rename, as a new file's allocation would.
+    if (this.reused && !this.placed) {
+      const placed = syncDir(path.dirname(this.file));
+      this.placed = placed;
+      placed.catch(() => {
+        if (this.placed === placed) this.placed = undefined; // the next FLUSH tries again
+      });
+    }
     await Promise.all([this.out.sync(), this.index.sync(), this.placed]);
   }
 
