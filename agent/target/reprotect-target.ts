@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { ContainerClient } from '@azure/storage-blob';
@@ -14,6 +13,7 @@ import {
 } from '../../shared/reprotect';
 import { readEntity } from '../../shared/replication';
 import { decodeSegment } from '../../shared/segment';
+import { hashBlocks } from '../mobility/sync';
 
 // The target role (ASR's master target): applies the reprotect change logs of a failed-over
 // machine to its site disks. First it uploads the site disks' block checksums, so the cloud's
@@ -55,24 +55,41 @@ export interface ApplyReport {
   appliedBytes: number;
 }
 
-/** SHA-256 per block of a file (the last block may be short). */
+/** Bytes read per step of `fileChecksums`, and how many steps are hashed at once. */
+const CHECKSUM_CHUNK_BYTES = 8 * 1024 * 1024;
+const CHECKSUM_CHUNKS_IN_FLIGHT = 4;
+
+/**
+ * SHA-256 per block of a file (the last block may be short): read in 8 MiB steps while earlier
+ * steps are hashed on worker threads (`hashBlocks`), so the target's event loop never hashes and
+ * both cores work.
+ */
 export async function fileChecksums(file: string, block = CHANGE_BLOCK_BYTES): Promise<Buffer[]> {
   const fd = await fs.promises.open(file, 'r');
   try {
     const size = (await fd.stat()).size;
+    const step = Math.max(block, Math.floor(CHECKSUM_CHUNK_BYTES / block) * block);
+    const hashing: Promise<Buffer>[] = [];
     const sums: Buffer[] = [];
-    const buf = Buffer.alloc(4 * 1024 * 1024);
-    for (let at = 0; at < size; at += buf.length) {
-      const n = Math.min(buf.length, size - at);
-      let done = 0;
-      while (done < n) done += (await fd.read(buf, done, n - done, at + done)).bytesRead;
-      for (let b = 0; b < n; b += block)
-        sums.push(
-          createHash('sha256')
-            .update(buf.subarray(b, Math.min(n, b + block)))
-            .digest(),
-        );
+    const collect = async () => {
+      const packed = await hashing.shift()!;
+      for (let at = 0; at < packed.length; at += 32) sums.push(packed.subarray(at, at + 32));
+    };
+    for (let at = 0; at < size; at += step) {
+      const n = Math.min(step, size - at);
+      const buf = Buffer.allocUnsafe(n); // filled whole below, then handed to a hashing thread
+      for (let done = 0; done < n;) {
+        const { bytesRead } = await fd.read(buf, done, n - done, at + done);
+        if (bytesRead === 0)
+          throw new Error(`${file} ended at byte ${at + done} while its checksums were read`);
+        done += bytesRead;
+      }
+      const hashed = hashBlocks(buf, n, block);
+      hashed.catch(() => undefined); // awaited in order by collect(); a failure surfaces there
+      hashing.push(hashed);
+      if (hashing.length >= CHECKSUM_CHUNKS_IN_FLIGHT) await collect();
     }
+    while (hashing.length > 0) await collect();
     return sums;
   } finally {
     await fd.close();
