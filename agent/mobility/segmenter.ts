@@ -111,6 +111,12 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   private failure: Error | undefined;
   private bitmapSave: Promise<void> | undefined;
   private bitmapSaveNext: Promise<void> | undefined;
+  /**
+   * Bitmap mode deletes the open segment's file once the bitmap holding its blocks is durable.
+   * The file is named by (epoch, seq) and the segment after bitmap mode keeps that seq, so the
+   * next open file for it is created only after this (else the late delete would remove it).
+   */
+  private droppedOpenFile: Promise<void> = Promise.resolve();
   private closed = false;
   /** Segment files sealed in place and not yet fdatasynced (the next flush syncs them together). */
   private unsynced: string[] = [];
@@ -363,12 +369,16 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
     );
     const oldFile = seg.file;
     const saved = Promise.all([this.saveBitmap(), this.journal.saveState(this.state)]);
-    saved.then(
+    const dropped = saved.then(
       () => oldFile?.discard(),
       (err: Error) =>
         this.fail(
           new JournalWriteError(`The bitmap of disk ${this.disk} could not be saved (${err.message}).`, err),
         ),
+    );
+    this.droppedOpenFile = Promise.all([this.droppedOpenFile, dropped]).then(
+      () => undefined,
+      () => undefined,
     );
     this.emit('mode', 'bitmap');
   }
@@ -383,7 +393,8 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
    */
   async startCatchup(): Promise<void> {
     if (this.state.mode !== 'bitmap') return;
-    await this.saveBitmap();
+    await Promise.all([this.saveBitmap(), this.droppedOpenFile]);
+    if (this.state.mode !== 'bitmap') return;
     this.open = this.newOpen(this.open.seq, true);
     this.state.mode = 'catchup';
     await this.journal.saveState(this.state);
@@ -396,7 +407,10 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
 
   /** Starts (or restarts) a checksum resync: no markers until finishSync. */
   async startResync(reason: string): Promise<void> {
-    if (this.state.mode === 'bitmap') this.open = this.newOpen(this.open.seq, true);
+    if (this.state.mode === 'bitmap') {
+      await this.droppedOpenFile;
+      if (this.state.mode === 'bitmap') this.open = this.newOpen(this.open.seq, true);
+    }
     this.state.mode = 'resync';
     this.state.resyncReason = reason;
     await this.journal.saveState(this.state);

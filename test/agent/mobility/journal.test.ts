@@ -1,13 +1,16 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   OpenSegmentFile,
   SegmentJournal,
   openSegmentName,
   readOpenSegment,
+  type DiskState,
 } from '../../../agent/mobility/journal';
+import { DiskSegmenter } from '../../../agent/mobility/segmenter';
 import { decodeSegment, encodeSegment, type SegmentRecord } from '../../../shared/segment';
 import { prng } from '../../helpers/random';
 
@@ -95,5 +98,65 @@ describe('open segments written over spare segment files', () => {
     const read = readOpenSegment(name);
     expect(read.bytes).toBeUndefined();
     expect(read.records).toBe(0);
+  });
+});
+
+describe('bitmap mode and the open segment file', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lifeboat-journal-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  // Bitmap mode deletes the open segment's file once the bitmap and state are saved; the segment
+  // after catch-up keeps the seq, so its new file has the same name. A slow state save (a busy
+  // disk) used to let catch-up create that file first and the late delete remove it: the next cut
+  // failed (ENOENT on the rename) and the journal was dead.
+  it('catch-up after a slow state save keeps the new open segment file and cuts it', async () => {
+    const journal = await SegmentJournal.open(dir);
+    const state: DiskState = {
+      version: 1,
+      machine: 'm1',
+      disk: 'd0',
+      sizeBytes: 1024 * 1024,
+      epoch: 0,
+      nextSeq: 1,
+      ackedSeq: 0,
+      mode: 'data',
+      clean: false,
+      updatedAt: new Date().toISOString(),
+    };
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const save = journal.saveState.bind(journal);
+    journal.saveState = (s) => {
+      const snapshot = { ...s };
+      return gate.then(() => save(snapshot));
+    };
+    const logger = pino({ level: 'silent' });
+    const segmenter = new DiskSegmenter({ journal, state, logger, maxJournalBytes: 64 * 1024 });
+    const data = (fill: number) => Buffer.alloc(16 * 1024, fill);
+    await segmenter.append({ kind: 'write', offset: 0, length: 16 * 1024, data: data(1) });
+    const file = path.join(dir, openSegmentName(0, 1));
+    expect(fs.existsSync(file)).toBe(true);
+    for (let i = 1; i < 8; i++)
+      await segmenter.append({ kind: 'write', offset: i * 16 * 1024, length: 16 * 1024, data: data(i) });
+    expect(segmenter.mode).toBe('bitmap');
+    const catchup = segmenter.startCatchup();
+    await segmenter.saveBitmap(); // the bitmap saves are done; the state save is still held
+    release();
+    await catchup;
+    expect(segmenter.mode).toBe('catchup');
+    expect(fs.existsSync(file)).toBe(true);
+    const change = data(0xab);
+    await segmenter.append({ kind: 'write', offset: 4096, length: change.length, data: change });
+    expect(await segmenter.cut()).toBe(1);
+    const [entry] = journal.list();
+    expect(entry.seq).toBe(1);
+    expect(decodeSegment(await journal.read(entry)).records).toEqual([
+      { type: 'write', offset: 4096, data: change },
+    ]);
+    expect(segmenter.bitmap.count).toBeGreaterThan(0); // the blocks of bitmap mode stay to do
+    await segmenter.close();
   });
 });
