@@ -100,6 +100,8 @@ export class SegmentJournal {
   private totalBytes = 0;
   private stateChain: Promise<void> = Promise.resolve();
   private readonly spares: string[] = [];
+  /** Reads in progress, by file (such a file is never kept as a spare). */
+  private readonly readers = new Map<string, number>();
   private spareCounter = 0;
   readonly segmentsDir: string;
   readonly sparesDir: string;
@@ -212,7 +214,29 @@ export class SegmentJournal {
    * one buffer instead of allocating — and faulting in — 8 MiB per segment.
    */
   async read(entry: JournalEntry, scratch?: Buffer): Promise<Buffer> {
-    const handle = await fs.promises.open(entry.file, 'r');
+    // Registered before the first await: remove() then deletes the file instead of keeping it as
+    // a spare, so no open segment is written over the inode this read holds. An entry already
+    // removed is not opened at all (its file may be on its way to becoming a spare).
+    const name = segmentName(entry.epoch, entry.seq);
+    if (this.entries.get(name)?.file !== entry.file) {
+      const err: NodeJS.ErrnoException = new Error(
+        `Segment ${name} is no longer in the journal ${this.segmentsDir} (acknowledged or dropped).`,
+      );
+      err.code = 'ENOENT';
+      throw err;
+    }
+    this.readers.set(entry.file, (this.readers.get(entry.file) ?? 0) + 1);
+    try {
+      return await this.readFile(entry.file, scratch);
+    } finally {
+      const left = (this.readers.get(entry.file) ?? 1) - 1;
+      if (left > 0) this.readers.set(entry.file, left);
+      else this.readers.delete(entry.file);
+    }
+  }
+
+  private async readFile(file: string, scratch?: Buffer): Promise<Buffer> {
+    const handle = await fs.promises.open(file, 'r');
     try {
       const size = (await handle.stat()).size;
       const out = scratch && scratch.length >= size ? scratch.subarray(0, size) : Buffer.allocUnsafe(size);
@@ -232,7 +256,8 @@ export class SegmentJournal {
     const name = segmentName(entry.epoch, entry.seq);
     if (!this.entries.delete(name)) return;
     this.totalBytes -= entry.bytes;
-    if (this.spares.length < MAX_SPARES) {
+    // A file being read is deleted, not reused: the reader's descriptor keeps its bytes intact.
+    if (this.spares.length < MAX_SPARES && !this.readers.has(entry.file)) {
       const spare = path.join(this.sparesDir, `spare-${++this.spareCounter}.seg`);
       try {
         await fs.promises.rename(entry.file, spare);
@@ -470,9 +495,15 @@ export class OpenSegmentFile {
     await writeAt(this.fd, digest, total);
     if (this.reused) await truncate(this.fd, total + TRAILER_BYTES);
     // No fdatasync here: the segmenter syncs sealed segments in batches, at the next FLUSH (or stop).
+    // The index stays until the file is renamed into the journal (removeIndex): a crash before
+    // that recovers the records from the open file through it, as before the seal.
     await this.close();
-    await fs.promises.rm(indexName(this.file), { force: true });
     return total + TRAILER_BYTES;
+  }
+
+  /** Deletes the side index; call it once the sealed file is in the journal under its final name. */
+  async removeIndex(): Promise<void> {
+    await fs.promises.rm(indexName(this.file), { force: true });
   }
 
   async close(): Promise<void> {

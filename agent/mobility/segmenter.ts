@@ -281,6 +281,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
           const first = records.length === 0 ? Date.now() : seg.firstTime;
           const size = await seg.file.seal(first, records.length === 0 ? first : seg.lastTime);
           entry = await this.journal.adopt(epoch, seg.seq, seg.file.file, size);
+          await seg.file.removeIndex();
           this.unsynced.push(entry.file);
         } else {
           entry = await this.journal.write(epoch, seg.seq, this.encode(epoch, seg, records));
@@ -659,6 +660,12 @@ export async function recoverOpenSegments(
       state.nextSeq = Math.max(state.nextSeq, open.seq + 1);
     }
     await Promise.all([fs.promises.rm(open.file, { force: true }), fs.promises.rm(index, { force: true })]);
+  }
+  // Indexes whose sealed file was renamed into the journal before a crash.
+  for (const name of fs.readdirSync(journal.dir)) {
+    const file = path.join(journal.dir, name);
+    if (/^open-\d{8}-\d{12}\.idx$/.test(name) && !fs.existsSync(file.replace(/\.idx$/, '.seg')))
+      await fs.promises.rm(file, { force: true });
   }
   return { recovered, torn, damaged };
 }
