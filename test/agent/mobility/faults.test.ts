@@ -80,6 +80,11 @@ describe('agent under proxy faults', () => {
   const size = 4 * MiB;
   let image: string;
   const snapshots = new Map<string, Buffer>();
+  /**
+   * Every 'mode' event since the agent was created. A mode event comes after the mode is saved,
+   * so it trails `status().mode` (and the initial sync's 'data' can come after `settled()`).
+   */
+  let modes: string[] = [];
 
   beforeEach(async () => {
     dir = tempDir('faults');
@@ -87,6 +92,7 @@ describe('agent under proxy faults', () => {
     await proxy.start();
     image = makeImage(dir, 'd0', size);
     snapshots.clear();
+    modes = [];
   });
   afterEach(async () => {
     await agent?.stop();
@@ -104,6 +110,7 @@ describe('agent under proxy faults', () => {
       whilePaused: (m) => void snapshots.set(m.id, fs.readFileSync(image)),
       ...extra,
     });
+    agent.on('mode', (e: { mode: string }) => modes.push(e.mode));
     return agent.start();
   }
 
@@ -143,8 +150,6 @@ describe('agent under proxy faults', () => {
     await start({ segment: { maxJournalBytes: 512 * 1024, maxSegmentBytes: 64 * 1024 } });
     await agent!.settled();
     const uri = `nbd://127.0.0.1:${agent!.nbd?.port}/d0`;
-    const modes: string[] = [];
-    agent!.on('mode', (e: { mode: string }) => modes.push(e.mode));
     const skipped: string[] = [];
     agent!.on('marker-skipped', (e: { reason: string }) => skipped.push(e.reason));
     const markers: string[] = [];
@@ -168,7 +173,11 @@ describe('agent under proxy faults', () => {
       await new Promise((r) => setTimeout(r, 20));
     }
     await during;
-    await waitFor(() => agent!.status().disks[0].mode === 'data', 'the catch-up to finish');
+    // The mode is 'data' a moment before its event: wait for both (no writes now, so no later mode).
+    await waitFor(
+      () => agent!.status().disks[0].mode === 'data' && modes[modes.length - 1] === 'data',
+      'the catch-up to finish',
+    );
     markers.push((await agent!.cutMarker('crash'))!.id);
     await agent!.settled();
     expect(modes).toContain('bitmap');
@@ -195,6 +204,8 @@ describe('agent under proxy faults', () => {
   it('resynchronises a disk whose segment conflicts with what the proxy holds', async () => {
     await start({ remoteChecksums: () => new ProxyReplayChecksums(proxy, 'd0', size) });
     await agent!.settled();
+    // The initial sync's 'data' event can come after settled(): see it before counting modes.
+    await waitFor(() => modes[modes.length - 1] === 'data', 'the initial sync to end');
     const uri = `nbd://127.0.0.1:${agent!.nbd?.port}/d0`;
     const first = (await agent!.cutMarker('crash'))!;
     await agent!.settled();
@@ -208,15 +219,14 @@ describe('agent under proxy faults', () => {
         records: [{ type: 'write', offset: 0, data: Buffer.alloc(64 * 1024, 0xee) }],
       }),
     );
-    const modes: string[] = [];
-    agent!.on('mode', (e: { mode: string }) => modes.push(e.mode));
+    const before = modes.length;
     await workload(uri, 9, 200);
     await agent!.cutAll();
     await waitFor(() => proxy.answers.conflict > 0, 'a 409');
-    await waitFor(() => modes.includes('data'), 'the resync to finish');
+    await waitFor(() => modes.slice(before).includes('data'), 'the resync to finish');
     const m = (await agent!.cutMarker('crash'))!.id;
     await agent!.settled();
-    expect(modes[0]).toBe('resync');
+    expect(modes.slice(before)).toEqual(['resync', 'data']);
     assertSameBytes(
       proxy.replay('d0', size, m),
       snapshots.get(m) as Buffer,
