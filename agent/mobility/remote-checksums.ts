@@ -74,6 +74,8 @@ export class ApiChecksums implements RemoteChecksums {
   private readonly windowsAhead: number;
   /** Windows requested ahead of the one being compared, by offset. */
   private readonly ahead = new Map<number, Promise<Window>>();
+  /** Bumped by restart(): windows fetched before it are never kept. */
+  private generation = 0;
   /** The cloud disk's size, once an answer told it. */
   sizeBytes: number | undefined;
   /** Requests made and response body bytes received (for tests, status and the benchmark). */
@@ -110,26 +112,42 @@ export class ApiChecksums implements RemoteChecksums {
     return out;
   }
 
+  /**
+   * A new resync pass: the cloud copy may have changed since the windows held were fetched (a
+   * block found equal in an old window may differ now), so they are all dropped.
+   */
+  restart(): void {
+    this.generation += 1;
+    this.current = undefined;
+    this.ahead.clear();
+  }
+
   private async windowAt(offset: number): Promise<Window> {
     const within = (w: Window | undefined): boolean =>
       w !== undefined && offset >= w.offset && offset < w.offset + this.windowBytes;
-    if (!within(this.current)) {
+    const generation = this.generation;
+    let current: Window;
+    if (this.current && within(this.current)) current = this.current;
+    else {
       const start = offset - (offset % this.windowBytes);
       const fetching = this.ahead.get(start);
       // Windows behind this one will not be asked for again.
       for (const at of [...this.ahead.keys()]) if (at <= start) this.ahead.delete(at);
-      this.current = await (fetching ?? this.fetchWindow(start));
+      current = await (fetching ?? this.fetchWindow(start));
+      // A restart meanwhile: this window serves the caller of an old pass, but is not kept.
+      if (generation !== this.generation) return current;
+      this.current = current;
     }
     // Keep the next windows in flight: the cloud computes them while this one is compared.
     for (let k = 1; k <= this.windowsAhead; k++) {
-      const next = this.current!.offset + k * this.windowBytes;
+      const next = current.offset + k * this.windowBytes;
       if (this.sizeBytes !== undefined && next >= this.sizeBytes) break;
       if (this.ahead.has(next)) continue;
       const window = this.fetchWindow(next);
       window.catch(() => undefined); // an error shows when the window is needed
       this.ahead.set(next, window);
     }
-    return this.current!;
+    return current;
   }
 
   private async fetchWindow(offset: number): Promise<Window> {

@@ -122,6 +122,14 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   private unsynced: string[] = [];
   /** Changes appended (for stats). */
   changes = 0;
+  /**
+   * Moves whenever the stream is reset, a new epoch begins or a resync is (re)requested: a resync
+   * pass that began before compared against a cloud copy and a stream that no longer hold, and
+   * starts over (runResync checks it between steps).
+   */
+  syncGeneration = 0;
+  /** Stream resets whose clean-up (in the cut chain) has not run yet. */
+  private resetsPending = 0;
 
   constructor(options: SegmenterOptions) {
     super();
@@ -337,7 +345,9 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
       bytes: encodedHeaderSize(this.state.machine, this.state.disk) + TRAILER_BYTES + MARKER_ROOM,
       firstTime: 0,
       lastTime: 0,
-      file: withFile ? this.openFile(seq) : undefined,
+      // While a stream reset is being cleaned up, files of the old stream's cuts may still be
+      // pending under the same names: the reset creates the open file once they are gone.
+      file: withFile && this.resetsPending === 0 ? this.openFile(seq) : undefined,
     };
   }
 
@@ -408,6 +418,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
 
   /** Starts (or restarts) a checksum resync: no markers until finishSync. */
   async startResync(reason: string): Promise<void> {
+    this.syncGeneration += 1;
     if (this.state.mode === 'bitmap') {
       await this.droppedOpenFile;
       if (this.state.mode === 'bitmap') this.open = this.newOpen(this.open.seq, true);
@@ -495,6 +506,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
   async startEpoch(epoch: number, reason: string): Promise<void> {
     if (this.failure) throw this.failure;
     if (epoch <= this.state.epoch) return;
+    this.syncGeneration += 1;
     const sealed =
       this.state.mode !== 'bitmap' && this.open.records.length > 0 ? this.cut() : Promise.resolve(undefined);
     if (this.ageTimer) clearTimeout(this.ageTimer);
@@ -552,6 +564,7 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
    * reset can land in the journal after it. Call it with the export paused.
    */
   resetStream(nextSeq: number): Promise<void> {
+    this.syncGeneration += 1;
     const old = this.open;
     if (this.ageTimer) clearTimeout(this.ageTimer);
     this.ageTimer = undefined;
@@ -564,11 +577,19 @@ export class DiskSegmenter extends EventEmitter implements WriteJournal {
       file: undefined,
     };
     this.state.nextSeq = nextSeq;
+    // Until the clean-up below ran, the old stream's cuts of seqs the new stream reuses are still
+    // pending in the chain with their open files: segments opened meanwhile get no file of their
+    // own (they are encoded from memory when cut), else the old cut would rename or delete it.
+    this.resetsPending += 1;
     const done = this.chain.then(async () => {
-      await old.file?.discard();
-      await this.journal.clear();
+      try {
+        await old.file?.discard();
+        await this.journal.clear();
+      } finally {
+        this.resetsPending -= 1;
+      }
       const open = this.open;
-      if (this.state.mode !== 'bitmap' && !open.file && open.seq === nextSeq) {
+      if (this.state.mode !== 'bitmap' && !open.file && this.resetsPending === 0) {
         open.file = this.openFile(open.seq);
         for (const r of open.records) {
           if (r.type === 'write')

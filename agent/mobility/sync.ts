@@ -16,6 +16,8 @@ export interface RemoteChecksums {
   readonly blockSize: number;
   /** One 32-byte SHA-256 per block of `[offset, offset+length)` (offset block-aligned; the last block may be short). */
   checksums(range: { offset: number; length: number }): Promise<Buffer[]>;
+  /** A new pass begins: forget whatever was fetched for an earlier one (the cloud may have changed). */
+  restart?(): void;
 }
 
 /** SHA-256 of one block (the one-shot crypto.hash, Node ≥ 20.12, skips a Hash object per block). */
@@ -361,6 +363,10 @@ export async function runResync(opts: ResyncOptions): Promise<SyncProgress> {
   const depth = Math.max(1, opts.readAhead ?? 4);
   const piece = Math.max(blockSize, Math.floor(APPEND_BYTES / blockSize) * blockSize);
   const progress = new Progress('resync', device.size, opts.onProgress);
+  // A stream reset (segments dropped), a new epoch or a new resync request during the pass
+  // invalidates what was compared so far: the pass stops and the next one starts from the top.
+  const generation = segmenter.syncGeneration;
+  remote.restart?.();
   const steps: ResyncStep[] = [];
   let nextOffset = 0;
   // The remote side is asked one range at a time, in order (ApiChecksums fetches ahead itself).
@@ -385,9 +391,9 @@ export async function runResync(opts: ResyncOptions): Promise<SyncProgress> {
   launch();
   while (steps.length > 0) {
     const { offset, length, local, theirs } = steps.shift()!;
-    if (opts.shouldStop?.() || segmenter.mode !== 'resync') {
+    if (opts.shouldStop?.() || segmenter.mode !== 'resync' || segmenter.syncGeneration !== generation) {
       throw new SyncInterruptedError(
-        `The resync of disk ${segmenter.disk} stopped at byte ${offset} (mode ${segmenter.mode}).`,
+        `The resync of disk ${segmenter.disk} stopped at byte ${offset} (mode ${segmenter.mode}${segmenter.syncGeneration !== generation ? ', the stream was reset or the resync requested again' : ''}).`,
       );
     }
     launch();
@@ -412,6 +418,10 @@ export async function runResync(opts: ResyncOptions): Promise<SyncProgress> {
     progress.p.doneBytes += length;
     progress.update();
   }
+  if (segmenter.syncGeneration !== generation)
+    throw new SyncInterruptedError(
+      `The resync of disk ${segmenter.disk} must start over: the stream was reset or the resync requested again.`,
+    );
   progress.update(true);
   return progress.p;
 }
