@@ -676,15 +676,23 @@ export class MachineAgent extends EventEmitter {
     d.shipper.start();
     const seg = d.segmenter;
     const fraction = this.options.syncJournalFraction ?? 0.5;
+    // Waits while segments (in the journal, or still being cut) would leave no room for the step;
+    // with nothing but the open segment pending it goes on (a step larger than the room).
     const waitForRoom = async (bytes: number): Promise<void> => {
       while (
         !this.stopping &&
         seg.backlogBytes + bytes > seg.maxJournalBytes * fraction &&
-        seg.journal.count > 0
+        seg.backlogBytes > seg.openBytes
       ) {
         await this.waitWake(d, 50);
       }
     };
+    // A catch-up step is appended under one pause: it must fit in the room the pass keeps to,
+    // or a small journal bound overflows on the pass's own records (back to bitmap mode).
+    const catchupBytes = Math.max(
+      seg.bitmap.blockSize,
+      Math.min(1024 * 1024, Math.floor((seg.maxJournalBytes * fraction) / 2)),
+    );
     const pass = {
       device: d.device,
       segmenter: seg,
@@ -720,7 +728,7 @@ export class MachineAgent extends EventEmitter {
             'resync complete',
           );
         } else if (mode === 'catchup') {
-          const p = await runCatchup(pass);
+          const p = await runCatchup({ ...pass, chunkBytes: catchupBytes });
           d.sync = p;
           if (seg.state.resyncReason) await seg.startResync(seg.state.resyncReason);
           else await seg.finishSync();
