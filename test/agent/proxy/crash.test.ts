@@ -176,5 +176,7 @@ describe('SIGKILL at random points', () => {
       `crash trials: ${TRIALS} kills, ${acknowledged.size} segments acknowledged, ${duplicatesAfterRestart} re-sends answered 200, ` +
         `${notices.length - noticed.size} repeated notifications`,
     );
-  }, 120_000);
+    // Twenty proxy processes start (tsx) and die here: ~90 s alone, much longer beside the rest
+    // of the suite on two cores. A budget, not an assertion on time.
+  }, 300_000);
 });
