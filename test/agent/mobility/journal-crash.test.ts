@@ -14,20 +14,12 @@ import {
 } from '../../../agent/mobility/journal';
 import { recoverOpenSegments } from '../../../agent/mobility/segmenter';
 import { decodeSegment, encodeSegment, type SegmentRecord } from '../../../shared/segment';
-import { prng } from '../../helpers/random';
+import { sectorWrites } from './journal-records';
 
 const identity = (seq: number) => ({ machine: 'm1', disk: 'd0', epoch: 1, seq });
 
-function writes(seed: number, count: number, bytes: number): SegmentRecord[] {
-  const rand = prng(seed);
-  const out: SegmentRecord[] = [];
-  for (let i = 0; i < count; i++) {
-    const data = Buffer.alloc(bytes);
-    for (let j = 0; j < bytes; j += 512) data.fill(Math.floor(rand() * 256), j, j + 512);
-    out.push({ type: 'write', offset: i * 2 * bytes, data }); // gaps: recovery coalesces adjacent writes
-  }
-  return out;
-}
+// Gaps between the writes: recovery coalesces adjacent ones.
+const writes = (seed: number, count: number, bytes: number) => sectorWrites(seed, count, bytes, 2 * bytes);
 
 function appendAll(file: OpenSegmentFile, records: SegmentRecord[]): void {
   for (const r of records) {
