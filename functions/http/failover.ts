@@ -52,56 +52,38 @@ app.http('machines-failover', {
   }),
 });
 
-app.http('machines-failover-commit', {
-  route: 'machines/{machine}/commit',
-  methods: ['POST'],
-  authLevel: 'function',
-  extraInputs: [df.input.durableClient()],
-  handler: withErrors(async (request, context) => {
-    const id = operationId();
-    const deps = defaultFailoverDeps();
-    const record = await prepareAction(
-      deps,
-      request.params.machine,
-      'commit',
-      id,
-      claimHolderEnded(df.getClient(context), deps.now),
-    );
-    const input = { machine: record.machine, failoverId: record.failoverId, test: record.kind === 'test' };
-    return startOperation(request, context, ORCHESTRATION.commit, id, input, {
-      failoverId: record.failoverId,
-      machine: record.machine,
-    });
-  }),
-});
-
-app.http('machines-failover-cancel', {
-  route: 'machines/{machine}/cancel',
-  methods: ['POST'],
-  authLevel: 'function',
-  extraInputs: [df.input.durableClient()],
-  handler: withErrors(async (request, context) => {
-    const id = operationId();
-    const deps = defaultFailoverDeps();
-    const record = await prepareAction(
-      deps,
-      request.params.machine,
-      'cancel',
-      id,
-      claimHolderEnded(df.getClient(context), deps.now),
-    );
-    const input = {
-      machine: record.machine,
-      failoverId: record.failoverId,
-      test: record.kind === 'test',
-      ...(record.targetSpec ? { target: record.targetSpec } : {}),
-    };
-    return startOperation(request, context, ORCHESTRATION.cancel, id, input, {
-      failoverId: record.failoverId,
-      machine: record.machine,
-    });
-  }),
-});
+// Commit and cancel: the failover's record moves to committing / cancelling (or, if the operation
+// that left it there ended, is taken over), then the action's orchestration runs.
+for (const action of ['commit', 'cancel'] as const) {
+  app.http(`machines-failover-${action}`, {
+    route: `machines/{machine}/${action}`,
+    methods: ['POST'],
+    authLevel: 'function',
+    extraInputs: [df.input.durableClient()],
+    handler: withErrors(async (request, context) => {
+      const id = operationId();
+      const deps = defaultFailoverDeps();
+      const record = await prepareAction(
+        deps,
+        request.params.machine,
+        action,
+        id,
+        claimHolderEnded(df.getClient(context), deps.now),
+      );
+      const input = {
+        machine: record.machine,
+        failoverId: record.failoverId,
+        test: record.kind === 'test',
+        // A cancel removes the Azure target the failover created.
+        ...(action === 'cancel' && record.targetSpec ? { target: record.targetSpec } : {}),
+      };
+      return startOperation(request, context, ORCHESTRATION[action], id, input, {
+        failoverId: record.failoverId,
+        machine: record.machine,
+      });
+    }),
+  });
+}
 
 app.http('machines-failover-change-point', {
   route: 'machines/{machine}/change-recovery-point',
