@@ -135,9 +135,14 @@ describe('Durable Functions on the local host', () => {
       const ended = readJsonLines<Run>(path.join(outDir, 'runs.jsonl')).filter((r) => r.phase === 'end');
       return ended.length >= 3 ? ended : undefined;
     }, 'a few activities to finish');
-    const before = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as {
-      history: HistoryEvent[];
-    };
+    // An activity's result reaches the history a moment after the activity ends: wait until some
+    // are recorded (the kill must come after recorded ones, and may come before the rest).
+    const before = await waitFor(async () => {
+      const h = (await (await fetch(`${base}/samples/${check.id}/history?code=${key}`)).json()) as {
+        history: HistoryEvent[];
+      };
+      return h.history.some((e) => e.EventType === 'TaskCompleted') ? h : undefined;
+    }, 'an activity result in the history');
     await host.kill();
     const recorded = new Set(
       before.history.filter((e) => e.EventType === 'TaskCompleted').map((e) => (e.Result as number) / 2),
