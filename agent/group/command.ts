@@ -2,7 +2,13 @@ import fs from 'node:fs';
 import { Command } from 'commander';
 import { createLogger } from '../../shared/logger';
 import { validateName } from '../../shared/names';
-import { agentCommand, protectAgent, readCredential, type ProtectOptions } from '../mobility/command';
+import {
+  agentCommand,
+  protectAgent,
+  readCredential,
+  untilSignalStopped,
+  type ProtectOptions,
+} from '../mobility/command';
 import { GroupParticipant } from './participant';
 import { GroupMemberClient } from './transport';
 
@@ -42,28 +48,9 @@ export async function runGroupMember(opts: GroupMemberOptions): Promise<void> {
     `Protecting ${opts.machine} as a member of replication group ${group}` +
       `${nbd ? ` (NBD at nbd://${nbd.host}:${nbd.port}/<disk>)` : ''}; journal ${journalDir}; group markers from ${opts.proxy}. Ctrl-C stops cleanly.`,
   );
-  await new Promise<void>((resolve) => {
-    let stopping = false;
-    const stop = (signal: string): void => {
-      if (stopping) return;
-      stopping = true;
-      console.log(`\n${signal}: leaving the group's barrier and stopping the agent …`);
-      member
-        .stop()
-        .then(() => agent.stop())
-        .then(
-          () => resolve(),
-          (err: unknown) => {
-            console.error(
-              `The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`,
-            );
-            process.exitCode = 1;
-            resolve();
-          },
-        );
-    };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
+  await untilSignalStopped("leaving the group's barrier and stopping the agent", async () => {
+    await member.stop();
+    await agent.stop();
   });
 }
 

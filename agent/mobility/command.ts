@@ -326,18 +326,26 @@ async function protect(opts: ProtectOptions): Promise<void> {
       `${s.nbd ? ` over NBD at nbd://${s.nbd.host}:${s.nbd.port}/<disk>` : ' by scanning'}; journal ${journalDir}. Ctrl-C stops cleanly.`,
   );
   const stopProgress = opts.progress ? startProgress(agent) : () => undefined;
-  await new Promise<void>((resolve) => {
+  await untilSignalStopped('stopping the agent (draining writes, saving state)', async () => {
+    stopProgress();
+    await agent.stop();
+    console.log('Stopped cleanly.');
+  });
+}
+
+/**
+ * Waits for SIGINT or SIGTERM, then runs `stop` once (saying what it does); a failed stop is
+ * reported and sets a non-zero exit code. Resolves when the stop has finished either way.
+ */
+export function untilSignalStopped(doing: string, stop: () => Promise<void>): Promise<void> {
+  return new Promise<void>((resolve) => {
     let stopping = false;
-    const stop = (signal: string): void => {
+    const onSignal = (signal: string): void => {
       if (stopping) return;
       stopping = true;
-      stopProgress();
-      console.log(`\n${signal}: stopping the agent (draining writes, saving state) …`);
-      agent.stop().then(
-        () => {
-          console.log('Stopped cleanly.');
-          resolve();
-        },
+      console.log(`\n${signal}: ${doing} …`);
+      stop().then(
+        () => resolve(),
         (err: unknown) => {
           console.error(
             `The agent did not stop cleanly: ${err instanceof Error ? err.message : String(err)}`,
@@ -347,8 +355,8 @@ async function protect(opts: ProtectOptions): Promise<void> {
         },
       );
     };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => onSignal('SIGINT'));
+    process.on('SIGTERM', () => onSignal('SIGTERM'));
   });
 }
 
