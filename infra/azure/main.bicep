@@ -80,6 +80,11 @@ param applyWriteConcurrency int = 8
 @maxValue(8)
 param applyOpenWorkers int = 1
 
+@description('Seconds per run an applier with nothing to apply spends filling the disk\'s checksum index (LIFEBOAT_CHECKSUM_FILL_SECONDS); 0 = never, and resyncs hash the whole seed disk on request (docs/replication.md).')
+@minValue(0)
+@maxValue(60)
+param checksumFillSeconds int = 2
+
 @description('NCRONTAB schedule of the retention timer (LIFEBOAT_RETENTION_SCHEDULE).')
 param retentionSchedule string = '0 */15 * * * *'
 
@@ -254,6 +259,7 @@ var appSettings = {
   LIFEBOAT_APPLY_LEASE_SECONDS: string(applyLeaseSeconds)
   LIFEBOAT_APPLY_WRITE_CONCURRENCY: string(applyWriteConcurrency)
   LIFEBOAT_APPLY_OPEN_WORKERS: string(applyOpenWorkers)
+  LIFEBOAT_CHECKSUM_FILL_SECONDS: string(checksumFillSeconds)
   LIFEBOAT_RETENTION_SCHEDULE: retentionSchedule
   LIFEBOAT_RPO_SCHEDULE: rpoSchedule
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString

@@ -6,6 +6,7 @@ import type { Logger } from '../logger';
 import { isDnsLabel } from '../names';
 import { Readable } from 'node:stream';
 import { coalesceRecords, type MarkerRecord, type Segment, type SegmentRecord } from '../segment';
+import { ChecksumIndex, type FillReport } from './checksum-index';
 import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { QuarantineReason } from './open';
@@ -62,6 +63,8 @@ export interface ApplyReport {
   markers: string[];
   /** Machine recovery points this run completed. */
   recoveryPoints: string[];
+  /** What the idle fill did to the disk's checksum index (when it ran). */
+  checksumIndex?: FillReport;
 }
 
 const messageSchema = z.looseObject({
@@ -293,6 +296,11 @@ export function planPageOps(run: readonly ChangeRecord[]): PageOp[] {
   return ops;
 }
 
+/** [start, end) of each change of the segment. */
+function* changedRanges(segment: Segment): Generator<[number, number]> {
+  for (const r of segment.records) if (r.type !== 'marker') yield [r.offset, recordEnd(r)];
+}
+
 /** The first byte past every change of the segment (0 when it has none). */
 function segmentExtent(segment: Segment): number {
   let end = 0;
@@ -348,7 +356,8 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
   try {
     cursor = new DiskCursor(disks, initial as DiskCursor['row'], lease.leaseId);
     await cursor.claim();
-    await runApply(deps, log, blob, lease, cursor, report);
+    const index = await ChecksumIndex.open(deps.seed, machine, disk, cursor.row.sizeBytes, lease);
+    await runApply(deps, log, blob, lease, cursor, index, report);
   } catch (err) {
     if (!(err instanceof LostRaceError)) throw err;
     log.warn('another applier took the disk over; stopping');
@@ -366,6 +375,8 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
     // A change log that arrived while we held the lease had its message dropped as 'busy'.
     const name = changelogBlobName({ machine, disk, epoch: report.epoch, seq: report.appliedSeq + 1 });
     if (await deps.changelogs.getBlockBlobClient(name).exists()) await deps.nudge({ machine, disk });
+    // The index is not full yet: come back for more after a pause (others may want the lease).
+    else if (report.checksumIndex && report.checksumIndex.unknown > 0) await deps.nudge({ machine, disk }, 1);
   }
   log.info(
     {
@@ -386,6 +397,7 @@ async function runApply(
   blob: PageBlobClient,
   lease: SeedLease,
   cursor: DiskCursor,
+  index: ChecksumIndex,
   report: ApplyReport,
 ): Promise<void> {
   const machine = cursor.row.partitionKey;
@@ -414,9 +426,19 @@ async function runApply(
     await writer.drain();
     await advance.settle();
   };
+  // With nothing to apply, the run's leftover time (a slice of it) keeps the checksum index filled.
+  const fillIndex = async (next: () => string) => {
+    if (deps.tuning.fillMs <= 0) return;
+    report.checksumIndex = await index.fill(blob, {
+      deadline: Math.min(deadline, Date.now() + deps.tuning.fillMs),
+      stop: () => deps.changelogs.getBlockBlobClient(next()).exists(),
+    });
+  };
 
   if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
     report.outcome = 'resync-required';
+    // A resync is coming: its checksum requests are answered from the index.
+    await fillIndex(() => changelogBlobName({ machine, disk, epoch: cursor.row.epoch + 1, seq: 1 }));
     return;
   }
   let fetcher = new ChangelogFetcher(deps, machine, disk, cursor.row.epoch, deps.tuning.prefetch);
@@ -441,6 +463,7 @@ async function runApply(
         continue;
       }
       report.outcome = 'caught-up';
+      await fillIndex(() => name);
       return;
     }
     if (!fetched.segment) {
@@ -469,6 +492,9 @@ async function runApply(
       report.outcome = 'resync-required';
       return;
     }
+
+    // The index forgets every region the segment changes before any of its pages is written.
+    await index.invalidate(changedRanges(segment));
 
     let bytesApplied = 0;
     let sawMarker = false;

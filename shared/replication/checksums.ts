@@ -2,6 +2,7 @@ import crypto, { createHash } from 'node:crypto';
 import type { PageBlobClient } from '@azure/storage-blob';
 import { NotFoundError, ValidationError } from '../errors';
 import { validateName } from '../names';
+import { INDEX_BLOCK_BYTES, readChecksumIndex, type IndexedDigests } from './checksum-index';
 import type { ReplicationDeps } from './context';
 import { readRange, seedBlob } from './seed-disk';
 import { isNotFound, readEntity, TABLES, type DiskEntity } from './tables';
@@ -10,8 +11,10 @@ import { isNotFound, readEntity, TABLES, type DiskEntity } from './tables';
 // its own blocks the same way and ships only blocks whose checksums differ.
 //
 // Block i covers [offset + i*blockSize, min(end, offset + (i+1)*blockSize)); its checksum is the
-// SHA-256 of exactly those bytes. Ranges the page blob never wrote read as zeros and are hashed
-// without being downloaded. The digests travel as 32 raw bytes each (the agent's binary answer) or
+// SHA-256 of exactly those bytes. At the index's block size (64 KiB, the agent's) the digests the
+// applier keeps in the disk's checksum index are used where it knows them (checksum-index.ts);
+// other blocks are read and hashed now. Ranges the page blob never wrote read as zeros and are
+// hashed without being downloaded. The digests travel as 32 raw bytes each (the agent's binary answer) or
 // as hex in JSON (for people and older agents).
 
 export const CHECKSUM_ALGORITHM = 'sha256';
@@ -120,9 +123,14 @@ export async function blockChecksums(
 
   let blob = seedBlob(deps.seed, machine, disk);
   if (request.snapshot) blob = blob.withSnapshot(request.snapshot);
+  const count = Math.ceil(length / blockSize);
+  let indexed: IndexedDigests | undefined;
+  if (blockSize === INDEX_BLOCK_BYTES && !request.snapshot && length > 0)
+    indexed = await readChecksumIndex(deps.seed, machine, disk, size, offset, end);
+  const allKnown = indexed !== undefined && indexed.known.every(Boolean);
   let ranges: [number, number][];
   try {
-    ranges = length > 0 ? await writtenRanges(blob, offset, length) : [];
+    ranges = length > 0 && !allKnown ? await writtenRanges(blob, offset, length) : [];
   } catch (err) {
     if (isNotFound(err))
       throw new NotFoundError(
@@ -132,8 +140,7 @@ export async function blockChecksums(
     throw err;
   }
 
-  const count = Math.ceil(length / blockSize);
-  const digests = Buffer.alloc(count * CHECKSUM_BYTES);
+  const digests = indexed?.digests ?? Buffer.alloc(count * CHECKSUM_BYTES);
   const zeroHash = new Map<number, Buffer>();
   const hashOfZeros = (n: number) => {
     let h = zeroHash.get(n);
@@ -151,6 +158,7 @@ export async function blockChecksums(
   const reads: { first: number; blocks: number }[] = [];
   const perRead = Math.max(1, Math.floor(READ_BYTES / blockSize));
   for (let i = 0; i < count; i++) {
+    if (indexed?.known[i]) continue;
     if (!written[i]) {
       hashOfZeros(Math.min(blockSize, end - (offset + i * blockSize))).copy(digests, i * CHECKSUM_BYTES);
       continue;

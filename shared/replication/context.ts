@@ -31,6 +31,8 @@ export interface ApplyTuning {
   prefetch: number;
   /** Worker threads that open change logs; 0 opens them on the main thread. */
   openWorkers: number;
+  /** Time per run spent filling the checksum index once caught up (0: never fill). */
+  fillMs: number;
 }
 
 /** Optional settings of the replication functions (defaults in parentheses). */
@@ -43,6 +45,8 @@ export const REPLICATION_SETTING = {
   writeConcurrency: 'LIFEBOAT_APPLY_WRITE_CONCURRENCY',
   /** Worker threads that decrypt, decompress and decode change logs (0 = on the main thread). */
   openWorkers: 'LIFEBOAT_APPLY_OPEN_WORKERS',
+  /** Seconds per run an applier with nothing to apply spends filling the checksum index (2; 0 = off). */
+  fillSeconds: 'LIFEBOAT_CHECKSUM_FILL_SECONDS',
   /** NCRONTAB schedule of the retention timer (every 15 minutes). */
   retentionSchedule: 'LIFEBOAT_RETENTION_SCHEDULE',
   /** NCRONTAB schedule of the RPO monitor (every minute). */
@@ -58,6 +62,7 @@ export const DEFAULT_TUNING: ApplyTuning = {
   leaseSeconds: 30,
   writeConcurrency: 8,
   prefetch: 4,
+  fillMs: 2000,
 };
 
 function numberSetting(settings: Settings, name: string, fallback: number, min: number, max: number): number {
@@ -93,6 +98,8 @@ export function tuningFromSettings(settings: Settings): ApplyTuning {
     ),
     prefetch: DEFAULT_TUNING.prefetch,
     openWorkers: numberSetting(settings, REPLICATION_SETTING.openWorkers, DEFAULT_TUNING.openWorkers, 0, 16),
+    fillMs:
+      numberSetting(settings, REPLICATION_SETTING.fillSeconds, DEFAULT_TUNING.fillMs / 1000, 0, 600) * 1000,
   };
 }
 

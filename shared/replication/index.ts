@@ -14,3 +14,4 @@ export * from './retention';
 export * from './rpo';
 export * from './status';
 export * from './checksums';
+export * from './checksum-index';

@@ -2,6 +2,7 @@ import type { PageBlobClient } from '@azure/storage-blob';
 import { issueCredential } from '../credentials';
 import { ConflictError } from '../errors';
 import { validateName } from '../names';
+import { discardChecksumIndex } from './checksum-index';
 import { ensureContainer, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { parseRegistration, type RegistrationRequest } from './policy';
@@ -77,7 +78,9 @@ async function registerOnce(
     const blob = seedBlob(container, name, spec.id);
     const row = existingDisks.find((d) => d.rowKey === spec.id);
     if (!row || !registeredIds.includes(spec.id)) {
-      await ensureSeedBlob(blob, spec.sizeBytes, `disks[${i}]`);
+      // A new seed blob: an index left by an earlier disk of the same name describes other bytes.
+      if (await ensureSeedBlob(blob, spec.sizeBytes, `disks[${i}]`))
+        await discardChecksumIndex(container, name, spec.id);
       const created = await insertIfAbsent<DiskEntity>(disksTable, {
         partitionKey: name,
         rowKey: spec.id,
@@ -216,17 +219,21 @@ function checkAgainstRegistered(
   });
 }
 
-/** Creates the seed page blob (all zeros), or checks a leftover one from an interrupted registration. */
-async function ensureSeedBlob(blob: PageBlobClient, sizeBytes: number, field: string): Promise<void> {
+/**
+ * Creates the seed page blob (all zeros), or checks a leftover one from an interrupted
+ * registration; true when it created it.
+ */
+async function ensureSeedBlob(blob: PageBlobClient, sizeBytes: number, field: string): Promise<boolean> {
   try {
     await blob.create(sizeBytes, { conditions: { ifNoneMatch: '*' } });
-    return;
+    return true;
   } catch (err) {
     const status = statusOf(err);
     if (status !== 409 && status !== 412) throw err;
   }
   const props = await blob.getProperties();
   if ((props.contentLength ?? 0) < sizeBytes) await growSeedBlob(blob, sizeBytes, field);
+  return false;
 }
 
 /** Grows a seed blob; takes the lease briefly so no apply is writing meanwhile. */

@@ -30,6 +30,8 @@ export class LeaseLostError extends Error {
 export class SeedLease {
   private timer?: NodeJS.Timeout;
   private lostError?: Error;
+  /** Leases under the same id on blobs that go with the seed (its checksum index), renewed with it. */
+  private readonly companions = new Set<BlobLeaseClient>();
 
   private constructor(
     private readonly client: BlobLeaseClient,
@@ -55,6 +57,15 @@ export class SeedLease {
     return this.lostError;
   }
 
+  /** Renews (and releases) `client`, a lease taken with this lease's id, together with the seed's. */
+  attach(client: BlobLeaseClient): void {
+    this.companions.add(client);
+  }
+
+  detach(client: BlobLeaseClient): void {
+    this.companions.delete(client);
+  }
+
   private startRenewing(): void {
     const every = Math.max(1000, (this.durationSeconds * 1000) / 3);
     this.timer = setInterval(() => {
@@ -68,6 +79,7 @@ export class SeedLease {
     if (this.lostError) throw this.lostError;
     try {
       await this.client.renewLease();
+      for (const companion of this.companions) await companion.renewLease();
     } catch (err) {
       this.lostError = new LeaseLostError(
         `The seed blob lease ${this.leaseId} could not be renewed: ${(err as Error).message}`,
@@ -81,6 +93,7 @@ export class SeedLease {
 
   async release(): Promise<void> {
     clearInterval(this.timer);
+    for (const companion of this.companions) await companion.releaseLease().catch(() => undefined);
     try {
       await this.client.releaseLease();
     } catch {

@@ -1,6 +1,7 @@
 import { ConflictError } from '../errors';
 import { readRecord, releaseMachine as releaseFailover, updateRecord } from '../failover';
 import {
+  discardChecksumIndex,
   isPreconditionFailed,
   readEntity,
   SeedLease,
@@ -290,6 +291,8 @@ export async function resumeForwardProtection(
       const source = failoverDiskBlob(deps, input.machine, plan.disk, input.failoverId).withSnapshot(
         final.snapshot,
       );
+      // The copy replaces the seed's bytes behind the applier's back: its checksum index goes first.
+      await discardChecksumIndex(replication.seed, input.machine, plan.disk);
       const poller = await seed.beginCopyFromURL(source.url, {
         intervalInMs: 250,
         conditions: { leaseId: lease.leaseId },

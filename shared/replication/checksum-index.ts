@@ -1,0 +1,355 @@
+import crypto, { createHash } from 'node:crypto';
+import type { ContainerClient, PageBlobClient } from '@azure/storage-blob';
+import type { SeedLease } from './seed-disk';
+import { downloadBuffer, PAGE_WRITE_BYTES, readRange } from './seed-disk';
+import { isNotFound, statusOf } from './tables';
+
+// The checksum index: SHA-256 of every 64 KiB block of a seed disk, kept by the applier so that a
+// resync's checksum requests are answered from a small blob instead of reading and hashing the
+// whole disk while the agent waits.
+//
+// One page blob per disk beside the seed (`{machine}/{disk}.sums`): a validity bitmap (one bit per
+// 1 MiB region of the disk, rounded up to whole 512-byte pages), then 512 bytes of digests per
+// region (16 blocks × 32 bytes). A region's digests count only while its bit is set, and a digest
+// of all zeros never counts (a page the index never wrote reads as zeros, so a fresh index knows
+// nothing).
+//
+// Crash safety: the applier clears a region's bit, durably, before it writes any page of that
+// region; it sets bits only after writing the region's digests, computed from the seed while no
+// page write is in flight (the idle fill). So a set bit always means "these digests are the
+// region's bytes now". Fencing: the index blob carries a lease with the seed lease's id; a new
+// applier breaks the old one, so a writer that lost the disk can change neither.
+
+/** The block size the index keeps (the agent's resync block). */
+export const INDEX_BLOCK_BYTES = 64 * 1024;
+const DIGEST_BYTES = 32;
+const PAGE_BYTES = 512;
+/** Bytes of disk per 512-byte page of digests. */
+export const REGION_BYTES = (PAGE_BYTES / DIGEST_BYTES) * INDEX_BLOCK_BYTES;
+const BLOCKS_PER_REGION = REGION_BYTES / INDEX_BLOCK_BYTES;
+/** Bumped when the layout changes; an index of another version is rebuilt. */
+const LAYOUT_VERSION = '1';
+/** Regions the fill reads per ranged read. */
+const FILL_READ_REGIONS = PAGE_WRITE_BYTES / REGION_BYTES;
+/** Regions the fill settles (digests, then bits) at a time. */
+const FILL_BATCH_REGIONS = 64;
+
+export function checksumIndexName(machine: string, disk: string): string {
+  return `${machine}/${disk}.sums`;
+}
+
+function indexBlob(container: ContainerClient, machine: string, disk: string): PageBlobClient {
+  return container.getPageBlobClient(checksumIndexName(machine, disk));
+}
+
+const sha256: (data: Buffer) => Buffer =
+  typeof crypto.hash === 'function'
+    ? (data) => crypto.hash('sha256', data, 'buffer')
+    : (data) => createHash('sha256').update(data).digest();
+
+/** Where things are in an index for a disk of `sizeBytes`. */
+class Layout {
+  readonly regions: number;
+  readonly bitmapBytes: number;
+  readonly blobBytes: number;
+
+  constructor(readonly sizeBytes: number) {
+    this.regions = Math.ceil(sizeBytes / REGION_BYTES);
+    this.bitmapBytes = Math.max(PAGE_BYTES, Math.ceil(this.regions / 8 / PAGE_BYTES) * PAGE_BYTES);
+    this.blobBytes = this.bitmapBytes + this.regions * PAGE_BYTES;
+  }
+
+  get metadata(): Record<string, string> {
+    return { layout: LAYOUT_VERSION, sizebytes: String(this.sizeBytes) };
+  }
+
+  matches(metadata: Record<string, string> | undefined): boolean {
+    return metadata?.layout === LAYOUT_VERSION && metadata?.sizebytes === String(this.sizeBytes);
+  }
+
+  /** Offset in the blob of the digest of block `block`. */
+  digestAt(block: number): number {
+    return this.bitmapBytes + block * DIGEST_BYTES;
+  }
+
+  /** Bytes of block `block` (the disk's last block may be short). */
+  blockBytes(block: number): number {
+    return Math.min(INDEX_BLOCK_BYTES, this.sizeBytes - block * INDEX_BLOCK_BYTES);
+  }
+}
+
+function bit(bitmap: Buffer, region: number): boolean {
+  return (bitmap[region >> 3] & (1 << (region & 7))) !== 0;
+}
+
+const zeroDigests = new Map<number, Buffer>();
+function digestOfZeros(bytes: number): Buffer {
+  let d = zeroDigests.get(bytes);
+  if (!d) zeroDigests.set(bytes, (d = sha256(Buffer.alloc(bytes))));
+  return d;
+}
+
+export interface FillReport {
+  /** Regions whose digests were written this time. */
+  regions: number;
+  /** Seed bytes read (regions the seed never wrote are hashed as zeros without a read). */
+  bytesRead: number;
+  /** Regions still unknown. */
+  unknown: number;
+}
+
+/**
+ * The applier's handle on a disk's index, opened under its seed lease: clears regions before
+ * their pages are written and fills unknown regions when there is nothing to apply.
+ */
+export class ChecksumIndex {
+  private constructor(
+    private readonly blob: PageBlobClient,
+    private readonly layout: Layout,
+    private readonly leaseId: string,
+    private readonly bitmap: Buffer,
+  ) {}
+
+  /**
+   * Opens (creating or rebuilding as needed) the index of a disk whose seed lease `lease` holds,
+   * and takes the index's lease under the same id, breaking the lease of an applier that lost
+   * the disk.
+   */
+  static async open(
+    container: ContainerClient,
+    machine: string,
+    disk: string,
+    sizeBytes: number,
+    lease: SeedLease,
+  ): Promise<ChecksumIndex> {
+    const blob = indexBlob(container, machine, disk);
+    const layout = new Layout(sizeBytes);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await blob.create(layout.blobBytes, { metadata: layout.metadata, conditions: { ifNoneMatch: '*' } });
+      } catch (err) {
+        const status = statusOf(err);
+        if (status !== 409 && status !== 412) throw err;
+      }
+      const leaseClient = blob.getBlobLeaseClient(lease.leaseId);
+      try {
+        await leaseClient.acquireLease(lease.durationSeconds);
+      } catch (err) {
+        if (isNotFound(err) && attempt < 3) continue; // discarded meanwhile: create it again
+        if (statusOf(err) !== 409) throw err;
+        // Held by an applier that lost the seed: break it now (it can no longer write either).
+        await blob.getBlobLeaseClient().breakLease(0);
+        await leaseClient.acquireLease(lease.durationSeconds);
+      }
+      lease.attach(leaseClient);
+      const properties = await blob.getProperties({ conditions: { leaseId: lease.leaseId } });
+      if (!layout.matches(properties.metadata) || properties.contentLength !== layout.blobBytes) {
+        // The disk grew (or the layout changed): start over with an index that knows nothing.
+        await blob.delete({ conditions: { leaseId: lease.leaseId } });
+        lease.detach(leaseClient);
+        continue;
+      }
+      const bitmap = Buffer.from(await downloadBuffer(blob, 0, layout.bitmapBytes));
+      return new ChecksumIndex(blob, layout, lease.leaseId, bitmap);
+    }
+  }
+
+  /** Regions whose digests are not known. */
+  get unknownRegions(): number {
+    let n = 0;
+    for (let r = 0; r < this.layout.regions; r++) if (!bit(this.bitmap, r)) n++;
+    return n;
+  }
+
+  /**
+   * Forgets, durably, every region that [start, end) of each range touches. Must resolve before
+   * any page of those ranges is written. Costs a request only when a region was known.
+   */
+  async invalidate(ranges: Iterable<readonly [number, number]>): Promise<void> {
+    let low = Infinity;
+    let high = -1;
+    for (const [start, end] of ranges) {
+      if (end <= start) continue;
+      const last = Math.min(this.layout.regions - 1, Math.floor((end - 1) / REGION_BYTES));
+      for (let r = Math.floor(start / REGION_BYTES); r <= last; r++) {
+        if (!bit(this.bitmap, r)) continue;
+        this.bitmap[r >> 3] &= ~(1 << (r & 7));
+        low = Math.min(low, r >> 3);
+        high = Math.max(high, r >> 3);
+      }
+    }
+    if (high >= 0) await this.writeBitmap(low, high + 1);
+  }
+
+  /** Writes the pages of the bitmap that hold bytes [from, to). */
+  private async writeBitmap(from: number, to: number): Promise<void> {
+    const start = Math.floor(from / PAGE_BYTES) * PAGE_BYTES;
+    const end = Math.ceil(to / PAGE_BYTES) * PAGE_BYTES;
+    await this.writePages(this.bitmap.subarray(start, end), start);
+  }
+
+  private async writePages(data: Buffer, offset: number): Promise<void> {
+    for (let at = 0; at < data.length; at += PAGE_WRITE_BYTES) {
+      const n = Math.min(PAGE_WRITE_BYTES, data.length - at);
+      await this.blob.uploadPages(data.subarray(at, at + n), offset + at, n, {
+        conditions: { leaseId: this.leaseId },
+      });
+    }
+  }
+
+  /**
+   * Computes the digests of unknown regions from the seed (which nothing may write meanwhile) and
+   * marks them known, in order, until every region is known, `deadline` (epoch ms) passes, or
+   * `stop` answers true (checked between batches: new work arrived).
+   */
+  async fill(
+    seed: PageBlobClient,
+    options: { deadline: number; stop?: () => Promise<boolean> },
+  ): Promise<FillReport> {
+    const report: FillReport = { regions: 0, bytesRead: 0, unknown: 0 };
+    const { layout } = this;
+    let r = 0;
+    while (r < layout.regions) {
+      if (bit(this.bitmap, r)) {
+        r++;
+        continue;
+      }
+      if (Date.now() >= options.deadline || (options.stop && (await options.stop()))) break;
+      // A batch: the next unknown regions, up to FILL_BATCH_REGIONS in a row.
+      const first = r;
+      while (r < layout.regions && r - first < FILL_BATCH_REGIONS && !bit(this.bitmap, r)) r++;
+      const digests = await this.hashRegions(seed, first, r, report);
+      await this.writePages(digests, layout.digestAt(first * BLOCKS_PER_REGION));
+      for (let i = first; i < r; i++) this.bitmap[i >> 3] |= 1 << (i & 7);
+      await this.writeBitmap(first >> 3, ((r - 1) >> 3) + 1);
+      report.regions += r - first;
+    }
+    report.unknown = this.unknownRegions;
+    return report;
+  }
+
+  /** The digest pages of regions [first, end), read from the seed where it was ever written. */
+  private async hashRegions(
+    seed: PageBlobClient,
+    first: number,
+    end: number,
+    report: FillReport,
+  ): Promise<Buffer> {
+    const { layout } = this;
+    const start = first * REGION_BYTES;
+    const stop = Math.min(layout.sizeBytes, end * REGION_BYTES);
+    const written: [number, number][] = [];
+    for await (const range of seed.listPageRanges(start, stop - start))
+      written.push([range.start, range.end + 1]);
+    const out = Buffer.alloc((end - first) * PAGE_BYTES);
+    const reads: Promise<void>[] = [];
+    for (let r = first; r < end; r += FILL_READ_REGIONS) {
+      const from = r * REGION_BYTES;
+      const to = Math.min(stop, (r + FILL_READ_REGIONS) * REGION_BYTES);
+      const blocksFrom = from / INDEX_BLOCK_BYTES;
+      const blocks = Math.ceil((to - from) / INDEX_BLOCK_BYTES);
+      const touched = written.some(([s, e]) => s < to && from < e);
+      const put = (block: number, digest: Buffer) =>
+        digest.copy(out, (block - first * BLOCKS_PER_REGION) * DIGEST_BYTES);
+      if (!touched) {
+        for (let b = blocksFrom; b < blocksFrom + blocks; b++) put(b, digestOfZeros(layout.blockBytes(b)));
+        continue;
+      }
+      reads.push(
+        readRange(seed, from, to - from).then((data) => {
+          report.bytesRead += data.length;
+          for (let i = 0; i < blocks; i++) {
+            const at = i * INDEX_BLOCK_BYTES;
+            put(blocksFrom + i, sha256(data.subarray(at, Math.min(data.length, at + INDEX_BLOCK_BYTES))));
+          }
+        }),
+      );
+      if (reads.length >= 4) await Promise.all(reads.splice(0));
+    }
+    await Promise.all(reads);
+    return out;
+  }
+}
+
+/** What the index knows of a range of blocks. */
+export interface IndexedDigests {
+  /** 32 bytes per block of the range; meaningful only where `known`. */
+  digests: Buffer;
+  known: boolean[];
+}
+
+/**
+ * The index's digests for blocks [offset, end) of a disk of `sizeBytes` (64 KiB-aligned offset),
+ * or undefined when the disk has no usable index. Read-only: anyone may call it while an applier
+ * works. A digest counts only if its region's bit was set when read and it is not all zeros.
+ */
+export async function readChecksumIndex(
+  container: ContainerClient,
+  machine: string,
+  disk: string,
+  sizeBytes: number,
+  offset: number,
+  end: number,
+): Promise<IndexedDigests | undefined> {
+  const layout = new Layout(sizeBytes);
+  const blob = indexBlob(container, machine, disk);
+  const firstBlock = offset / INDEX_BLOCK_BYTES;
+  const blocks = Math.ceil((end - offset) / INDEX_BLOCK_BYTES);
+  if (blocks <= 0) return { digests: Buffer.alloc(0), known: [] };
+  const firstRegion = Math.floor(firstBlock / BLOCKS_PER_REGION);
+  const lastRegion = Math.floor((firstBlock + blocks - 1) / BLOCKS_PER_REGION);
+  let bits: Buffer;
+  try {
+    const properties = await blob.getProperties();
+    if (!layout.matches(properties.metadata) || properties.contentLength !== layout.blobBytes)
+      return undefined;
+    // The bitmap first: digests read after it are at least as new as the bits say.
+    bits = await downloadBuffer(blob, firstRegion >> 3, (lastRegion >> 3) - (firstRegion >> 3) + 1);
+  } catch (err) {
+    if (isNotFound(err)) return undefined;
+    throw err;
+  }
+  let digests: Buffer;
+  try {
+    digests = await downloadBuffer(blob, layout.digestAt(firstBlock), blocks * DIGEST_BYTES);
+  } catch (err) {
+    if (isNotFound(err)) return undefined;
+    throw err;
+  }
+  const known = new Array<boolean>(blocks);
+  const base = (firstRegion >> 3) * 8;
+  for (let i = 0; i < blocks; i++) {
+    const region = Math.floor((firstBlock + i) / BLOCKS_PER_REGION);
+    let nonZero = false;
+    for (let j = i * DIGEST_BYTES; j < (i + 1) * DIGEST_BYTES && !nonZero; j++) nonZero = digests[j] !== 0;
+    known[i] = nonZero && bit(bits, region - base);
+  }
+  return { digests, known };
+}
+
+/**
+ * Deletes a disk's index, for a writer that replaces the seed's bytes some other way (the
+ * failback's copy) while it holds the seed lease. A lease an applier left on the index is broken.
+ */
+export async function discardChecksumIndex(
+  container: ContainerClient,
+  machine: string,
+  disk: string,
+): Promise<void> {
+  const blob = indexBlob(container, machine, disk);
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await blob.delete();
+      return;
+    } catch (err) {
+      if (isNotFound(err)) return;
+      if ((statusOf(err) !== 412 && statusOf(err) !== 409) || attempt >= 5) throw err;
+      await blob
+        .getBlobLeaseClient()
+        .breakLease(0)
+        .catch((e) => {
+          if (!isNotFound(e) && statusOf(e) !== 409) throw e;
+        });
+    }
+  }
+}
