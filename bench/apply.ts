@@ -1,4 +1,4 @@
-import { promises as fs, readFileSync } from 'node:fs';
+import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startAzurite } from '../infra/local/azurite';
@@ -21,6 +21,7 @@ import {
 } from '../shared/replication';
 import { encodeSegment, SegmentBuilder, type Segment } from '../shared/segment';
 import { diskLikeData } from './compression';
+import { measured } from './tools';
 import type { BenchResult } from './types';
 
 // Apply throughput — encrypted change logs in the cache → pages of the seed disk — against the
@@ -82,28 +83,6 @@ function pageWrites(stream: Stream): [number, Buffer][] {
       if (op.kind === 'write') out.push([op.offset, Buffer.concat(op.pieces)]);
   }
   return out;
-}
-
-/** CPU seconds a process has used: utime + stime, fields 14 and 15 of /proc/PID/stat (ticks of 10 ms). */
-function processCpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-/** Wall time and CPU seconds of Azurite and of this process (all its threads) over `work`. */
-async function measured(azuritePid: number, work: () => Promise<unknown>) {
-  const azurite = processCpuSeconds(azuritePid);
-  const own = process.cpuUsage();
-  const start = process.hrtime.bigint();
-  await work();
-  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
-  const used = process.cpuUsage(own);
-  return {
-    seconds,
-    azuriteCpu: processCpuSeconds(azuritePid) - azurite,
-    clientCpu: (used.user + used.system) / 1e6,
-  };
 }
 
 async function rawUploadPages(

@@ -68,10 +68,7 @@ export async function startNbdkit(image: string): Promise<Nbdkit> {
   return {
     uri: `nbd://127.0.0.1:${port}/`,
     cpuSeconds() {
-      // utime and stime, fields 14 and 15 of /proc/PID/stat, in clock ticks (100 per second).
-      const stat = fs.readFileSync(`/proc/${child.pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return (Number(fields[11]) + Number(fields[12])) / 100;
+      return processCpuSeconds(child.pid!);
     },
     async stop() {
       const exited = new Promise((r) => child.once('exit', r));
@@ -113,5 +110,27 @@ export async function fioWrite(
     bytesPerSecond: job.write.bw_bytes,
     ioBytes: job.write.io_bytes,
     runtimeSeconds: job.write.runtime / 1000,
+  };
+}
+
+/** CPU seconds a process has used: utime + stime, fields 14 and 15 of /proc/PID/stat (ticks of 10 ms). */
+export function processCpuSeconds(pid: number): number {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/** Wall time and CPU seconds of Azurite and of this process (all its threads) over `work`. */
+export async function measured(azuritePid: number, work: () => Promise<unknown>) {
+  const azurite = processCpuSeconds(azuritePid);
+  const own = process.cpuUsage();
+  const start = process.hrtime.bigint();
+  await work();
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  const used = process.cpuUsage(own);
+  return {
+    seconds,
+    azuriteCpu: processCpuSeconds(azuritePid) - azurite,
+    clientCpu: (used.user + used.system) / 1e6,
   };
 }

@@ -1,6 +1,7 @@
 import { app } from '@azure/functions';
 import {
   blockChecksums,
+  checksumsHeaders,
   checksumsJson,
   defaultReplicationDeps,
   getMachineStatus,
@@ -78,18 +79,7 @@ app.http('machines-disk-checksums', {
       return { jsonBody: checksumsJson(checksums) };
     // The agent's answer: 32 raw bytes per block, the rest of the JSON fields as headers.
     return {
-      headers: {
-        'content-type': 'application/octet-stream',
-        'x-lifeboat-algorithm': checksums.algorithm,
-        'x-lifeboat-size-bytes': String(checksums.sizeBytes),
-        'x-lifeboat-block-size': String(checksums.blockSize),
-        'x-lifeboat-offset': String(checksums.offset),
-        'x-lifeboat-length': String(checksums.length),
-        ...(checksums.nextOffset !== undefined
-          ? { 'x-lifeboat-next-offset': String(checksums.nextOffset) }
-          : {}),
-        ...(checksums.snapshot ? { 'x-lifeboat-snapshot': checksums.snapshot } : {}),
-      },
+      headers: checksumsHeaders(checksums),
       body: checksums.digests,
     };
   }),

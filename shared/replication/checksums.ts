@@ -201,3 +201,17 @@ export function checksumsJson(sums: BlockChecksums): Omit<BlockChecksums, 'diges
     blocks.push(digests.toString('hex', at, at + CHECKSUM_BYTES));
   return { ...rest, blocks };
 }
+
+/** The binary answer's headers: the JSON answer's other fields (docs/api.md). */
+export function checksumsHeaders(sums: BlockChecksums): Record<string, string> {
+  return {
+    'content-type': 'application/octet-stream',
+    'x-lifeboat-algorithm': sums.algorithm,
+    'x-lifeboat-size-bytes': String(sums.sizeBytes),
+    'x-lifeboat-block-size': String(sums.blockSize),
+    'x-lifeboat-offset': String(sums.offset),
+    'x-lifeboat-length': String(sums.length),
+    ...(sums.nextOffset !== undefined ? { 'x-lifeboat-next-offset': String(sums.nextOffset) } : {}),
+    ...(sums.snapshot ? { 'x-lifeboat-snapshot': sums.snapshot } : {}),
+  };
+}
