@@ -370,7 +370,7 @@ export async function run({ quick }: { quick: boolean }): Promise<BenchResult[]>
     // The fill runs to the end in one go here (a deployed applier does 2 s per idle run).
     const deps: ReplicationDeps = {
       ...base,
-      tuning: { ...base.tuning, budgetMs: 3_600_000, fillMs: 3_600_000 },
+      tuning: { ...base.tuning, budgetMs: 3_600_000, fillMs: 3_600_000, fillQuietMs: 0 },
       nudge: async () => undefined,
     };
     await ensureContainer(deps.changelogs);

@@ -65,6 +65,8 @@ export interface ApplyReport {
   recoveryPoints: string[];
   /** What the idle fill did to the disk's checksum index (when it ran). */
   checksumIndex?: FillReport;
+  /** The checksum index is not full: come back to fill it after this many seconds. */
+  fillAfterSeconds?: number;
 }
 
 const messageSchema = z.looseObject({
@@ -375,8 +377,10 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
     // A change log that arrived while we held the lease had its message dropped as 'busy'.
     const name = changelogBlobName({ machine, disk, epoch: report.epoch, seq: report.appliedSeq + 1 });
     if (await deps.changelogs.getBlockBlobClient(name).exists()) await deps.nudge({ machine, disk });
-    // The index is not full yet: come back for more after a pause (others may want the lease).
-    else if (report.checksumIndex && report.checksumIndex.unknown > 0) await deps.nudge({ machine, disk }, 1);
+    else if (report.fillAfterSeconds !== undefined)
+      await nudgeOnce(deps, machine, disk, report.fillAfterSeconds);
+  } else if (report.outcome === 'resync-required' && report.fillAfterSeconds !== undefined) {
+    await nudgeOnce(deps, machine, disk, report.fillAfterSeconds);
   }
   log.info(
     {
@@ -426,15 +430,22 @@ async function runApply(
     await writer.drain();
     await advance.settle();
   };
-  // With nothing to apply, the run's leftover time (a slice of it) keeps the checksum index filled.
+  // Once the disk has been quiet for a while, a run with nothing to apply spends a slice of its
+  // time filling the checksum index; otherwise it asks to be woken when the disk may be quiet.
   const fillIndex = async (next: () => string) => {
-    if (deps.tuning.fillMs <= 0) return;
-    report.checksumIndex = await index.fill(blob, {
-      deadline: Math.min(deadline, Date.now() + deps.tuning.fillMs),
-      stop: () => deps.changelogs.getBlockBlobClient(next()).exists(),
-    });
+    if (deps.tuning.fillMs <= 0 || index.unknownRegions === 0) return;
+    const lastApplied = cursor.row.lastAppliedAt ? Date.parse(cursor.row.lastAppliedAt) : 0;
+    const quietFor = Date.now() - lastApplied;
+    if (report.segments === 0 && quietFor >= deps.tuning.fillQuietMs) {
+      report.checksumIndex = await index.fill(blob, {
+        deadline: Math.min(deadline, Date.now() + deps.tuning.fillMs),
+        stop: () => deps.changelogs.getBlockBlobClient(next()).exists(),
+      });
+      if (report.checksumIndex.unknown > 0) report.fillAfterSeconds = 1;
+    } else {
+      report.fillAfterSeconds = Math.max(1, Math.ceil((deps.tuning.fillQuietMs - quietFor) / 1000));
+    }
   };
-
   if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
     report.outcome = 'resync-required';
     // A resync is coming: its checksum requests are answered from the index.
@@ -775,12 +786,19 @@ async function switchEpoch(deps: ReplicationDeps, log: Logger, cursor: DiskCurso
  * of a lease period per disk covers that without multiplying messages.
  */
 async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: string): Promise<void> {
+  // A dead holder's lease lapses within leaseSeconds of its last renewal: check a few times per period.
+  await nudgeOnce(deps, machine, disk, Math.ceil(deps.tuning.leaseSeconds / 3));
+}
+
+/**
+ * A nudge `delaySeconds` from now, unless one is already due later than now (the nudges table
+ * keeps when): many runs asking for the same wake-up send one message.
+ */
+async function nudgeOnce(deps: ReplicationDeps, machine: string, disk: string, delaySeconds: number): Promise<void> {
   const table = await deps.tables.get(TABLES.nudges);
   const now = Date.now();
   const row = await readEntity<NudgeEntity>(table, machine, disk);
   if (row && Date.parse(row.notBefore) > now) return;
-  // A dead holder's lease lapses within leaseSeconds of its last renewal: check a few times per period.
-  const delaySeconds = Math.ceil(deps.tuning.leaseSeconds / 3);
   const entity: NudgeEntity = {
     partitionKey: machine,
     rowKey: disk,

@@ -32,7 +32,7 @@ const LAYOUT_VERSION = '1';
 /** Regions the fill reads per ranged read. */
 const FILL_READ_REGIONS = PAGE_WRITE_BYTES / REGION_BYTES;
 /** Regions the fill settles (digests, then bits) at a time. */
-const FILL_BATCH_REGIONS = 64;
+const FILL_BATCH_REGIONS = 16;
 
 export function checksumIndexName(machine: string, disk: string): string {
   return `${machine}/${disk}.sums`;
@@ -103,12 +103,16 @@ export interface FillReport {
  * their pages are written and fills unknown regions when there is nothing to apply.
  */
 export class ChecksumIndex {
+  private known = 0;
+
   private constructor(
     private readonly blob: PageBlobClient,
     private readonly layout: Layout,
     private readonly leaseId: string,
     private readonly bitmap: Buffer,
-  ) {}
+  ) {
+    for (let r = 0; r < layout.regions; r++) if (bit(bitmap, r)) this.known++;
+  }
 
   /**
    * Opens (creating or rebuilding as needed) the index of a disk whose seed lease `lease` holds,
@@ -156,9 +160,7 @@ export class ChecksumIndex {
 
   /** Regions whose digests are not known. */
   get unknownRegions(): number {
-    let n = 0;
-    for (let r = 0; r < this.layout.regions; r++) if (!bit(this.bitmap, r)) n++;
-    return n;
+    return this.layout.regions - this.known;
   }
 
   /**
@@ -174,6 +176,7 @@ export class ChecksumIndex {
       for (let r = Math.floor(start / REGION_BYTES); r <= last; r++) {
         if (!bit(this.bitmap, r)) continue;
         this.bitmap[r >> 3] &= ~(1 << (r & 7));
+        this.known--;
         low = Math.min(low, r >> 3);
         high = Math.max(high, r >> 3);
       }
@@ -221,6 +224,7 @@ export class ChecksumIndex {
       const digests = await this.hashRegions(seed, first, r, report);
       await this.writePages(digests, layout.digestAt(first * BLOCKS_PER_REGION));
       for (let i = first; i < r; i++) this.bitmap[i >> 3] |= 1 << (i & 7);
+      this.known += r - first;
       await this.writeBitmap(first >> 3, ((r - 1) >> 3) + 1);
       report.regions += r - first;
     }

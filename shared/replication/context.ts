@@ -33,6 +33,8 @@ export interface ApplyTuning {
   openWorkers: number;
   /** Time per run spent filling the checksum index once caught up (0: never fill). */
   fillMs: number;
+  /** The fill waits until nothing was applied to the disk for this long (it yields to replication). */
+  fillQuietMs: number;
 }
 
 /** Optional settings of the replication functions (defaults in parentheses). */
@@ -63,6 +65,7 @@ export const DEFAULT_TUNING: ApplyTuning = {
   writeConcurrency: 8,
   prefetch: 4,
   fillMs: 2000,
+  fillQuietMs: 10_000,
 };
 
 function numberSetting(settings: Settings, name: string, fallback: number, min: number, max: number): number {
@@ -100,6 +103,7 @@ export function tuningFromSettings(settings: Settings): ApplyTuning {
     openWorkers: numberSetting(settings, REPLICATION_SETTING.openWorkers, DEFAULT_TUNING.openWorkers, 0, 16),
     fillMs:
       numberSetting(settings, REPLICATION_SETTING.fillSeconds, DEFAULT_TUNING.fillMs / 1000, 0, 600) * 1000,
+    fillQuietMs: DEFAULT_TUNING.fillQuietMs,
   };
 }
 

@@ -82,7 +82,7 @@ function imageAfter(size: number, segments: Segment[]): Buffer {
 
 describe('checksum index', () => {
   it('answers what the seed holds through random workloads: forgotten on writes, filled when idle', async () => {
-    const deps = testDeps(connection);
+    const deps = testDeps(connection, { fillQuietMs: 0 });
     const cold = testDeps(connection, { fillMs: 0 });
     const machine = uniqueMachine('idx');
     // Not a whole number of regions, and a short last block.
@@ -134,8 +134,39 @@ describe('checksum index', () => {
     await expectEndpointMatches(deps, machine, 'd0', final);
   });
 
+  it('waits for the disk to be quiet before filling, with one delayed nudge however many runs ask', async () => {
+    const deps = testDeps(connection, { fillQuietMs: 30_000 });
+    const machine = uniqueMachine('idxquiet');
+    const size = 4 * MiB;
+    await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
+    const workload = generateWorkload({
+      machine,
+      disks: [{ id: 'd0', sizeBytes: size }],
+      ops: 60,
+      seed: 8,
+      markerEvery: 1000,
+    });
+    for (const s of workload.segments.get('d0')!) await uploadSegment(deps, s);
+    const busy = await applyChangelogs(deps, { machine, disk: 'd0' });
+    expect(busy.segments).toBeGreaterThan(0);
+    expect(busy.checksumIndex).toBeUndefined();
+    expect(busy.fillAfterSeconds).toBeGreaterThanOrEqual(29);
+    expect(deps.nudges).toEqual([{ message: { machine, disk: 'd0' }, delaySeconds: busy.fillAfterSeconds }]);
+    // Nothing applied since, but not quiet long enough: no fill, and no second nudge.
+    const early = await applyChangelogs(deps, { machine, disk: 'd0' });
+    expect(early.segments).toBe(0);
+    expect(early.checksumIndex).toBeUndefined();
+    expect(deps.nudges).toHaveLength(1);
+    // Once quiet (the same disk seen by an applier with a shorter quiet period), the run fills.
+    const quiet = await applyChangelogs(testDeps(connection, { fillQuietMs: 0 }), { machine, disk: 'd0' });
+    expect(quiet.checksumIndex).toMatchObject({ unknown: 0, regions: size / REGION_BYTES });
+    expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, workload.final.get('d0')!)).toBe(
+      size / INDEX_BLOCK_BYTES,
+    );
+  });
+
   it('never claims a stale digest when an applier dies between forgetting a region and writing it', async () => {
-    const deps = testDeps(connection);
+    const deps = testDeps(connection, { fillQuietMs: 0 });
     const machine = uniqueMachine('idxkill');
     const size = 2 * MiB;
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
@@ -173,6 +204,10 @@ describe('checksum index', () => {
       await expectEndpointMatches(deps, machine, 'd0', seed);
     }
     await applyUntilIdle(deps, machine, 'd0');
+    // The nudge an earlier run scheduled for the fill (its delay ignored here).
+    expect((await applyChangelogs(deps, { machine, disk: 'd0' })).checksumIndex).toMatchObject({
+      unknown: 0,
+    });
     const final = workload.final.get('d0')!;
     expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, final)).toBe(
       size / INDEX_BLOCK_BYTES,
@@ -210,7 +245,7 @@ describe('checksum index', () => {
   });
 
   it('is rebuilt when the disk grows, and discarded (lease and all) before the seed is replaced', async () => {
-    const deps = testDeps(connection);
+    const deps = testDeps(connection, { fillQuietMs: 0 });
     const machine = uniqueMachine('idxgrow');
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: 2 * MiB }], policy: {} });
     const seed = seedBlob(deps.seed, machine, 'd0');
