@@ -794,7 +794,12 @@ async function nudgeWhenBusy(deps: ReplicationDeps, machine: string, disk: strin
  * A nudge `delaySeconds` from now, unless one is already due later than now (the nudges table
  * keeps when): many runs asking for the same wake-up send one message.
  */
-async function nudgeOnce(deps: ReplicationDeps, machine: string, disk: string, delaySeconds: number): Promise<void> {
+async function nudgeOnce(
+  deps: ReplicationDeps,
+  machine: string,
+  disk: string,
+  delaySeconds: number,
+): Promise<void> {
   const table = await deps.tables.get(TABLES.nudges);
   const now = Date.now();
   const row = await readEntity<NudgeEntity>(table, machine, disk);
