@@ -1,8 +1,13 @@
-import crypto, { createHash } from 'node:crypto';
 import type { PageBlobClient } from '@azure/storage-blob';
 import { NotFoundError, ValidationError } from '../errors';
 import { validateName } from '../names';
-import { INDEX_BLOCK_BYTES, readChecksumIndex, type IndexedDigests } from './checksum-index';
+import {
+  digestOfZeros,
+  INDEX_BLOCK_BYTES,
+  readChecksumIndex,
+  sha256,
+  type IndexedDigests,
+} from './checksum-index';
 import type { ReplicationDeps } from './context';
 import { readRange, seedBlob } from './seed-disk';
 import { isNotFound, readEntity, TABLES, type DiskEntity } from './tables';
@@ -54,12 +59,6 @@ export interface BlockChecksums {
   nextOffset?: number;
   snapshot?: string;
 }
-
-/** SHA-256 of one block (the one-shot crypto.hash, Node ≥ 20.12, skips a Hash object per block). */
-const sha256: (data: Buffer) => Buffer =
-  typeof crypto.hash === 'function'
-    ? (data) => crypto.hash('sha256', data, 'buffer')
-    : (data) => createHash('sha256').update(data).digest();
 
 function isPowerOfTwo(n: number): boolean {
   return Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
@@ -141,12 +140,6 @@ export async function blockChecksums(
   }
 
   const digests = indexed?.digests ?? Buffer.alloc(count * CHECKSUM_BYTES);
-  const zeroHash = new Map<number, Buffer>();
-  const hashOfZeros = (n: number) => {
-    let h = zeroHash.get(n);
-    if (!h) zeroHash.set(n, (h = sha256(Buffer.alloc(n))));
-    return h;
-  };
   // Which blocks touch written pages; the rest hash as zeros.
   const written = new Array<boolean>(count).fill(false);
   for (const [s, e] of ranges) {
@@ -160,7 +153,7 @@ export async function blockChecksums(
   for (let i = 0; i < count; i++) {
     if (indexed?.known[i]) continue;
     if (!written[i]) {
-      hashOfZeros(Math.min(blockSize, end - (offset + i * blockSize))).copy(digests, i * CHECKSUM_BYTES);
+      digestOfZeros(Math.min(blockSize, end - (offset + i * blockSize))).copy(digests, i * CHECKSUM_BYTES);
       continue;
     }
     const last = reads[reads.length - 1];

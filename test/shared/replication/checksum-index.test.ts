@@ -204,10 +204,10 @@ describe('checksum index', () => {
       await expectEndpointMatches(deps, machine, 'd0', seed);
     }
     await applyUntilIdle(deps, machine, 'd0');
-    // The nudge an earlier run scheduled for the fill (its delay ignored here).
-    expect((await applyChangelogs(deps, { machine, disk: 'd0' })).checksumIndex).toMatchObject({
-      unknown: 0,
-    });
+    // Runs until none asks to come back for the fill (the delayed nudges a deduplicated table
+    // row may have folded into one sent earlier).
+    for (let i = 0; (await applyChangelogs(deps, { machine, disk: 'd0' })).fillAfterSeconds; i++)
+      expect(i).toBeLessThan(5);
     const final = workload.final.get('d0')!;
     expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, final)).toBe(
       size / INDEX_BLOCK_BYTES,
