@@ -358,8 +358,10 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
   try {
     cursor = new DiskCursor(disks, initial as DiskCursor['row'], lease.leaseId);
     await cursor.claim();
-    const index = await ChecksumIndex.open(deps.seed, machine, disk, cursor.row.sizeBytes, lease);
+    const index = await ChecksumIndex.open(deps.seed, blob, machine, disk, cursor.row.sizeBytes, lease);
     await runApply(deps, log, blob, lease, cursor, index, report);
+    // Every write of the run is done: the index describes the seed as it is now.
+    await index.seal();
   } catch (err) {
     if (!(err instanceof LostRaceError)) throw err;
     log.warn('another applier took the disk over; stopping');
@@ -437,7 +439,7 @@ async function runApply(
     const lastApplied = cursor.row.lastAppliedAt ? Date.parse(cursor.row.lastAppliedAt) : 0;
     const quietFor = Date.now() - lastApplied;
     if (report.segments === 0 && quietFor >= deps.tuning.fillQuietMs) {
-      report.checksumIndex = await index.fill(blob, {
+      report.checksumIndex = await index.fill({
         deadline: Math.min(deadline, Date.now() + deps.tuning.fillMs),
         stop: () => deps.changelogs.getBlockBlobClient(next()).exists(),
       });

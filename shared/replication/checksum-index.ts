@@ -1,7 +1,7 @@
-import crypto, { createHash } from 'node:crypto';
-import type { ContainerClient, PageBlobClient } from '@azure/storage-blob';
+import crypto, { createHash, randomUUID } from 'node:crypto';
+import type { BlobDownloadResponseParsed, ContainerClient, PageBlobClient } from '@azure/storage-blob';
 import type { SeedLease } from './seed-disk';
-import { downloadBuffer, PAGE_WRITE_BYTES, readRange } from './seed-disk';
+import { downloadBuffer, PAGE_WRITE_BYTES, readRange, seedBlob } from './seed-disk';
 import { isNotFound, statusOf } from './tables';
 
 // The checksum index: SHA-256 of every 64 KiB block of a seed disk, kept by the applier so that a
@@ -16,9 +16,14 @@ import { isNotFound, statusOf } from './tables';
 //
 // Crash safety: the applier clears a region's bit, durably, before it writes any page of that
 // region; it sets bits only after writing the region's digests, computed from the seed while no
-// page write is in flight (the idle fill). So a set bit always means "these digests are the
-// region's bytes now". Fencing: the index blob carries a lease with the seed lease's id; a new
-// applier breaks the old one, so a writer that lost the disk can change neither.
+// page write is in flight (the idle fill), and only after renewing the seed lease (nobody else
+// can have written the seed since the reads). So a set bit always means "these digests are the
+// region's bytes now". Fencing: the index blob carries a lease with the seed lease's id, taken
+// only by an applier that has just renewed the seed lease; it breaks a lease an applier that lost
+// the disk left. Writers that know nothing of the index (a rollback to an older build, a copy
+// into the seed): each applier run ends by recording the seed's ETag in the index (`seedetag`);
+// an applier that finds another ETag rebuilds the index from nothing, and the endpoint trusts an
+// index only while its applier holds it (leased) or while the seed's ETag is the recorded one.
 
 /** The block size the index keeps (the agent's resync block). */
 export const INDEX_BLOCK_BYTES = 64 * 1024;
@@ -60,12 +65,22 @@ class Layout {
     this.blobBytes = this.bitmapBytes + this.regions * PAGE_BYTES;
   }
 
-  get metadata(): Record<string, string> {
-    return { layout: LAYOUT_VERSION, sizebytes: String(this.sizeBytes) };
+  /** A new index's metadata: the layout, and a generation that tells it from a rebuilt one. */
+  metadata(seedEtag: string): IndexMetadata {
+    return {
+      layout: LAYOUT_VERSION,
+      sizebytes: String(this.sizeBytes),
+      generation: randomUUID(),
+      seedetag: seedEtag,
+    };
   }
 
-  matches(metadata: Record<string, string> | undefined): boolean {
-    return metadata?.layout === LAYOUT_VERSION && metadata?.sizebytes === String(this.sizeBytes);
+  matches(metadata: Record<string, string> | undefined, blobBytes: number | undefined): boolean {
+    return (
+      metadata?.layout === LAYOUT_VERSION &&
+      metadata?.sizebytes === String(this.sizeBytes) &&
+      blobBytes === this.blobBytes
+    );
   }
 
   /** Offset in the blob of the digest of block `block`. */
@@ -77,6 +92,15 @@ class Layout {
   blockBytes(block: number): number {
     return Math.min(INDEX_BLOCK_BYTES, this.sizeBytes - block * INDEX_BLOCK_BYTES);
   }
+}
+
+/** The index blob's metadata (lower case: Azure's metadata names). */
+interface IndexMetadata extends Record<string, string> {
+  layout: string;
+  sizebytes: string;
+  generation: string;
+  /** The seed's ETag when an applier last let go of the disk. */
+  seedetag: string;
 }
 
 function bit(bitmap: Buffer, region: number): boolean {
@@ -109,20 +133,28 @@ export class ChecksumIndex {
 
   private constructor(
     private readonly blob: PageBlobClient,
+    private readonly seed: PageBlobClient,
     private readonly layout: Layout,
-    private readonly leaseId: string,
+    private readonly lease: SeedLease,
+    private readonly metadata: IndexMetadata,
     private readonly bitmap: Buffer,
   ) {
     for (let r = 0; r < layout.regions; r++) if (bit(bitmap, r)) this.known++;
   }
 
+  private get leaseId(): string {
+    return this.lease.leaseId;
+  }
+
   /**
-   * Opens (creating or rebuilding as needed) the index of a disk whose seed lease `lease` holds,
-   * and takes the index's lease under the same id, breaking the lease of an applier that lost
-   * the disk.
+   * Opens the index of a disk whose seed lease `lease` holds, and takes the index's lease under
+   * the same id. An index for another size or layout, or one whose recorded seed ETag is not the
+   * seed's (someone wrote the seed without keeping the index), is replaced by one that knows
+   * nothing.
    */
   static async open(
     container: ContainerClient,
+    seed: PageBlobClient,
     machine: string,
     disk: string,
     sizeBytes: number,
@@ -130,12 +162,32 @@ export class ChecksumIndex {
   ): Promise<ChecksumIndex> {
     const blob = indexBlob(container, machine, disk);
     const layout = new Layout(sizeBytes);
+    // Still the seed's holder (a stalled applier must not take the index from the one that is).
+    await lease.renew();
+    // Nobody else can write the seed while we hold its lease: its ETag stays this until we write.
+    const seedEtag = (await seed.getProperties({ conditions: { leaseId: lease.leaseId } })).etag ?? '';
     for (let attempt = 1; ; attempt++) {
+      let metadata: IndexMetadata | undefined;
       try {
-        await blob.create(layout.blobBytes, { metadata: layout.metadata, conditions: { ifNoneMatch: '*' } });
+        const properties = await blob.getProperties();
+        if (
+          layout.matches(properties.metadata, properties.contentLength) &&
+          properties.metadata?.seedetag === seedEtag
+        )
+          metadata = properties.metadata as IndexMetadata;
+        else await discardChecksumIndex(container, machine, disk);
       } catch (err) {
-        const status = statusOf(err);
-        if (status !== 409 && status !== 412) throw err;
+        if (!isNotFound(err)) throw err;
+      }
+      if (!metadata) {
+        metadata = layout.metadata(seedEtag);
+        try {
+          await blob.create(layout.blobBytes, { metadata, conditions: { ifNoneMatch: '*' } });
+        } catch (err) {
+          const status = statusOf(err);
+          if ((status !== 409 && status !== 412) || attempt >= 3) throw err;
+          continue; // created meanwhile: look again
+        }
       }
       const leaseClient = blob.getBlobLeaseClient(lease.leaseId);
       try {
@@ -143,21 +195,30 @@ export class ChecksumIndex {
       } catch (err) {
         if (isNotFound(err) && attempt < 3) continue; // discarded meanwhile: create it again
         if (statusOf(err) !== 409) throw err;
-        // Held by an applier that lost the seed: break it now (it can no longer write either).
+        // Held by an applier that lost the seed: break it now (it can no longer write either),
+        // provided the seed is still ours this very moment.
+        await lease.renew();
         await blob.getBlobLeaseClient().breakLease(0);
         await leaseClient.acquireLease(lease.durationSeconds);
       }
       lease.attach(leaseClient);
-      const properties = await blob.getProperties({ conditions: { leaseId: lease.leaseId } });
-      if (!layout.matches(properties.metadata) || properties.contentLength !== layout.blobBytes) {
-        // The disk grew (or the layout changed): start over with an index that knows nothing.
-        await blob.delete({ conditions: { leaseId: lease.leaseId } });
-        lease.detach(leaseClient);
-        continue;
-      }
+      // Renewed together from now on, the index's lease first: it lapses before the seed's.
+      await lease.renew();
       const bitmap = Buffer.from(await downloadBuffer(blob, 0, layout.bitmapBytes));
-      return new ChecksumIndex(blob, layout, lease.leaseId, bitmap);
+      return new ChecksumIndex(blob, seed, layout, lease, metadata, bitmap);
     }
+  }
+
+  /**
+   * Records the seed's ETag as the one this index describes. Called when the run's writes are
+   * all done (before the leases go): until the seed changes, the index can be trusted without
+   * its applier.
+   */
+  async seal(): Promise<void> {
+    const etag = (await this.seed.getProperties({ conditions: { leaseId: this.leaseId } })).etag ?? '';
+    if (etag === this.metadata.seedetag) return;
+    this.metadata.seedetag = etag;
+    await this.blob.setMetadata(this.metadata, { conditions: { leaseId: this.leaseId } });
   }
 
   /** Regions whose digests are not known. */
@@ -207,10 +268,7 @@ export class ChecksumIndex {
    * marks them known, in order, until every region is known, `deadline` (epoch ms) passes, or
    * `stop` answers true (checked between batches: new work arrived).
    */
-  async fill(
-    seed: PageBlobClient,
-    options: { deadline: number; stop?: () => Promise<boolean> },
-  ): Promise<FillReport> {
+  async fill(options: { deadline: number; stop?: () => Promise<boolean> }): Promise<FillReport> {
     const report: FillReport = { regions: 0, bytesRead: 0, unknown: 0 };
     const { layout } = this;
     let r = 0;
@@ -223,8 +281,10 @@ export class ChecksumIndex {
       // A batch: the next unknown regions, up to FILL_BATCH_REGIONS in a row.
       const first = r;
       while (r < layout.regions && r - first < FILL_BATCH_REGIONS && !bit(this.bitmap, r)) r++;
-      const digests = await this.hashRegions(seed, first, r, report);
+      const digests = await this.hashRegions(first, r, report);
       await this.writePages(digests, layout.digestAt(first * BLOCKS_PER_REGION));
+      // Still the seed's only writer since the reads (a renewal fails once anyone else leased it).
+      await this.lease.renew();
       for (let i = first; i < r; i++) this.bitmap[i >> 3] |= 1 << (i & 7);
       this.known += r - first;
       await this.writeBitmap(first >> 3, ((r - 1) >> 3) + 1);
@@ -235,13 +295,8 @@ export class ChecksumIndex {
   }
 
   /** The digest pages of regions [first, end), read from the seed where it was ever written. */
-  private async hashRegions(
-    seed: PageBlobClient,
-    first: number,
-    end: number,
-    report: FillReport,
-  ): Promise<Buffer> {
-    const { layout } = this;
+  private async hashRegions(first: number, end: number, report: FillReport): Promise<Buffer> {
+    const { layout, seed } = this;
     const start = first * REGION_BYTES;
     const stop = Math.min(layout.sizeBytes, end * REGION_BYTES);
     const written: [number, number][] = [];
@@ -284,10 +339,24 @@ export interface IndexedDigests {
   known: boolean[];
 }
 
+/** Reads a range of the index with the blob's metadata and lease state (one request). */
+async function readIndexRange(
+  blob: PageBlobClient,
+  offset: number,
+  count: number,
+): Promise<{ bytes: Buffer; response: BlobDownloadResponseParsed }> {
+  let response: BlobDownloadResponseParsed | undefined;
+  const bytes = await downloadBuffer(blob, offset, count, (r) => (response = r));
+  return { bytes, response: response! };
+}
+
 /**
  * The index's digests for blocks [offset, end) of a disk of `sizeBytes` (64 KiB-aligned offset),
- * or undefined when the disk has no usable index. Read-only: anyone may call it while an applier
- * works. A digest counts only if its region's bit was set when read and it is not all zeros.
+ * or undefined when the disk has no index this can trust. Read-only: anyone may call it while an
+ * applier works. The index counts if its applier holds it (leased) or the seed's ETag is the one
+ * it recorded; a digest counts only if its region's bit was set when read and it is not all
+ * zeros; bitmap and digests must come from the same generation of the blob. Any failure to read
+ * the index is "no index" (the caller hashes the seed instead).
  */
 export async function readChecksumIndex(
   container: ContainerClient,
@@ -304,33 +373,31 @@ export async function readChecksumIndex(
   if (blocks <= 0) return { digests: Buffer.alloc(0), known: [] };
   const firstRegion = Math.floor(firstBlock / BLOCKS_PER_REGION);
   const lastRegion = Math.floor((firstBlock + blocks - 1) / BLOCKS_PER_REGION);
-  let bits: Buffer;
   try {
-    const properties = await blob.getProperties();
-    if (!layout.matches(properties.metadata) || properties.contentLength !== layout.blobBytes)
-      return undefined;
     // The bitmap first: digests read after it are at least as new as the bits say.
-    bits = await downloadBuffer(blob, firstRegion >> 3, (lastRegion >> 3) - (firstRegion >> 3) + 1);
-  } catch (err) {
-    if (isNotFound(err)) return undefined;
-    throw err;
+    const bits = await readIndexRange(blob, firstRegion >> 3, (lastRegion >> 3) - (firstRegion >> 3) + 1);
+    const metadata = bits.response.metadata;
+    const total = Number(/\/(\d+)$/.exec(bits.response.contentRange ?? '')?.[1]);
+    if (!layout.matches(metadata, total)) return undefined;
+    if (bits.response.leaseState !== 'leased') {
+      const seedEtag = (await seedBlob(container, machine, disk).getProperties()).etag;
+      if (metadata?.seedetag !== seedEtag) return undefined;
+    }
+    const sums = await readIndexRange(blob, layout.digestAt(firstBlock), blocks * DIGEST_BYTES);
+    if (sums.response.metadata?.generation !== metadata?.generation) return undefined;
+    const digests = sums.bytes;
+    const known = new Array<boolean>(blocks);
+    const base = (firstRegion >> 3) * 8;
+    for (let i = 0; i < blocks; i++) {
+      const region = Math.floor((firstBlock + i) / BLOCKS_PER_REGION);
+      let nonZero = false;
+      for (let j = i * DIGEST_BYTES; j < (i + 1) * DIGEST_BYTES && !nonZero; j++) nonZero = digests[j] !== 0;
+      known[i] = nonZero && bit(bits.bytes, region - base);
+    }
+    return { digests, known };
+  } catch {
+    return undefined;
   }
-  let digests: Buffer;
-  try {
-    digests = await downloadBuffer(blob, layout.digestAt(firstBlock), blocks * DIGEST_BYTES);
-  } catch (err) {
-    if (isNotFound(err)) return undefined;
-    throw err;
-  }
-  const known = new Array<boolean>(blocks);
-  const base = (firstRegion >> 3) * 8;
-  for (let i = 0; i < blocks; i++) {
-    const region = Math.floor((firstBlock + i) / BLOCKS_PER_REGION);
-    let nonZero = false;
-    for (let j = i * DIGEST_BYTES; j < (i + 1) * DIGEST_BYTES && !nonZero; j++) nonZero = digests[j] !== 0;
-    known[i] = nonZero && bit(bits, region - base);
-  }
-  return { digests, known };
 }
 
 /**

@@ -78,9 +78,9 @@ async function registerOnce(
     const blob = seedBlob(container, name, spec.id);
     const row = existingDisks.find((d) => d.rowKey === spec.id);
     if (!row || !registeredIds.includes(spec.id)) {
-      // A new seed blob: an index left by an earlier disk of the same name describes other bytes.
-      if (await ensureSeedBlob(blob, spec.sizeBytes, `disks[${i}]`))
-        await discardChecksumIndex(container, name, spec.id);
+      await ensureSeedBlob(blob, spec.sizeBytes, `disks[${i}]`);
+      // A new disk: an index left by an earlier disk of the same name describes other bytes.
+      await discardChecksumIndex(container, name, spec.id);
       const created = await insertIfAbsent<DiskEntity>(disksTable, {
         partitionKey: name,
         rowKey: spec.id,
@@ -219,21 +219,17 @@ function checkAgainstRegistered(
   });
 }
 
-/**
- * Creates the seed page blob (all zeros), or checks a leftover one from an interrupted
- * registration; true when it created it.
- */
-async function ensureSeedBlob(blob: PageBlobClient, sizeBytes: number, field: string): Promise<boolean> {
+/** Creates the seed page blob (all zeros), or checks a leftover one from an interrupted registration. */
+async function ensureSeedBlob(blob: PageBlobClient, sizeBytes: number, field: string): Promise<void> {
   try {
     await blob.create(sizeBytes, { conditions: { ifNoneMatch: '*' } });
-    return true;
+    return;
   } catch (err) {
     const status = statusOf(err);
     if (status !== 409 && status !== 412) throw err;
   }
   const props = await blob.getProperties();
   if ((props.contentLength ?? 0) < sizeBytes) await growSeedBlob(blob, sizeBytes, field);
-  return false;
 }
 
 /** Grows a seed blob; takes the lease briefly so no apply is writing meanwhile. */

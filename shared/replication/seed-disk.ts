@@ -1,4 +1,10 @@
-import type { BlobClient, BlobLeaseClient, ContainerClient, PageBlobClient } from '@azure/storage-blob';
+import type {
+  BlobClient,
+  BlobDownloadResponseParsed,
+  BlobLeaseClient,
+  ContainerClient,
+  PageBlobClient,
+} from '@azure/storage-blob';
 import { statusOf } from './tables';
 
 /** Seed disks: one page blob per protected disk; its snapshots are the recovery points. */
@@ -78,8 +84,9 @@ export class SeedLease {
   async renew(): Promise<void> {
     if (this.lostError) throw this.lostError;
     try {
-      await this.client.renewLease();
+      // Companions first: their leases then lapse before the seed's if renewals stop.
       for (const companion of this.companions) await companion.renewLease();
+      await this.client.renewLease();
     } catch (err) {
       this.lostError = new LeaseLostError(
         `The seed blob lease ${this.leaseId} could not be renewed: ${(err as Error).message}`,
@@ -179,14 +186,21 @@ export function* alignedChunks(
 const READ_ATTEMPTS = 3;
 
 /**
- * Downloads [offset, offset+count) of a blob (all of it when count is undefined) into one Buffer.
+ * Downloads [offset, offset+count) of a blob (all of it when count is undefined) into one Buffer
+ * (`onResponse` sees the response's headers: metadata, lease state, range).
  * The SDK's resuming stream (maxRetryRequests > 0) costs about twice the CPU of the plain response
  * on the receiving side, so it is off, and a read that fails part-way is retried whole instead.
  * Errors the service answered (404, 412, …) are not retried here.
  */
-export async function downloadBuffer(blob: BlobClient, offset = 0, count?: number): Promise<Buffer> {
+export async function downloadBuffer(
+  blob: BlobClient,
+  offset = 0,
+  count?: number,
+  onResponse?: (response: BlobDownloadResponseParsed) => void,
+): Promise<Buffer> {
   for (let attempt = 1; ; attempt++) {
     const response = await blob.download(offset, count, { maxRetryRequests: 0 });
+    onResponse?.(response);
     try {
       const chunks: Buffer[] = [];
       for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) chunks.push(chunk);

@@ -165,7 +165,7 @@ describe('checksum index', () => {
     );
   });
 
-  it('never claims a stale digest when an applier dies between forgetting a region and writing it', async () => {
+  it('never claims a stale digest while pages are being written, nor once an applier died mid-run', async () => {
     const deps = testDeps(connection, { fillQuietMs: 0 });
     const machine = uniqueMachine('idxkill');
     const size = 2 * MiB;
@@ -184,24 +184,52 @@ describe('checksum index', () => {
     for (const s of segments.slice(1)) await uploadSegment(deps, s);
     const upload = PageBlobClient.prototype.uploadPages;
     for (const cutAfter of [3, 17, 40]) {
+      // Page write number `cutAfter` lands, then the applier hangs; while it hangs (holding the
+      // disk and the index) a resync reads the index; then the applier dies.
       let calls = 0;
-      PageBlobClient.prototype.uploadPages = function (
+      let hung!: () => void;
+      const hanging = new Promise<void>((resolve) => (hung = resolve));
+      let resume!: () => void;
+      const resumed = new Promise<void>((resolve) => (resume = resolve));
+      // Every later write, and the hung one, fail once the applier is let go of.
+      const die = resumed.then(() => Promise.reject(Object.assign(new Error('killed'), { statusCode: 500 })));
+      die.catch(() => undefined);
+      PageBlobClient.prototype.uploadPages = async function (
         this: PageBlobClient,
         ...args: Parameters<typeof upload>
       ) {
-        if (++calls > cutAfter)
-          return Promise.reject(Object.assign(new Error('killed'), { statusCode: 500 }));
-        return upload.apply(this, args);
+        const n = ++calls;
+        if (n > cutAfter) return die;
+        const response = await upload.apply(this, args);
+        if (n === cutAfter) {
+          hung();
+          await resumed;
+          return die;
+        }
+        return response;
       };
+      const run = applyChangelogs(deps, { machine, disk: 'd0' });
+      run.catch(() => undefined);
       try {
-        await expect(applyChangelogs(deps, { machine, disk: 'd0' })).rejects.toThrow('killed');
+        await hanging;
+        const seed = await readWhole(seedBlob(deps.seed, machine, 'd0'), size);
+        const during = await indexView(deps, machine, 'd0', size);
+        expect(during).toBeDefined(); // held by its applier: trusted
+        expectKnownTrue(during!, seed);
+        await expectEndpointMatches(deps, machine, 'd0', seed);
+        resume();
+        await expect(run).rejects.toThrow('killed');
       } finally {
         PageBlobClient.prototype.uploadPages = upload;
       }
-      // Whatever the index still claims is what the seed holds now.
-      const seed = await readWhole(seedBlob(deps.seed, machine, 'd0'), size);
-      expectKnownTrue((await indexView(deps, machine, 'd0', size))!, seed);
-      await expectEndpointMatches(deps, machine, 'd0', seed);
+      // The run never recorded the seed's ETag: its index is not trusted until an applier rebuilds it.
+      expect(await indexView(deps, machine, 'd0', size)).toBeUndefined();
+      await expectEndpointMatches(
+        deps,
+        machine,
+        'd0',
+        await readWhole(seedBlob(deps.seed, machine, 'd0'), size),
+      );
     }
     await applyUntilIdle(deps, machine, 'd0');
     // Runs until none asks to come back for the fill (the delayed nudges a deduplicated table
@@ -212,6 +240,33 @@ describe('checksum index', () => {
     expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, final)).toBe(
       size / INDEX_BLOCK_BYTES,
     );
+  });
+
+  it('is not trusted once the seed was written by something that does not keep it (an older build)', async () => {
+    const deps = testDeps(connection, { fillQuietMs: 0 });
+    const machine = uniqueMachine('idxforeign');
+    const size = 2 * MiB;
+    await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
+    const seed = seedBlob(deps.seed, machine, 'd0');
+    const image = Buffer.alloc(size);
+    await applyUntilIdle(deps, machine, 'd0'); // an empty disk, fully indexed
+    expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, image)).toBe(
+      size / INDEX_BLOCK_BYTES,
+    );
+    // A writer that takes the seed lease and writes pages, and never touches the index.
+    const other = (await SeedLease.acquire(seed, 15))!;
+    await seed.uploadPages(Buffer.alloc(4096, 9), 0, 4096, { conditions: { leaseId: other.leaseId } });
+    Buffer.alloc(4096, 9).copy(image);
+    expect(await indexView(deps, machine, 'd0', size)).toBeUndefined();
+    await other.release();
+    expect(await indexView(deps, machine, 'd0', size)).toBeUndefined();
+    await expectEndpointMatches(deps, machine, 'd0', image);
+    // The next applier starts the index over and fills it from what the seed holds.
+    await applyChangelogs(deps, { machine, disk: 'd0' });
+    expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, image)).toBe(
+      size / INDEX_BLOCK_BYTES,
+    );
+    await expectEndpointMatches(deps, machine, 'd0', image);
   });
 
   it('fences out an applier that lost the seed: its index writes fail and change nothing', async () => {
@@ -226,13 +281,13 @@ describe('checksum index', () => {
     data.copy(image);
 
     const a = (await SeedLease.acquire(seed, 15))!;
-    const indexA = await ChecksumIndex.open(deps.seed, machine, 'd0', size, a);
-    expect((await indexA.fill(seed, { deadline: Date.now() + 60_000 })).unknown).toBe(0);
+    const indexA = await ChecksumIndex.open(deps.seed, seed, machine, 'd0', size, a);
+    expect((await indexA.fill({ deadline: Date.now() + 60_000 })).unknown).toBe(0);
     // A's seed lease lapses and B takes the disk over.
     await seed.getBlobLeaseClient().breakLease(0);
     const b = (await SeedLease.acquire(seed, 15))!;
     try {
-      await ChecksumIndex.open(deps.seed, machine, 'd0', size, b);
+      await ChecksumIndex.open(deps.seed, seed, machine, 'd0', size, b);
       await expect(indexA.invalidate([[0, 512]])).rejects.toMatchObject({ statusCode: 412 });
       await expect(a.renew()).rejects.toThrow(/could not be renewed/);
       expect(expectKnownTrue((await indexView(deps, machine, 'd0', size))!, image)).toBe(
@@ -267,7 +322,7 @@ describe('checksum index', () => {
 
     // An applier's lease on the index does not keep it from being discarded.
     const lease = (await SeedLease.acquire(seed, 15))!;
-    await ChecksumIndex.open(deps.seed, machine, 'd0', grown, lease);
+    await ChecksumIndex.open(deps.seed, seed, machine, 'd0', grown, lease);
     await discardChecksumIndex(deps.seed, machine, 'd0');
     expect(await indexView(deps, machine, 'd0', grown)).toBeUndefined();
     await lease.release();
