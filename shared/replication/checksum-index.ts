@@ -147,8 +147,8 @@ export class ChecksumIndex {
   }
 
   /**
-   * Opens the index of a disk whose seed lease `lease` holds, and takes the index's lease under
-   * the same id. An index for another size or layout, or one whose recorded seed ETag is not the
+   * Opens the index of a disk whose seed lease `lease` holds (taken just before, with nothing
+   * written since), and takes the index's lease under the same id. An index for another size or layout, or one whose recorded seed ETag is not the
    * seed's (someone wrote the seed without keeping the index), is replaced by one that knows
    * nothing.
    */
@@ -162,10 +162,9 @@ export class ChecksumIndex {
   ): Promise<ChecksumIndex> {
     const blob = indexBlob(container, machine, disk);
     const layout = new Layout(sizeBytes);
-    // Still the seed's holder (a stalled applier must not take the index from the one that is).
-    await lease.renew();
     // Nobody else can write the seed while we hold its lease: its ETag stays this until we write.
-    const seedEtag = (await seed.getProperties({ conditions: { leaseId: lease.leaseId } })).etag ?? '';
+    const seedEtag =
+      lease.acquiredEtag ?? (await seed.getProperties({ conditions: { leaseId: lease.leaseId } })).etag ?? '';
     for (let attempt = 1; ; attempt++) {
       let metadata: IndexMetadata | undefined;
       try {

@@ -43,18 +43,21 @@ export class SeedLease {
     private readonly client: BlobLeaseClient,
     readonly leaseId: string,
     readonly durationSeconds: number,
+    /** The blob's ETag when the lease was taken (leasing does not change it; writes do). */
+    readonly acquiredEtag?: string,
   ) {}
 
   /** Takes the lease, or returns undefined when another writer holds it. */
   static async acquire(blob: PageBlobClient, durationSeconds: number): Promise<SeedLease | undefined> {
     const client = blob.getBlobLeaseClient();
+    let etag: string | undefined;
     try {
-      await client.acquireLease(durationSeconds);
+      etag = (await client.acquireLease(durationSeconds)).etag;
     } catch (err) {
       if (statusOf(err) === 409) return undefined;
       throw err;
     }
-    const lease = new SeedLease(client, client.leaseId, durationSeconds);
+    const lease = new SeedLease(client, client.leaseId, durationSeconds, etag);
     lease.startRenewing();
     return lease;
   }
