@@ -802,10 +802,16 @@ async function nudgeOnce(
   disk: string,
   delaySeconds: number,
 ): Promise<void> {
-  const table = await deps.tables.get(TABLES.nudges);
   const now = Date.now();
+  // What this process last scheduled spares the table read while it is still ahead.
+  const key = `${machine}/${disk}`;
+  if ((scheduledNudges.get(key) ?? 0) > now) return;
+  const table = await deps.tables.get(TABLES.nudges);
   const row = await readEntity<NudgeEntity>(table, machine, disk);
-  if (row && Date.parse(row.notBefore) > now) return;
+  if (row && Date.parse(row.notBefore) > now) {
+    scheduledNudges.set(key, Date.parse(row.notBefore));
+    return;
+  }
   const entity: NudgeEntity = {
     partitionKey: machine,
     rowKey: disk,
@@ -819,4 +825,8 @@ async function nudgeOnce(
     throw err;
   }
   await deps.nudge({ machine, disk }, delaySeconds);
+  scheduledNudges.set(key, Date.parse(entity.notBefore));
 }
+
+/** Per disk, when the nudge this process last scheduled (or saw scheduled) is due. */
+const scheduledNudges = new Map<string, number>();

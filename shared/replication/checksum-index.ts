@@ -34,6 +34,8 @@ export const REGION_BYTES = (PAGE_BYTES / DIGEST_BYTES) * INDEX_BLOCK_BYTES;
 const BLOCKS_PER_REGION = REGION_BYTES / INDEX_BLOCK_BYTES;
 /** Bumped when the layout changes; an index of another version is rebuilt. */
 const LAYOUT_VERSION = '1';
+/** The shortest blob lease Azure grants. */
+const MIN_LEASE_SECONDS = 15;
 /** Regions the fill reads per ranged read. */
 const FILL_READ_REGIONS = PAGE_WRITE_BYTES / REGION_BYTES;
 /** Regions the fill settles (digests, then bits) at a time. */
@@ -130,6 +132,8 @@ export interface FillReport {
  */
 export class ChecksumIndex {
   private known = 0;
+  /** Whether the run has written (or was about to write) the seed since open. */
+  private touched = false;
 
   private constructor(
     private readonly blob: PageBlobClient,
@@ -165,46 +169,52 @@ export class ChecksumIndex {
     // Nobody else can write the seed while we hold its lease: its ETag stays this until we write.
     const seedEtag =
       lease.acquiredEtag ?? (await seed.getProperties({ conditions: { leaseId: lease.leaseId } })).etag ?? '';
+    const leaseClient = blob.getBlobLeaseClient(lease.leaseId);
+    // A second shorter than the seed's (when allowed): if renewals stop, the index's lapses first.
+    const seconds = Math.max(MIN_LEASE_SECONDS, lease.durationSeconds - 1);
+    const create = async () => {
+      try {
+        await blob.create(layout.blobBytes, {
+          metadata: layout.metadata(seedEtag),
+          conditions: { ifNoneMatch: '*' },
+        });
+      } catch (err) {
+        const status = statusOf(err);
+        if (status !== 409 && status !== 412) throw err; // created meanwhile: take that one
+      }
+    };
     for (let attempt = 1; ; attempt++) {
-      let metadata: IndexMetadata | undefined;
       try {
-        const properties = await blob.getProperties();
-        if (
-          layout.matches(properties.metadata, properties.contentLength) &&
-          properties.metadata?.seedetag === seedEtag
-        )
-          metadata = properties.metadata as IndexMetadata;
-        else await discardChecksumIndex(container, machine, disk);
+        await leaseClient.acquireLease(seconds);
       } catch (err) {
-        if (!isNotFound(err)) throw err;
-      }
-      if (!metadata) {
-        metadata = layout.metadata(seedEtag);
-        try {
-          await blob.create(layout.blobBytes, { metadata, conditions: { ifNoneMatch: '*' } });
-        } catch (err) {
-          const status = statusOf(err);
-          if ((status !== 409 && status !== 412) || attempt >= 3) throw err;
-          continue; // created meanwhile: look again
+        if (attempt >= 4) throw err;
+        if (isNotFound(err)) {
+          await create();
+          continue;
         }
-      }
-      const leaseClient = blob.getBlobLeaseClient(lease.leaseId);
-      try {
-        await leaseClient.acquireLease(lease.durationSeconds);
-      } catch (err) {
-        if (isNotFound(err) && attempt < 3) continue; // discarded meanwhile: create it again
         if (statusOf(err) !== 409) throw err;
         // Held by an applier that lost the seed: break it now (it can no longer write either),
         // provided the seed is still ours this very moment.
         await lease.renew();
         await blob.getBlobLeaseClient().breakLease(0);
-        await leaseClient.acquireLease(lease.durationSeconds);
+        continue;
       }
       lease.attach(leaseClient);
-      // Renewed together from now on, the index's lease first: it lapses before the seed's.
-      await lease.renew();
-      const bitmap = Buffer.from(await downloadBuffer(blob, 0, layout.bitmapBytes));
-      return new ChecksumIndex(blob, seed, layout, lease, metadata, bitmap);
+      let response: BlobDownloadResponseParsed | undefined;
+      const bitmap = Buffer.from(
+        await downloadBuffer(blob, 0, layout.bitmapBytes, (r) => (response = r)).catch((err) => {
+          lease.detach(leaseClient);
+          throw err;
+        }),
+      );
+      const metadata = response?.metadata as IndexMetadata | undefined;
+      if (layout.matches(metadata, totalBytes(response)) && metadata?.seedetag === seedEtag)
+        return new ChecksumIndex(blob, seed, layout, lease, metadata, bitmap);
+      // Another size or layout, or the seed was written by something that does not keep the
+      // index (a crash mid-run, an older build, a copy): start over with one that knows nothing.
+      await blob.delete({ conditions: { leaseId: lease.leaseId } });
+      lease.detach(leaseClient);
+      await create();
     }
   }
 
@@ -214,6 +224,7 @@ export class ChecksumIndex {
    * its applier.
    */
   async seal(): Promise<void> {
+    if (!this.touched) return; // nothing of the run wrote the seed: its ETag is the recorded one
     const etag = (await this.seed.getProperties({ conditions: { leaseId: this.leaseId } })).etag ?? '';
     if (etag === this.metadata.seedetag) return;
     this.metadata.seedetag = etag;
@@ -230,6 +241,7 @@ export class ChecksumIndex {
    * any page of those ranges is written. Costs a request only when a region was known.
    */
   async invalidate(ranges: Iterable<readonly [number, number]>): Promise<void> {
+    this.touched = true;
     let low = Infinity;
     let high = -1;
     for (const [start, end] of ranges) {
@@ -338,6 +350,12 @@ export interface IndexedDigests {
   known: boolean[];
 }
 
+/** The blob's whole size, from a ranged download's Content-Range ("bytes a-b/total"). */
+function totalBytes(response: BlobDownloadResponseParsed | undefined): number | undefined {
+  const total = /\/(\d+)$/.exec(response?.contentRange ?? '')?.[1];
+  return total === undefined ? undefined : Number(total);
+}
+
 /** Reads a range of the index with the blob's metadata and lease state (one request). */
 async function readIndexRange(
   blob: PageBlobClient,
@@ -376,8 +394,7 @@ export async function readChecksumIndex(
     // The bitmap first: digests read after it are at least as new as the bits say.
     const bits = await readIndexRange(blob, firstRegion >> 3, (lastRegion >> 3) - (firstRegion >> 3) + 1);
     const metadata = bits.response.metadata;
-    const total = Number(/\/(\d+)$/.exec(bits.response.contentRange ?? '')?.[1]);
-    if (!layout.matches(metadata, total)) return undefined;
+    if (!layout.matches(metadata, totalBytes(bits.response))) return undefined;
     if (bits.response.leaseState !== 'leased') {
       const seedEtag = (await seedBlob(container, machine, disk).getProperties()).etag;
       if (metadata?.seedetag !== seedEtag) return undefined;
