@@ -6,7 +6,7 @@ import type { Logger } from '../logger';
 import { isDnsLabel } from '../names';
 import { Readable } from 'node:stream';
 import { coalesceRecords, type MarkerRecord, type Segment, type SegmentRecord } from '../segment';
-import { ChecksumIndex, type FillReport } from './checksum-index';
+import { ChecksumIndex, discardChecksumIndex, type FillReport } from './checksum-index';
 import { ensureContainer, type ChangelogReady, type ReplicationDeps } from './context';
 import { raiseEvent } from './events';
 import { QuarantineReason } from './open';
@@ -358,8 +358,15 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
   try {
     cursor = new DiskCursor(disks, initial as DiskCursor['row'], lease.leaseId);
     await cursor.claim();
-    const index = await ChecksumIndex.open(deps.seed, blob, machine, disk, cursor.row.sizeBytes, lease);
-    await runApply(deps, log, blob, lease, cursor, index, report);
+    const index = await openIndex(deps, log, blob, { machine, disk, sizeBytes: cursor.row.sizeBytes }, lease);
+    try {
+      await runApply(deps, log, blob, lease, cursor, index, report);
+    } catch (err) {
+      // The run's writes are drained (runApply's finally): unless the disk is no longer ours, the
+      // index still describes the seed (every region written was forgotten first), so it is kept.
+      if (!lease.lost && !(err instanceof LostRaceError)) await index.seal().catch(() => undefined);
+      throw err;
+    }
     // Every write of the run is done: the index describes the seed as it is now.
     await index.seal();
   } catch (err) {
@@ -381,7 +388,10 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
     if (await deps.changelogs.getBlockBlobClient(name).exists()) await deps.nudge({ machine, disk });
     else if (report.fillAfterSeconds !== undefined)
       await nudgeOnce(deps, machine, disk, report.fillAfterSeconds);
-  } else if (report.outcome === 'resync-required' && report.fillAfterSeconds !== undefined) {
+  } else if (
+    (report.outcome === 'resync-required' || report.outcome === 'quarantined') &&
+    report.fillAfterSeconds !== undefined
+  ) {
     await nudgeOnce(deps, machine, disk, report.fillAfterSeconds);
   }
   log.info(
@@ -397,13 +407,48 @@ export async function applyChangelogs(deps: ReplicationDeps, target: ChangelogRe
   return report;
 }
 
+/** What apply needs of the checksum index (a real one, or none when it could not be opened). */
+type IndexPort = Pick<ChecksumIndex, 'invalidate' | 'fill' | 'seal' | 'unknownRegions'>;
+
+const NO_INDEX: IndexPort = {
+  invalidate: () => Promise.resolve(),
+  fill: () => Promise.resolve({ regions: 0, bytesRead: 0, unknown: 0 }),
+  seal: () => Promise.resolve(),
+  unknownRegions: 0,
+};
+
+/**
+ * Opens the disk's checksum index. Replication does not depend on it: if it cannot be opened the
+ * run goes on without one, once the index is deleted (an index nobody keeps must not be left for
+ * the endpoint to trust); only if that fails too does the run fail.
+ */
+async function openIndex(
+  deps: ReplicationDeps,
+  log: Logger,
+  blob: PageBlobClient,
+  { machine, disk, sizeBytes }: { machine: string; disk: string; sizeBytes: number },
+  lease: SeedLease,
+): Promise<IndexPort> {
+  try {
+    return await ChecksumIndex.open(deps.seed, blob, machine, disk, sizeBytes, lease);
+  } catch (err) {
+    if (lease.lost) throw err;
+    log.warn(
+      { err: String(err) },
+      'the checksum index could not be opened; deleting it and applying without it',
+    );
+    await discardChecksumIndex(deps.seed, machine, disk);
+    return NO_INDEX;
+  }
+}
+
 async function runApply(
   deps: ReplicationDeps,
   log: Logger,
   blob: PageBlobClient,
   lease: SeedLease,
   cursor: DiskCursor,
-  index: ChecksumIndex,
+  index: IndexPort,
   report: ApplyReport,
 ): Promise<void> {
   const machine = cursor.row.partitionKey;
@@ -434,6 +479,7 @@ async function runApply(
   };
   // Once the disk has been quiet for a while, a run with nothing to apply spends a slice of its
   // time filling the checksum index; otherwise it asks to be woken when the disk may be quiet.
+  const nextEpochStart = () => changelogBlobName({ machine, disk, epoch: cursor.row.epoch + 1, seq: 1 });
   const fillIndex = async (next: () => string) => {
     if (deps.tuning.fillMs <= 0 || index.unknownRegions === 0) return;
     const lastApplied = cursor.row.lastAppliedAt ? Date.parse(cursor.row.lastAppliedAt) : 0;
@@ -448,109 +494,117 @@ async function runApply(
       report.fillAfterSeconds = Math.max(1, Math.ceil((deps.tuning.fillQuietMs - quietFor) / 1000));
     }
   };
-  if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
-    report.outcome = 'resync-required';
-    // A resync is coming: its checksum requests are answered from the index.
-    await fillIndex(() => changelogBlobName({ machine, disk, epoch: cursor.row.epoch + 1, seq: 1 }));
-    return;
-  }
-  let fetcher = new ChangelogFetcher(deps, machine, disk, cursor.row.epoch, deps.tuning.prefetch);
-  let epoch = cursor.row.epoch;
-  let seq = cursor.row.appliedSeq + 1;
-  for (;;) {
-    if (lease.lost) throw lease.lost;
-    advance.throwIfFailed();
-    if (Date.now() >= deadline) {
-      await settle();
-      report.outcome = 'budget';
+  try {
+    if (cursor.row.state === 'resync-required' && !(await switchEpoch(deps, log, cursor))) {
+      report.outcome = 'resync-required';
+      // A resync is coming: its checksum requests are answered from the index.
+      await fillIndex(nextEpochStart);
       return;
     }
-    const name = fetcher.name(seq);
-    const fetched = await fetcher.get(seq);
-    if (!fetched) {
-      await settle();
-      if (await switchEpoch(deps, log, cursor)) {
-        epoch = cursor.row.epoch;
-        seq = 1;
-        fetcher = new ChangelogFetcher(deps, machine, disk, epoch, deps.tuning.prefetch);
-        continue;
+    let fetcher = new ChangelogFetcher(deps, machine, disk, cursor.row.epoch, deps.tuning.prefetch);
+    let epoch = cursor.row.epoch;
+    let seq = cursor.row.appliedSeq + 1;
+    for (;;) {
+      if (lease.lost) throw lease.lost;
+      advance.throwIfFailed();
+      if (Date.now() >= deadline) {
+        await settle();
+        report.outcome = 'budget';
+        return;
       }
-      report.outcome = 'caught-up';
-      await fillIndex(() => name);
-      return;
-    }
-    if (!fetched.segment) {
-      await settle();
-      fetcher.clear();
-      await quarantine(deps, log, cursor, name, fetched.bytes, fetched.rejected!, { epoch, seq });
-      report.outcome = 'quarantined';
-      return;
-    }
-    const segment = fetched.segment;
-    const extent = segmentExtent(segment);
-    if (extent > cursor.row.sizeBytes) {
-      await settle();
-      await markResyncRequired(
-        deps,
-        cursor,
-        `change log ${name} writes up to byte ${extent}, past the disk's registered size of ${cursor.row.sizeBytes} bytes`,
-        { epoch, seq },
-      );
-      log.error({ seq, extent }, 'change log writes past the end of the disk; disk marked for resync');
-      report.outcome = 'resync-required';
-      return;
-    }
-    if (cursor.row.state === 'resync-required') {
-      await settle();
-      report.outcome = 'resync-required';
-      return;
-    }
-
-    // The index forgets every region the segment changes before any of its pages is written.
-    await index.invalidate(changedRanges(segment));
-
-    let bytesApplied = 0;
-    let sawMarker = false;
-    let run: ChangeRecord[] = [];
-    const flush = async () => {
-      for (const op of planPageOps(run)) {
-        const { offset, length, pieces } = op;
-        const body = pieces.length === 1 ? pieces[0] : () => Readable.from(pieces);
-        await writer.submit(offset, offset + length, () =>
-          op.kind === 'write'
-            ? blob.uploadPages(body, offset, length, { conditions: { leaseId } })
-            : blob.clearPages(offset, length, { conditions: { leaseId } }),
+      const name = fetcher.name(seq);
+      const fetched = await fetcher.get(seq);
+      if (!fetched) {
+        await settle();
+        if (await switchEpoch(deps, log, cursor)) {
+          epoch = cursor.row.epoch;
+          seq = 1;
+          fetcher = new ChangelogFetcher(deps, machine, disk, epoch, deps.tuning.prefetch);
+          continue;
+        }
+        report.outcome = 'caught-up';
+        await fillIndex(() => name);
+        return;
+      }
+      if (!fetched.segment) {
+        await settle();
+        fetcher.clear();
+        await quarantine(deps, log, cursor, name, fetched.bytes, fetched.rejected!, { epoch, seq });
+        report.outcome = 'quarantined';
+        await fillIndex(nextEpochStart); // the resync is coming
+        return;
+      }
+      const segment = fetched.segment;
+      const extent = segmentExtent(segment);
+      if (extent > cursor.row.sizeBytes) {
+        await settle();
+        await markResyncRequired(
+          deps,
+          cursor,
+          `change log ${name} writes up to byte ${extent}, past the disk's registered size of ${cursor.row.sizeBytes} bytes`,
+          { epoch, seq },
         );
-        bytesApplied += length;
+        log.error({ seq, extent }, 'change log writes past the end of the disk; disk marked for resync');
+        report.outcome = 'resync-required';
+        await fillIndex(nextEpochStart);
+        return;
       }
-      run = [];
-    };
-    for (const record of segment.records) {
-      if (record.type !== 'marker') {
-        run.push(record);
-        continue;
+      if (cursor.row.state === 'resync-required') {
+        await settle();
+        report.outcome = 'resync-required';
+        await fillIndex(nextEpochStart);
+        return;
+      }
+
+      // The index forgets every region the segment changes before any of its pages is written.
+      await index.invalidate(changedRanges(segment));
+
+      let bytesApplied = 0;
+      let sawMarker = false;
+      let run: ChangeRecord[] = [];
+      const flush = async () => {
+        for (const op of planPageOps(run)) {
+          const { offset, length, pieces } = op;
+          const body = pieces.length === 1 ? pieces[0] : () => Readable.from(pieces);
+          await writer.submit(offset, offset + length, () =>
+            op.kind === 'write'
+              ? blob.uploadPages(body, offset, length, { conditions: { leaseId } })
+              : blob.clearPages(offset, length, { conditions: { leaseId } }),
+          );
+          bytesApplied += length;
+        }
+        run = [];
+      };
+      for (const record of segment.records) {
+        if (record.type !== 'marker') {
+          run.push(record);
+          continue;
+        }
+        await flush();
+        await writer.drain();
+        await arriveAtMarker(deps, log, blob, leaseId, cursor, record, { epoch, seq }, report);
+        sawMarker = true;
       }
       await flush();
-      await writer.drain();
-      await arriveAtMarker(deps, log, blob, leaseId, cursor, record, { epoch, seq }, report);
-      sawMarker = true;
+      const applied = seq;
+      const patch: Partial<DiskEntity> = {
+        appliedSeq: applied,
+        lastSourceTime: segment.header.lastWriteTime,
+      };
+      if (sawMarker) patch.lastMarkerId = report.markers[report.markers.length - 1];
+      if (sawMarker && cursor.row.state === 'initial-sync') {
+        patch.state = 'protected';
+        patch.stateReason = 'reached its first consistency marker';
+        patch.stateChangedAt = new Date().toISOString();
+      }
+      advance.after(writer.settled(), { seq: applied, name, bytes: bytesApplied, patch });
+      report.segments++;
+      report.bytes += bytesApplied;
+      seq++;
     }
-    await flush();
-    const applied = seq;
-    const patch: Partial<DiskEntity> = {
-      appliedSeq: applied,
-      lastSourceTime: segment.header.lastWriteTime,
-    };
-    if (sawMarker) patch.lastMarkerId = report.markers[report.markers.length - 1];
-    if (sawMarker && cursor.row.state === 'initial-sync') {
-      patch.state = 'protected';
-      patch.stateReason = 'reached its first consistency marker';
-      patch.stateChangedAt = new Date().toISOString();
-    }
-    advance.after(writer.settled(), { seq: applied, name, bytes: bytesApplied, patch });
-    report.segments++;
-    report.bytes += bytesApplied;
-    seq++;
+  } finally {
+    // On any exit the page writes are over before the caller seals the index or lets go.
+    await writer.drain().catch(() => undefined);
   }
 }
 
@@ -817,6 +871,9 @@ async function nudgeOnce(
     rowKey: disk,
     notBefore: new Date(now + delaySeconds * 1000).toISOString(),
   };
+  // Sent first: a failed send leaves no row claiming a nudge is on its way (a duplicate is harmless).
+  await deps.nudge({ machine, disk }, delaySeconds);
+  scheduledNudges.set(key, Date.parse(entity.notBefore));
   try {
     if (row) await table.updateEntity(entity, 'Replace', { etag: row.etag });
     else await table.createEntity(entity);
@@ -824,8 +881,6 @@ async function nudgeOnce(
     if (isConflict(err) || isPreconditionFailed(err)) return;
     throw err;
   }
-  await deps.nudge({ machine, disk }, delaySeconds);
-  scheduledNudges.set(key, Date.parse(entity.notBefore));
 }
 
 /** Per disk, when the nudge this process last scheduled (or saw scheduled) is due. */

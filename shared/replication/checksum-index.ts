@@ -38,8 +38,10 @@ const LAYOUT_VERSION = '1';
 const MIN_LEASE_SECONDS = 15;
 /** Regions the fill reads per ranged read. */
 const FILL_READ_REGIONS = PAGE_WRITE_BYTES / REGION_BYTES;
-/** Regions the fill settles (digests, then bits) at a time. */
+/** Regions to read that the fill settles (digests, then bits) at a time. */
 const FILL_BATCH_REGIONS = 16;
+/** Regions whose page ranges the fill lists at once (one bitmap page: 4 GiB of disk). */
+const FILL_WINDOW_REGIONS = PAGE_BYTES * 8;
 
 export function checksumIndexName(machine: string, disk: string): string {
   return `${machine}/${disk}.sums`;
@@ -61,7 +63,10 @@ class Layout {
   readonly bitmapBytes: number;
   readonly blobBytes: number;
 
+  readonly blocks: number;
+
   constructor(readonly sizeBytes: number) {
+    this.blocks = Math.ceil(sizeBytes / INDEX_BLOCK_BYTES);
     this.regions = Math.ceil(sizeBytes / REGION_BYTES);
     this.bitmapBytes = Math.max(PAGE_BYTES, Math.ceil(this.regions / 8 / PAGE_BYTES) * PAGE_BYTES);
     this.blobBytes = this.bitmapBytes + this.regions * PAGE_BYTES;
@@ -105,6 +110,13 @@ interface IndexMetadata extends Record<string, string> {
   seedetag: string;
 }
 
+/** How many bits of a byte are set. */
+const BITS_SET = Uint8Array.from({ length: 256 }, (_, b) => {
+  let n = 0;
+  for (let v = b; v; v >>= 1) n += v & 1;
+  return n;
+});
+
 function bit(bitmap: Buffer, region: number): boolean {
   return (bitmap[region >> 3] & (1 << (region & 7))) !== 0;
 }
@@ -143,7 +155,7 @@ export class ChecksumIndex {
     private readonly metadata: IndexMetadata,
     private readonly bitmap: Buffer,
   ) {
-    for (let r = 0; r < layout.regions; r++) if (bit(bitmap, r)) this.known++;
+    for (let i = 0; i < bitmap.length; i++) this.known += BITS_SET[bitmap[i]];
   }
 
   private get leaseId(): string {
@@ -214,6 +226,8 @@ export class ChecksumIndex {
       // index (a crash mid-run, an older build, a copy): start over with one that knows nothing.
       await blob.delete({ conditions: { leaseId: lease.leaseId } });
       lease.detach(leaseClient);
+      if (attempt >= 4)
+        throw new Error(`The checksum index of ${machine}/${disk} does not match after ${attempt} rebuilds.`);
       await create();
     }
   }
@@ -242,8 +256,7 @@ export class ChecksumIndex {
    */
   async invalidate(ranges: Iterable<readonly [number, number]>): Promise<void> {
     this.touched = true;
-    let low = Infinity;
-    let high = -1;
+    const pages = new Set<number>();
     for (const [start, end] of ranges) {
       if (end <= start) continue;
       const last = Math.min(this.layout.regions - 1, Math.floor((end - 1) / REGION_BYTES));
@@ -251,11 +264,20 @@ export class ChecksumIndex {
         if (!bit(this.bitmap, r)) continue;
         this.bitmap[r >> 3] &= ~(1 << (r & 7));
         this.known--;
-        low = Math.min(low, r >> 3);
-        high = Math.max(high, r >> 3);
+        pages.add(Math.floor((r >> 3) / PAGE_BYTES));
       }
     }
-    if (high >= 0) await this.writeBitmap(low, high + 1);
+    if (pages.size === 0) return;
+    // Only the bitmap pages that changed, runs of adjacent ones as one write each.
+    const sorted = [...pages].sort((x, y) => x - y);
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < sorted.length;) {
+      let j = i + 1;
+      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
+      writes.push(this.writeBitmap(sorted[i] * PAGE_BYTES, (sorted[j - 1] + 1) * PAGE_BYTES));
+      i = j;
+    }
+    await Promise.all(writes);
   }
 
   /** Writes the pages of the bitmap that hold bytes [from, to). */
@@ -289,54 +311,91 @@ export class ChecksumIndex {
         continue;
       }
       if (Date.now() >= options.deadline || (options.stop && (await options.stop()))) break;
-      // A batch: the next unknown regions, up to FILL_BATCH_REGIONS in a row.
-      const first = r;
-      while (r < layout.regions && r - first < FILL_BATCH_REGIONS && !bit(this.bitmap, r)) r++;
-      const digests = await this.hashRegions(first, r, report);
-      await this.writePages(digests, layout.digestAt(first * BLOCKS_PER_REGION));
-      // Still the seed's only writer since the reads (a renewal fails once anyone else leased it).
-      await this.lease.renew();
-      for (let i = first; i < r; i++) this.bitmap[i >> 3] |= 1 << (i & 7);
-      this.known += r - first;
-      await this.writeBitmap(first >> 3, ((r - 1) >> 3) + 1);
-      report.regions += r - first;
+      // Which regions of the window (one bitmap page's worth) the seed ever wrote: one listing.
+      const windowEnd = Math.min(
+        layout.regions,
+        (Math.floor(r / FILL_WINDOW_REGIONS) + 1) * FILL_WINDOW_REGIONS,
+      );
+      const listedFrom = r;
+      const listed = await this.writtenRegions(r, windowEnd);
+      const written = (region: number) => listed[region - listedFrom];
+      // A batch: the next unknown regions in a row, up to FILL_BATCH_REGIONS that need a read
+      // (regions never written are hashed as zeros and cost nothing but their digests).
+      while (r < windowEnd && !bit(this.bitmap, r)) {
+        const first = r;
+        let reads = 0;
+        while (r < windowEnd && !bit(this.bitmap, r) && reads < FILL_BATCH_REGIONS) {
+          if (written(r)) reads++;
+          r++;
+        }
+        const digests = await this.hashRegions(first, r, written, report);
+        await this.writePages(digests, layout.digestAt(first * BLOCKS_PER_REGION));
+        // Still the seed's only writer since the reads (a renewal fails once anyone else leased it).
+        await this.lease.renew();
+        for (let i = first; i < r; i++) this.bitmap[i >> 3] |= 1 << (i & 7);
+        this.known += r - first;
+        await this.writeBitmap(first >> 3, ((r - 1) >> 3) + 1);
+        report.regions += r - first;
+        if (r < windowEnd && !bit(this.bitmap, r)) {
+          if (Date.now() >= options.deadline || (options.stop && (await options.stop()))) {
+            report.unknown = this.unknownRegions;
+            return report;
+          }
+        }
+      }
     }
     report.unknown = this.unknownRegions;
     return report;
   }
 
-  /** The digest pages of regions [first, end), read from the seed where it was ever written. */
-  private async hashRegions(first: number, end: number, report: FillReport): Promise<Buffer> {
-    const { layout, seed } = this;
+  /** Per region of [first, end): whether the seed ever wrote a page of it. */
+  private async writtenRegions(first: number, end: number): Promise<boolean[]> {
+    const out = new Array<boolean>(end - first).fill(false);
     const start = first * REGION_BYTES;
-    const stop = Math.min(layout.sizeBytes, end * REGION_BYTES);
-    const written: [number, number][] = [];
-    for await (const range of seed.listPageRanges(start, stop - start))
-      written.push([range.start, range.end + 1]);
+    const stop = Math.min(this.layout.sizeBytes, end * REGION_BYTES);
+    for await (const range of this.seed.listPageRanges(start, stop - start)) {
+      const last = Math.min(end - 1, Math.floor(range.end / REGION_BYTES));
+      for (let r = Math.max(first, Math.floor(range.start / REGION_BYTES)); r <= last; r++)
+        out[r - first] = true;
+    }
+    return out;
+  }
+
+  /** The digest pages of regions [first, end), read from the seed where `written(region)`. */
+  private async hashRegions(
+    first: number,
+    end: number,
+    written: (region: number) => boolean,
+    report: FillReport,
+  ): Promise<Buffer> {
+    const { layout, seed } = this;
     const out = Buffer.alloc((end - first) * PAGE_BYTES);
+    const put = (block: number, digest: Buffer) =>
+      digest.copy(out, (block - first * BLOCKS_PER_REGION) * DIGEST_BYTES);
     const reads: Promise<void>[] = [];
-    for (let r = first; r < end; r += FILL_READ_REGIONS) {
-      const from = r * REGION_BYTES;
-      const to = Math.min(stop, (r + FILL_READ_REGIONS) * REGION_BYTES);
-      const blocksFrom = from / INDEX_BLOCK_BYTES;
-      const blocks = Math.ceil((to - from) / INDEX_BLOCK_BYTES);
-      const touched = written.some(([s, e]) => s < to && from < e);
-      const put = (block: number, digest: Buffer) =>
-        digest.copy(out, (block - first * BLOCKS_PER_REGION) * DIGEST_BYTES);
-      if (!touched) {
-        for (let b = blocksFrom; b < blocksFrom + blocks; b++) put(b, digestOfZeros(layout.blockBytes(b)));
+    for (let r = first; r < end;) {
+      if (!written(r)) {
+        const from = r * BLOCKS_PER_REGION;
+        const to = Math.min(layout.blocks, (r + 1) * BLOCKS_PER_REGION);
+        for (let b = from; b < to; b++) put(b, digestOfZeros(layout.blockBytes(b)));
+        r++;
         continue;
       }
+      // A run of written regions, read FILL_READ_REGIONS at a time.
+      let last = r + 1;
+      while (last < end && last - r < FILL_READ_REGIONS && written(last)) last++;
+      const from = r * REGION_BYTES;
+      const to = Math.min(layout.sizeBytes, last * REGION_BYTES);
       reads.push(
         readRange(seed, from, to - from).then((data) => {
           report.bytesRead += data.length;
-          for (let i = 0; i < blocks; i++) {
-            const at = i * INDEX_BLOCK_BYTES;
+          const blocksFrom = from / INDEX_BLOCK_BYTES;
+          for (let at = 0, i = 0; at < data.length; at += INDEX_BLOCK_BYTES, i++)
             put(blocksFrom + i, sha256(data.subarray(at, Math.min(data.length, at + INDEX_BLOCK_BYTES))));
-          }
         }),
       );
       if (reads.length >= 4) await Promise.all(reads.splice(0));
+      r = last;
     }
     await Promise.all(reads);
     return out;
