@@ -154,6 +154,8 @@ export class ChecksumIndex {
     private readonly lease: SeedLease,
     private readonly metadata: IndexMetadata,
     private readonly bitmap: Buffer,
+    /** The seed's ETag when the index was opened. */
+    private readonly openedEtag: string,
   ) {
     for (let i = 0; i < bitmap.length; i++) this.known += BITS_SET[bitmap[i]];
   }
@@ -220,8 +222,12 @@ export class ChecksumIndex {
         }),
       );
       const metadata = response?.metadata as IndexMetadata | undefined;
-      if (layout.matches(metadata, totalBytes(response)) && metadata?.seedetag === seedEtag)
-        return new ChecksumIndex(blob, seed, layout, lease, metadata, bitmap);
+      // An index that knows nothing cannot be stale (runs that leave it so do not seal it).
+      if (
+        layout.matches(metadata, totalBytes(response)) &&
+        (metadata?.seedetag === seedEtag || bitmap.every((b) => b === 0))
+      )
+        return new ChecksumIndex(blob, seed, layout, lease, metadata!, bitmap, seedEtag);
       // Another size or layout, or the seed was written by something that does not keep the
       // index (a crash mid-run, an older build, a copy): start over with one that knows nothing.
       await blob.delete({ conditions: { leaseId: lease.leaseId } });
@@ -238,8 +244,11 @@ export class ChecksumIndex {
    * its applier.
    */
   async seal(): Promise<void> {
-    if (!this.touched) return; // nothing of the run wrote the seed: its ETag is the recorded one
-    const etag = (await this.seed.getProperties({ conditions: { leaseId: this.leaseId } })).etag ?? '';
+    if (this.known === 0) return; // it claims nothing; the next applier takes it as it is
+    // Untouched since open, the seed's ETag is still the one open saw.
+    const etag = this.touched
+      ? ((await this.seed.getProperties({ conditions: { leaseId: this.leaseId } })).etag ?? '')
+      : this.openedEtag;
     if (etag === this.metadata.seedetag) return;
     this.metadata.seedetag = etag;
     await this.blob.setMetadata(this.metadata, { conditions: { leaseId: this.leaseId } });
