@@ -13,22 +13,13 @@ import { GroupCoordinator, localLink, type MemberLink } from '../../../agent/gro
 import { GroupParticipant } from '../../../agent/group/participant';
 import type { MachineAgent } from '../../../agent/mobility/agent';
 import { GroupStore, listGroupPoints, putGroup, readGroup, resolveGroupPoint } from '../../../shared/groups';
-import { applyChangelogs, registerMachine, seedBlob } from '../../../shared/replication';
+import { registerMachine, seedBlob } from '../../../shared/replication';
 import { GroupNbdClient } from '../../agent/group/nbd-client';
 import { silent, startAgent, tempDir, TestSite } from '../../agent/group/site';
-import { readWhole, testDeps, testSettings, uploadSegment, type TestDeps } from '../replication/helpers';
+import { applyUntilIdle, readWhole, testDeps, testSettings, uploadSegment } from '../replication/helpers';
 
 const connection = inject('azuriteConnectionString');
 const SIZE = 128 * 1024;
-
-async function applyUntilIdle(deps: TestDeps, machine: string, disk: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    deps.nudges.length = 0;
-    const report = await applyChangelogs(deps, { machine, disk });
-    if (report.outcome !== 'budget' && deps.nudges.length === 0) return;
-  }
-  throw new Error('apply did not become idle');
-}
 
 describe('group recovery points (agents → segments → apply in Azurite → group points)', () => {
   it('a point per committed marker, each member equal to the model at the cut; an uncut marker gives none', async () => {

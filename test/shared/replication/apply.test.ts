@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import { PageBlobClient } from '@azure/storage-blob';
 import { describe, expect, inject, it } from 'vitest';
 import { changelogBlobName } from '../../../shared/envelope';
@@ -16,6 +15,8 @@ import {
   type DiskEntity,
 } from '../../../shared/replication';
 import {
+  applyUntilIdle,
+  uniqueMachine,
   generateWorkload,
   readWhole,
   rng,
@@ -29,24 +30,8 @@ import {
 const connection = inject('azuriteConnectionString');
 const MiB = 1024 * 1024;
 
-function uniqueMachine(prefix: string): string {
-  return `${prefix}-${randomUUID().slice(0, 8)}`;
-}
-
 async function register(deps: TestDeps, machine: string, disks: { id: string; sizeBytes: number }[]) {
   return registerMachine(deps, machine, { disks, policy: { crashConsistentIntervalSeconds: 10 } });
-}
-
-/** Applies until the disk has nothing more to do (the way re-enqueued messages would). */
-async function applyUntilIdle(deps: TestDeps, machine: string, disk: string): Promise<ApplyReport[]> {
-  const reports: ApplyReport[] = [];
-  for (let i = 0; i < 1000; i++) {
-    deps.nudges.length = 0;
-    const report = await applyChangelogs(deps, { machine, disk });
-    reports.push(report);
-    if (report.outcome !== 'budget' && deps.nudges.length === 0) return reports;
-  }
-  throw new Error('apply did not become idle');
 }
 
 async function expectRecoveryPointsMatch(deps: TestDeps, workload: Workload, sizes: Map<string, number>) {

@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import type { TableClient } from '@azure/data-tables';
 import { describe, expect, inject, it } from 'vitest';
 import { PageBlobClient } from '@azure/storage-blob';
@@ -13,17 +13,13 @@ import {
   TABLES,
   type ReplicationDeps,
 } from '../../../shared/replication';
-import { generateWorkload, testDeps, uploadSegment, type TestDeps } from './helpers';
+import { generateWorkload, testDeps, uniqueMachine, uploadSegment, type TestDeps } from './helpers';
 
 // Failures around the checksum index: a lost nudge, a failed run, an index that cannot be opened,
 // and the cost of filling a large disk that is mostly never written.
 
 const connection = inject('azuriteConnectionString');
 const MiB = 1024 * 1024;
-
-function uniqueMachine(prefix: string): string {
-  return `${prefix}-${randomUUID().slice(0, 8)}`;
-}
 
 async function knownBlocks(deps: ReplicationDeps, machine: string, disk: string, size: number) {
   const indexed = await readChecksumIndex(deps.seed, machine, disk, size, 0, size);

@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { BlobClient, PageBlobClient } from '@azure/storage-blob';
 import { describe, expect, inject, it } from 'vitest';
 import {
@@ -13,7 +13,7 @@ import {
   SeedLease,
   seedBlob,
 } from '../../../shared/replication';
-import { readWhole, testDeps } from './helpers';
+import { readWhole, testDeps, uniqueMachine } from './helpers';
 
 // Races around the checksum index (found in review): the property is the feature's own —
 // whatever digest the index claims for a block is the SHA-256 of what the seed holds there.
@@ -21,10 +21,6 @@ import { readWhole, testDeps } from './helpers';
 const connection = inject('azuriteConnectionString');
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
-
-function uniqueMachine(prefix: string): string {
-  return `${prefix}-${randomUUID().slice(0, 8)}`;
-}
 
 function sha(data: Buffer): Buffer {
   return createHash('sha256').update(data).digest();

@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { PageBlobClient } from '@azure/storage-blob';
 import { describe, expect, inject, it } from 'vitest';
 import { applyRecordsToImage } from '../../../shared/disk-model';
@@ -13,17 +13,20 @@ import {
   REGION_BYTES,
   SeedLease,
   seedBlob,
-  type ApplyReport,
 } from '../../../shared/replication';
 import type { Segment } from '../../../shared/segment';
-import { generateWorkload, readWhole, testDeps, uploadSegment, type TestDeps } from './helpers';
+import {
+  applyUntilIdle,
+  generateWorkload,
+  readWhole,
+  testDeps,
+  uniqueMachine,
+  uploadSegment,
+  type TestDeps,
+} from './helpers';
 
 const connection = inject('azuriteConnectionString');
 const MiB = 1024 * 1024;
-
-function uniqueMachine(prefix: string): string {
-  return `${prefix}-${randomUUID().slice(0, 8)}`;
-}
 
 /** SHA-256 of each 64 KiB block of `image` (the last may be short): the independent answer. */
 function modelDigests(image: Buffer): Buffer[] {
@@ -35,17 +38,6 @@ function modelDigests(image: Buffer): Buffer[] {
         .digest(),
     );
   return out;
-}
-
-async function applyUntilIdle(deps: TestDeps, machine: string, disk: string): Promise<ApplyReport[]> {
-  const reports: ApplyReport[] = [];
-  for (let i = 0; i < 200; i++) {
-    deps.nudges.length = 0;
-    const report = await applyChangelogs(deps, { machine, disk });
-    reports.push(report);
-    if (report.outcome !== 'budget' && deps.nudges.length === 0) return reports;
-  }
-  throw new Error('apply did not become idle');
 }
 
 /** What the index says of the whole disk: per block, its digest or undefined. */

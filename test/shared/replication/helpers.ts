@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { PageBlobClient } from '@azure/storage-blob';
 import { applyRecordsToImage } from '../../../shared/disk-model';
 import {
@@ -10,10 +11,12 @@ import {
 import { createLogger } from '../../../shared/logger';
 import { encodeSegment, type MarkerKind, type Segment, type SegmentRecord } from '../../../shared/segment';
 import {
+  applyChangelogs,
   ensureContainer,
   readRange,
   replicationDepsFromSettings,
   WorkerOpener,
+  type ApplyReport,
   type ApplyTuning,
   type ChangelogReady,
   type ReplicationDeps,
@@ -57,6 +60,23 @@ export function testDeps(connection: string, tuning: Partial<ApplyTuning> = {}):
       nudges.push({ message, delaySeconds });
     },
   };
+}
+
+/** A machine name of its own for one test. */
+export function uniqueMachine(prefix: string): string {
+  return `${prefix}-${randomUUID().slice(0, 8)}`;
+}
+
+/** Applies until the disk has nothing more to do (the way re-enqueued messages would). */
+export async function applyUntilIdle(deps: TestDeps, machine: string, disk: string): Promise<ApplyReport[]> {
+  const reports: ApplyReport[] = [];
+  for (let i = 0; i < 1000; i++) {
+    deps.nudges.length = 0;
+    const report = await applyChangelogs(deps, { machine, disk });
+    reports.push(report);
+    if (report.outcome !== 'budget' && deps.nudges.length === 0) return reports;
+  }
+  throw new Error('apply did not become idle');
 }
 
 export function quietLogger() {
