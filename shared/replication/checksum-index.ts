@@ -166,9 +166,9 @@ export class ChecksumIndex {
 
   /**
    * Opens the index of a disk whose seed lease `lease` holds (taken just before, with nothing
-   * written since), and takes the index's lease under the same id. An index for another size or layout, or one whose recorded seed ETag is not the
-   * seed's (someone wrote the seed without keeping the index), is replaced by one that knows
-   * nothing.
+   * written since), and takes the index's lease under the same id. An index for another size or
+   * layout, or one that knows something while its recorded seed ETag is not the seed's (someone
+   * wrote the seed without keeping the index), is replaced by one that knows nothing.
    */
   static async open(
     container: ContainerClient,
