@@ -13,7 +13,7 @@ import {
   TABLES,
   type ReplicationDeps,
 } from '../../../shared/replication';
-import { generateWorkload, testDeps, uniqueMachine, uploadSegment, type TestDeps } from './helpers';
+import { oneDiskWorkload, testDeps, uniqueMachine, uploadSegment, type TestDeps } from './helpers';
 
 // Failures around the checksum index: a lost nudge, a failed run, an index that cannot be opened,
 // and the cost of filling a large disk that is mostly never written.
@@ -32,13 +32,7 @@ describe('checksum index failures and costs', () => {
     const machine = uniqueMachine('r2nudge');
     const size = 4 * MiB;
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: size }],
-      ops: 20,
-      seed: 3,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, size, { ops: 20, seed: 3 });
     for (const s of workload.segments.get('d0')!) await uploadSegment(deps, s);
     // The queue refuses the first message (a transient failure): the run throws, and the
     // Functions host retries the same changelog-ready message.
@@ -70,13 +64,7 @@ describe('checksum index failures and costs', () => {
 
     // One small change log (the first 4 KiB), applied by a run whose cursor update fails with a
     // transient error after the page writes (a 503 from the table service, say).
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: 1 * MiB }],
-      ops: 3,
-      seed: 5,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, 1 * MiB, { ops: 3, seed: 5 });
     const segment = workload.segments.get('d0')![0];
     await uploadSegment(deps, segment);
     const disks = await deps.tables.get(TABLES.disks);
@@ -118,13 +106,7 @@ describe('checksum index failures and costs', () => {
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
     await applyChangelogs(deps, { machine, disk: 'd0' }); // an index, filled
     expect(await knownBlocks(deps, machine, 'd0', size)).toBe(size / INDEX_BLOCK_BYTES);
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: size }],
-      ops: 40,
-      seed: 9,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, size, { ops: 40, seed: 9 });
     for (const s of workload.segments.get('d0')!) await uploadSegment(deps, s);
     const open = ChecksumIndex.open;
     ChecksumIndex.open = () => Promise.reject(new Error('index storage unavailable'));

@@ -190,9 +190,9 @@ describe('checksum index races', () => {
     // bitmap; then the disk grows and an applier rebuilds and fills the index for the new size;
     // then the request reads its digests, at the old layout's offsets, from the new blob.
     const download = BlobClient.prototype.download;
-    let sumsReads = 0;
+    let indexReads = 0;
     BlobClient.prototype.download = async function (this: BlobClient, ...args: Parameters<typeof download>) {
-      if (this.name.endsWith('.sums') && ++sumsReads === 2) {
+      if (this.name.endsWith('.sums') && ++indexReads === 2) {
         const grower = (await SeedLease.acquire(seed, 60))!;
         try {
           await seed.resize(newSize, { conditions: { leaseId: grower.leaseId } });
@@ -210,7 +210,7 @@ describe('checksum index races', () => {
     } finally {
       BlobClient.prototype.download = download;
     }
-    expect(sumsReads).toBeGreaterThanOrEqual(2);
+    expect(indexReads).toBeGreaterThanOrEqual(2);
     const seedBytes = Buffer.alloc(2 * MiB);
     (await seed.downloadToBuffer(0, 2 * MiB)).copy(seedBytes);
     // Region 1 holds 0x5a bytes; an agent whose region 1 is now zeros must be told they differ.

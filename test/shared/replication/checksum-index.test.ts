@@ -17,7 +17,7 @@ import {
 import type { Segment } from '../../../shared/segment';
 import {
   applyUntilIdle,
-  generateWorkload,
+  oneDiskWorkload,
   readWhole,
   testDeps,
   uniqueMachine,
@@ -88,14 +88,7 @@ describe('checksum index', () => {
     // Not a whole number of regions, and a short last block.
     const size = 64 * MiB + 70 * 1024;
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: size }],
-      ops: 500,
-      seed: 11,
-      recordsPerSegment: 25,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, size, { ops: 500, seed: 11, recordsPerSegment: 25 });
     const segments = workload.segments.get('d0')!;
     expect(segments.length).toBeGreaterThan(6);
     // The last segment comes later: it touches some regions, not all.
@@ -139,13 +132,7 @@ describe('checksum index', () => {
     const machine = uniqueMachine('idxquiet');
     const size = 4 * MiB;
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: size }],
-      ops: 60,
-      seed: 8,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, size, { ops: 60, seed: 8 });
     for (const s of workload.segments.get('d0')!) await uploadSegment(deps, s);
     const busy = await applyChangelogs(deps, { machine, disk: 'd0' });
     expect(busy.segments).toBeGreaterThan(0);
@@ -170,14 +157,7 @@ describe('checksum index', () => {
     const machine = uniqueMachine('idxkill');
     const size = 2 * MiB;
     await registerMachine(deps, machine, { disks: [{ id: 'd0', sizeBytes: size }], policy: {} });
-    const workload = generateWorkload({
-      machine,
-      disks: [{ id: 'd0', sizeBytes: size }],
-      ops: 300,
-      seed: 5,
-      recordsPerSegment: 30,
-      markerEvery: 1000,
-    });
+    const workload = oneDiskWorkload(machine, size, { ops: 300, seed: 5, recordsPerSegment: 30 });
     const segments = workload.segments.get('d0')!;
     await uploadSegment(deps, segments[0]);
     await applyUntilIdle(deps, machine, 'd0'); // applied and filled

@@ -228,6 +228,15 @@ export function generateWorkload(options: WorkloadOptions): Workload {
   return { machine: options.machine, epoch, segments, markers, final: images };
 }
 
+/** A workload on one disk `d0` of `sizeBytes`, without markers (the checksum index tests' kind). */
+export function oneDiskWorkload(
+  machine: string,
+  sizeBytes: number,
+  options: { ops: number; seed: number; recordsPerSegment?: number },
+): Workload {
+  return generateWorkload({ machine, disks: [{ id: 'd0', sizeBytes }], markerEvery: 1000, ...options });
+}
+
 /** Fisher-Yates with the given random source. */
 export function shuffle<T>(items: T[], random: () => number): T[] {
   const out = items.slice();
