@@ -162,11 +162,19 @@ describe('checksum index', () => {
     await uploadSegment(deps, segments[0]);
     await applyUntilIdle(deps, machine, 'd0'); // applied and filled
     for (const s of segments.slice(1)) await uploadSegment(deps, s);
-    const upload = PageBlobClient.prototype.uploadPages;
+    const real = {
+      uploadPages: PageBlobClient.prototype.uploadPages,
+      clearPages: PageBlobClient.prototype.clearPages,
+    };
+    const restore = () => Object.assign(PageBlobClient.prototype, real);
     for (const cutAfter of [3, 17, 40]) {
-      // Page write number `cutAfter` lands, then the applier hangs; while it hangs (holding the
-      // disk and the index) a resync reads the index; then the applier dies.
+      // Page write number `cutAfter` (writes and clears alike) lands, then the applier hangs;
+      // while it hangs (holding the disk and the index) a resync reads the index; then the
+      // applier dies.
       let calls = 0;
+      // Writes run several at a time: the hang starts once every earlier one has settled too, so
+      // the seed holds still while the test reads it.
+      const earlier: Promise<unknown>[] = [];
       let hung!: () => void;
       const hanging = new Promise<void>((resolve) => (hung = resolve));
       let resume!: () => void;
@@ -174,20 +182,25 @@ describe('checksum index', () => {
       // Every later write, and the hung one, fail once the applier is let go of.
       const die = resumed.then(() => Promise.reject(Object.assign(new Error('killed'), { statusCode: 500 })));
       die.catch(() => undefined);
-      PageBlobClient.prototype.uploadPages = async function (
-        this: PageBlobClient,
-        ...args: Parameters<typeof upload>
-      ) {
-        const n = ++calls;
-        if (n > cutAfter) return die;
-        const response = await upload.apply(this, args);
-        if (n === cutAfter) {
-          hung();
-          await resumed;
-          return die;
-        }
-        return response;
-      };
+      const hangAfterCut = (write: (...args: never[]) => Promise<unknown>) =>
+        async function (this: PageBlobClient, ...args: never[]) {
+          const n = ++calls;
+          if (n > cutAfter) return die;
+          const landing = write.apply(this, args);
+          if (n < cutAfter) earlier.push(landing.catch(() => undefined));
+          const response = await landing;
+          if (n === cutAfter) {
+            await Promise.all(earlier);
+            hung();
+            await resumed;
+            return die;
+          }
+          return response;
+        };
+      Object.assign(PageBlobClient.prototype, {
+        uploadPages: hangAfterCut(real.uploadPages),
+        clearPages: hangAfterCut(real.clearPages),
+      });
       const run = applyChangelogs(deps, { machine, disk: 'd0' });
       run.catch(() => undefined);
       try {
@@ -200,7 +213,7 @@ describe('checksum index', () => {
         resume();
         await expect(run).rejects.toThrow('killed');
       } finally {
-        PageBlobClient.prototype.uploadPages = upload;
+        restore();
       }
       // The failed run's writes were drained and the index sealed: what it still claims is true.
       const after = await readWhole(seedBlob(deps.seed, machine, 'd0'), size);
