@@ -67,6 +67,9 @@ export class TimerTriggers {
     this.timers.set(
       fn.name,
       setTimeout(() => {
+        // A Node timer can wake a millisecond before Date.now() reaches its time; firing then would
+        // run the occurrence early and arm the same one again.
+        if (Date.now() < due.getTime()) return this.arm(fn, schedule, last, due);
         void this.fire(fn, schedule, last, due).then(() => this.arm(fn, schedule, due));
       }, delay),
     );

@@ -13,8 +13,11 @@ import {
 } from '../../shared/replication';
 import { waitFor } from '../helpers/host';
 import { generateWorkload, testDeps, testSettings, uploadSegment } from '../shared/replication/helpers';
+import { isolatedAppRoot } from '../shared/failover/helpers';
 
 const root = path.resolve(__dirname, '../..');
+// A task hub of its own: no other test file's host takes this file's orchestrations.
+const appRoot = isolatedAppRoot(`machinesapi${randomUUID().slice(0, 8)}`);
 const key = `key-${randomUUID()}`;
 const connection = inject('azuriteConnectionString');
 const suffix = randomUUID().slice(0, 8);
@@ -49,7 +52,7 @@ describe('replication HTTP API (local host, real app)', () => {
   beforeAll(async () => {
     host = await spawnLocalHost(
       {
-        appRoot: root,
+        appRoot,
         entryPoint: path.join(root, 'functions/index.ts'),
         settings,
         port: 0,

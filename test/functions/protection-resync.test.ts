@@ -17,6 +17,7 @@ import { seedBlob, TABLES, type DiskEntity } from '../../shared/replication';
 import type { Segment, SegmentRecord } from '../../shared/segment';
 import { waitFor } from '../helpers/host';
 import { readWhole, rng, testDeps, testSettings, uploadSegment } from '../shared/replication/helpers';
+import { isolatedAppRoot } from '../shared/failover/helpers';
 
 // The resync operation through the local host: the cloud issues a resync command with a new
 // epoch; a stand-in for the agent (the part of the mobility agent that polls commands is not
@@ -25,6 +26,8 @@ import { readWhole, rng, testDeps, testSettings, uploadSegment } from '../shared
 // of the new epoch, with progress in its status.
 
 const root = path.resolve(__dirname, '../..');
+// A task hub of its own: no other test file's host takes this file's orchestrations.
+const appRoot = isolatedAppRoot(`protectionresync${randomUUID().slice(0, 8)}`);
 const key = `key-${randomUUID()}`;
 const connection = inject('azuriteConnectionString');
 const suffix = randomUUID().slice(0, 8);
@@ -56,7 +59,7 @@ describe('POST /api/machines/{m}/resync', () => {
   beforeAll(async () => {
     host = await spawnLocalHost(
       {
-        appRoot: root,
+        appRoot,
         entryPoint: path.join(root, 'functions/index.ts'),
         settings,
         port: 0,

@@ -15,8 +15,11 @@ import {
   testSettings,
   uploadSegment,
 } from '../shared/replication/helpers';
+import { isolatedAppRoot } from '../shared/failover/helpers';
 
 const root = path.resolve(__dirname, '../..');
+// A task hub of its own: no other test file's host takes this file's orchestrations.
+const appRoot = isolatedAppRoot(`replication${randomUUID().slice(0, 8)}`);
 const key = `key-${randomUUID()}`;
 const connection = inject('azuriteConnectionString');
 const suffix = randomUUID().slice(0, 8);
@@ -38,7 +41,7 @@ describe('the oracle: random workload → segments → encrypted blobs → queue
   const start = async () => {
     const host = await spawnLocalHost(
       {
-        appRoot: root,
+        appRoot,
         entryPoint: path.join(root, 'functions/index.ts'),
         settings,
         port: 0,

@@ -50,7 +50,8 @@ describe('the proxy coordinates the groups of the groups table', () => {
     const store = GroupStore.fromSettings(tables, settings);
     await putGroup(store, group, {
       members: machines,
-      policy: { crashConsistentIntervalSeconds: 1, prepareTimeoutMs: 500 },
+      // A prepare timeout long enough that a loaded machine never makes web or app miss one.
+      policy: { crashConsistentIntervalSeconds: 1, prepareTimeoutMs: 3_000 },
     });
     proxy = await startProxy({
       spoolDir: path.join(dir, 'spool'),

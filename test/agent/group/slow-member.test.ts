@@ -54,7 +54,8 @@ describe('a slow member aborts the group marker without stalling writes', () => 
     const coordinator = new GroupCoordinator({
       group: 'shop',
       members: MACHINES.map((m) => hub.link(m)),
-      prepareTimeoutMs: 400,
+      // Long enough for web and app on a loaded machine; db, not polling, costs the first marker this much.
+      prepareTimeoutMs: 3_000,
       logger: silent,
     });
     const aborted: (GroupMarkerResult & { message: string })[] = [];

@@ -41,7 +41,13 @@ describe('group recovery points (agents → segments → apply in Azurite → gr
         );
       }
       const links = agents.map((a) => localLink(new GroupParticipant(a, { logger: silent })));
-      const coordinator = new GroupCoordinator({ group, members: links, logger: silent });
+      // Prepare answers get ample time: a loaded machine must not turn a commit into an abort.
+      const coordinator = new GroupCoordinator({
+        group,
+        members: links,
+        prepareTimeoutMs: 10_000,
+        logger: silent,
+      });
 
       // Chained writes: step i goes to machine i % 3 only after step i-1 was acknowledged.
       let writing = true;

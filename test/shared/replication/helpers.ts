@@ -50,7 +50,8 @@ export interface TestDeps extends ReplicationDeps {
 export function testDeps(connection: string, tuning: Partial<ApplyTuning> = {}): TestDeps {
   const deps = replicationDepsFromSettings(testSettings(connection, 'unused'), quietLogger());
   const nudges: TestDeps['nudges'] = [];
-  const t = { ...deps.tuning, leaseSeconds: 15, ...tuning };
+  // A fill budget no loaded machine runs out of: a test's one idle run fills the whole index.
+  const t = { ...deps.tuning, leaseSeconds: 15, fillMs: 60_000, ...tuning };
   return {
     ...deps,
     tuning: t,
