@@ -183,7 +183,7 @@ h.shutdown()
     assertSameBytes(proxy.replay('d0', size).subarray(0, 2 * MiB), model, 'flushed region as replicated');
     p.child.kill('SIGTERM');
     expect(await p.exited).toBe(0);
-  });
+  }, 120_000); // several agent starts and settles: room for a loaded machine
 
   it('SIGTERM stops cleanly and resumes without resync; SIGKILL then restart converges on the disk bytes', async () => {
     const replica = path.join(dir, 'replica.img');
@@ -218,5 +218,5 @@ h.shutdown()
     assertSameBytes(proxy.replay('d0', size), fs.readFileSync(image), 'replica after the restart');
     p.child.kill('SIGTERM');
     expect(await p.exited).toBe(0);
-  });
+  }, 120_000); // several agent starts and settles: room for a loaded machine
 });

@@ -95,7 +95,8 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
 
     // 1. Start the pipeline; kill the host while the slow fan-out steps run.
     let host = await startHost();
-    const durations = [30, 60, 90, 6000, 6000];
+    // Slow steps long enough that a loaded machine still kills the host while they sleep.
+    const durations = [30, 60, 90, 12_000, 12_000];
     const instanceId = await host.client.startNew('pipeline', { input: durations });
     await waitFor('fast steps done and slow ones started', async () => {
       const log = runs();
@@ -120,7 +121,7 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
     await waitFor(
       'the timer stage',
       async () => (await host.client.getStatus(instanceId)).customStatus === 'timer',
-      30_000,
+      60_000,
     );
     await kill(host.child);
     const recordedAtSecondKill = await recordedCompletions(store, instanceId);
@@ -173,5 +174,5 @@ describe('local Durable engine: a host killed with SIGKILL mid-run', () => {
     // Each recorded flaky attempt ran once: three attempts in all, no matter the kills.
     expect(starts(finalRuns, 'flaky')).toBe(3);
     expect(starts(finalRuns, 'finish')).toBe(1);
-  }, 90_000);
+  }, 150_000);
 });
