@@ -973,7 +973,7 @@ export class DurableEngine implements ManagementApi {
           this.localTimers.delete(key);
           if (this.stopping) return;
           this.track(
-            this.fireTimer(msg).then(() =>
+            this.fireWhenDue(msg).then(() =>
               this.store.timers.deleteMessage(sent.messageId, sent.popReceipt).catch(() => undefined),
             ),
           );
@@ -997,7 +997,13 @@ export class DurableEngine implements ManagementApi {
       return;
     }
     // Queue visibility has one-second granularity: never fire before the due time.
-    if (remaining > 0) await new Promise((r) => setTimeout(r, remaining));
+    await this.fireWhenDue(msg);
+  }
+
+  /** Fires the timer once its due time has come (a Node timer can wake a millisecond early). */
+  private async fireWhenDue(msg: TimerMessage): Promise<void> {
+    for (let left = Date.parse(msg.f) - Date.now(); left > 0; left = Date.parse(msg.f) - Date.now())
+      await new Promise((r) => setTimeout(r, left));
     await this.fireTimer(msg);
   }
 
