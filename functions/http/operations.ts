@@ -60,11 +60,21 @@ async function readOperation(context: InvocationContext, id: string): Promise<Op
     }
     throw err;
   }
+  return operationView(id, status);
+}
+
+/** What GET /api/operations/{id} answers for an orchestration's status. */
+export function operationView(id: string, status: df.DurableOrchestrationStatus): OperationView {
   const failed = status.runtimeStatus === df.OrchestrationRuntimeStatus.Failed;
   return {
     operationId: id,
     name: status.name,
-    status: status.runtimeStatus,
+    // ContinuedAsNew is the moment between two executions of a long operation (reprotect's
+    // passes): to its caller the operation is still running.
+    status:
+      status.runtimeStatus === df.OrchestrationRuntimeStatus.ContinuedAsNew
+        ? df.OrchestrationRuntimeStatus.Running
+        : status.runtimeStatus,
     createdTime: new Date(status.createdTime).toISOString(),
     lastUpdatedTime: new Date(status.lastUpdatedTime).toISOString(),
     progress: status.customStatus ?? null,
