@@ -13,7 +13,7 @@ import {
   SeedLease,
   seedBlob,
 } from '../../../shared/replication';
-import { readWhole, testDeps, uniqueMachine } from './helpers';
+import { interleaving, readWhole, testDeps, uniqueMachine } from './helpers';
 
 // Races around the checksum index (found in review): the property is the feature's own —
 // whatever digest the index claims for a block is the SHA-256 of what the seed holds there.
@@ -58,29 +58,23 @@ describe('checksum index races', () => {
     // applier C takes the disk over and opens the index under its own lease.
     let c: SeedLease | undefined;
     let indexC: ChecksumIndex | undefined;
-    const create = PageBlobClient.prototype.create;
     let stalled = false;
-    PageBlobClient.prototype.create = async function (
-      this: PageBlobClient,
-      ...args: Parameters<typeof create>
-    ) {
-      if (!stalled && this.name.endsWith('.sums')) {
+    // A resumes: its open breaks C's index lease, and with nothing to apply it fills the index
+    // from the seed; nothing in open, runApply's caught-up path or fill asks whether A still
+    // holds the seed.
+    // (A fix may instead make this run fail: it no longer holds the seed.)
+    await interleaving(
+      PageBlobClient.prototype,
+      'create',
+      async (blob) => {
+        if (stalled || !blob.name.endsWith('.sums')) return;
         stalled = true;
         await seed.getBlobLeaseClient().breakLease(0); // A's lease lapses
         c = (await SeedLease.acquire(seed, 60))!;
         indexC = await ChecksumIndex.open(deps.seed, seed, machine, 'd0', size, c);
-      }
-      return create.apply(this, args);
-    };
-    try {
-      // A resumes: its open breaks C's index lease, and with nothing to apply it fills the index
-      // from the seed; nothing in open, runApply's caught-up path or fill asks whether A still
-      // holds the seed.
-      // (A fix may instead make this run fail: it no longer holds the seed.)
-      await applyChangelogs(deps, { machine, disk: 'd0' }).catch(() => undefined);
-    } finally {
-      PageBlobClient.prototype.create = create;
-    }
+      },
+      () => applyChangelogs(deps, { machine, disk: 'd0' }).catch(() => undefined),
+    );
     expect(stalled).toBe(true);
 
     try {
@@ -132,23 +126,17 @@ describe('checksum index races', () => {
       };
       // (A fix may instead refuse the open or the fill: A no longer holds the seed.)
       const indexA = await ChecksumIndex.open(deps.seed, seed, machine, 'd0', size, a).catch(() => undefined);
-      const upload = PageBlobClient.prototype.uploadPages;
       let copied = false;
-      PageBlobClient.prototype.uploadPages = async function (
-        this: PageBlobClient,
-        ...args: Parameters<typeof upload>
-      ) {
-        if (!copied && this.name.endsWith('.sums')) {
+      await interleaving(
+        PageBlobClient.prototype,
+        'uploadPages',
+        async (blob) => {
+          if (copied || !blob.name.endsWith('.sums')) return;
           copied = true;
           await copy();
-        }
-        return upload.apply(this, args);
-      };
-      try {
-        await indexA?.fill({ deadline: Date.now() + 60_000 }).catch(() => undefined);
-      } finally {
-        PageBlobClient.prototype.uploadPages = upload;
-      }
+        },
+        async () => indexA?.fill({ deadline: Date.now() + 60_000 }).catch(() => undefined),
+      );
       if (!copied) await copy();
     } finally {
       await a.release();
@@ -189,10 +177,12 @@ describe('checksum index races', () => {
     // An endpoint request that read the disk row before the disk grew reads the old index's
     // bitmap; then the disk grows and an applier rebuilds and fills the index for the new size;
     // then the request reads its digests, at the old layout's offsets, from the new blob.
-    const download = BlobClient.prototype.download;
     let indexReads = 0;
-    BlobClient.prototype.download = async function (this: BlobClient, ...args: Parameters<typeof download>) {
-      if (this.name.endsWith('.sums') && ++indexReads === 2) {
+    const claimed = await interleaving(
+      BlobClient.prototype,
+      'download',
+      async (blob) => {
+        if (!blob.name.endsWith('.sums') || ++indexReads !== 2) return;
         const grower = (await SeedLease.acquire(seed, 60))!;
         try {
           await seed.resize(newSize, { conditions: { leaseId: grower.leaseId } });
@@ -201,15 +191,9 @@ describe('checksum index races', () => {
         } finally {
           await grower.release();
         }
-      }
-      return download.apply(this, args);
-    };
-    let claimed: Awaited<ReturnType<typeof readChecksumIndex>>;
-    try {
-      claimed = await readChecksumIndex(deps.seed, machine, 'd0', oldSize, MiB, 2 * MiB);
-    } finally {
-      BlobClient.prototype.download = download;
-    }
+      },
+      () => readChecksumIndex(deps.seed, machine, 'd0', oldSize, MiB, 2 * MiB),
+    );
     expect(indexReads).toBeGreaterThanOrEqual(2);
     const seedBytes = Buffer.alloc(2 * MiB);
     (await seed.downloadToBuffer(0, 2 * MiB)).copy(seedBytes);

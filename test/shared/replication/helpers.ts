@@ -247,3 +247,26 @@ export function shuffle<T>(items: T[], random: () => number): T[] {
   }
   return out;
 }
+
+/**
+ * Runs `act` while every call of `target[method]` first awaits `before(this, args)` and then runs
+ * as usual: a test's way to make something happen at one exact point inside the code under test.
+ */
+export async function interleaving<T extends object, M extends keyof T, R>(
+  target: T,
+  method: M,
+  before: (self: T) => Promise<void>,
+  act: () => Promise<R>,
+): Promise<R> {
+  const original = target[method] as (...args: unknown[]) => Promise<unknown>;
+  const hooked = async function (this: T, ...args: unknown[]) {
+    await before(this);
+    return original.apply(this, args);
+  };
+  Object.assign(target, { [method]: hooked });
+  try {
+    return await act();
+  } finally {
+    Object.assign(target, { [method]: original });
+  }
+}
